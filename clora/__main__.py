@@ -1,0 +1,3 @@
+from clora.cli import main
+
+main()

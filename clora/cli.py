@@ -1,0 +1,278 @@
+"""The ``clora`` command line, built by :func:`make_app` from a plugin manager."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import pluggy
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from clora import __version__
+from clora.effects import DEFAULT_BASE_KEY, add_effect
+from clora.errors import CloraError
+from clora.paths import registry_path
+from clora.plugins import Components, describe_plugins, get_plugin_manager
+from clora.registry import Registry
+
+console = Console()
+
+
+class CloraGroup(TyperGroup):
+    """Turns any :class:`CloraError` into a one-line ``Error: ...`` and exit code 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CloraError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+
+@dataclass
+class AppState:
+    """What every command can reach through ``ctx.obj``."""
+
+    pm: pluggy.PluginManager
+    registry_file: Path
+    _components: Components | None = field(default=None, repr=False)
+
+    @property
+    def components(self) -> Components:
+        if self._components is None:
+            self._components = Components.collect(self.pm)
+        return self._components
+
+    @contextlib.contextmanager
+    def open_registry(self, create: bool = True) -> Iterator[Registry]:
+        """The registry file; with ``create=False`` a missing file is an error instead of a new one."""
+        reg = Registry(self.registry_file, create=create)
+        try:
+            yield reg
+        finally:
+            reg.close()
+
+    def registry_exists(self) -> bool:
+        return self.registry_file.exists()
+
+
+def state(ctx: typer.Context) -> AppState:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, AppState)
+    return obj
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clora {__version__}")
+        raise typer.Exit()
+
+
+def make_app(pm: pluggy.PluginManager) -> typer.Typer:
+    """The root typer app: built-in commands plus every plugin's ``register_commands``."""
+    app = typer.Typer(
+        cls=CloraGroup,
+        no_args_is_help=True,
+        help="Distill many image-effect LoRAs and few-step sampling into one LoRA.",
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+    @app.callback()
+    def root(
+        ctx: typer.Context,
+        registry: Annotated[
+            Path | None,
+            typer.Option(
+                "--registry",
+                envvar="CLORA_REGISTRY",
+                help="Registry database file (default ./registry.db).",
+                show_default=False,
+            ),
+        ] = None,
+        version: Annotated[
+            bool,
+            typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        ] = False,
+    ) -> None:
+        ctx.obj = AppState(pm=pm, registry_file=registry_path(registry))
+
+    app.add_typer(_effect_app(), name="effect", help="Register, list, show and remove effect LoRAs.")
+    app.add_typer(_base_app(), name="base", help="List base models and choose the workspace default.")
+
+    @app.command("plugins")
+    def plugins_cmd(
+        ctx: typer.Context,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print JSON (see README, 'JSON output').")
+        ] = False,
+    ) -> None:
+        """List installed plugins, their versions, the hooks they implement and what they register."""
+        st = state(ctx)
+        rows = describe_plugins(st.pm, st.components)
+        if as_json:
+            print_json(rows)
+            return
+        table = Table("plugin", "version", "hooks", "registers")
+        for r in rows:
+            regs = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["registers"].items())
+            table.add_row(r["name"], r["version"] or "-", ", ".join(r["hooks"]), regs or "-")
+        console.print(table)
+
+    pm.hook.register_commands(app=app)
+    return app
+
+
+def _effect_app() -> typer.Typer:
+    effect = typer.Typer(cls=CloraGroup, no_args_is_help=True)
+
+    @effect.command("add")
+    def add(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Effect name: 1-64 letters, digits, '-', '_', '.'.")],
+        lora: Annotated[Path, typer.Option("--lora", help="The effect's LoRA file (.safetensors).")],
+        prompt: Annotated[str, typer.Option("--prompt", help="The prompt the LoRA was trained with.")],
+        trigger: Annotated[
+            str | None,
+            typer.Option("--trigger", help="Trigger word for the unified LoRA (default: allocate one)."),
+        ] = None,
+        base: Annotated[
+            str | None,
+            typer.Option("--base", help="Base model id (default: the workspace default, else unbound)."),
+        ] = None,
+        examples: Annotated[
+            Path | None,
+            typer.Option("--examples", help="Folder of example source images for this effect."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the new effect as JSON.")] = False,
+    ) -> None:
+        """Register an effect LoRA under NAME and allocate its trigger word."""
+        st = state(ctx)
+        with st.open_registry() as reg:
+            eff = add_effect(
+                reg,
+                st.components,
+                name=name,
+                lora_path=lora,
+                prompt=prompt,
+                base=base,
+                trigger=trigger,
+                examples=examples,
+            )
+        if as_json:
+            print_json(eff.to_dict())
+        else:
+            bound = f"base {eff.base_id}" if eff.base_id else "unbound (checked against the base at distill)"
+            typer.echo(
+                f"added effect '{eff.name}' with trigger '{eff.trigger}' ({eff.lora_format}, "
+                f"rank {eff.rank}, {bound})"
+            )
+
+    @effect.command("list")
+    def list_(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of effects.")] = False,
+    ) -> None:
+        """List registered effects."""
+        st = state(ctx)
+        effects = []
+        if st.registry_exists():
+            with st.open_registry(create=False) as reg:
+                effects = reg.list_effects()
+        if as_json:
+            print_json([e.to_dict() for e in effects])
+            return
+        if not effects:
+            typer.echo(f"no effects in {st.registry_file}; add one with `clora effect add`")
+            return
+        table = Table("name", "trigger", "base", "format", "rank", "status", "teacher prompt")
+        for e in effects:
+            table.add_row(
+                e.name, e.trigger, e.base_id or "-", e.lora_format, str(e.rank), e.status, e.teacher_prompt
+            )
+        console.print(table)
+
+    @effect.command("show")
+    def show(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Effect name.")],
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Show one effect in full."""
+        st = state(ctx)
+        with st.open_registry(create=False) as reg:
+            data = reg.get_effect(name).to_dict()
+        if as_json:
+            print_json(data)
+            return
+        lora = data.pop("lora")
+        for k, v in data.items():
+            typer.echo(f"{k:15} {v if v is not None else '-'}")
+        for k, v in lora.items():
+            typer.echo(f"lora.{k:10} {', '.join(v) if isinstance(v, list) else v}")
+
+    @effect.command("remove")
+    def remove(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Effect name.")],
+    ) -> None:
+        """Remove an effect (its trigger stays reserved; collections that include it keep it)."""
+        st = state(ctx)
+        with st.open_registry(create=False) as reg:
+            reg.remove_effect(name)
+        typer.echo(f"removed effect '{name}'")
+
+    return effect
+
+
+def _base_app() -> typer.Typer:
+    base = typer.Typer(cls=CloraGroup, no_args_is_help=True)
+
+    @base.command("list")
+    def list_(ctx: typer.Context) -> None:
+        """List installed base models (backbone plugins)."""
+        st = state(ctx)
+        default = None
+        if st.registry_exists():
+            with st.open_registry(create=False) as reg:
+                default = reg.get_setting(DEFAULT_BASE_KEY)
+        for backbone_id in st.components.ids("backbones"):
+            factory = st.components.get_backbone(backbone_id)
+            mark = "*" if backbone_id == default else " "
+            typer.echo(f"{mark} {backbone_id:12} {getattr(factory, 'description', '')}")
+
+    @base.command("use")
+    def use(
+        ctx: typer.Context,
+        base_id: Annotated[str, typer.Argument(help="Base model id (see `clora base list`).")],
+    ) -> None:
+        """Make BASE_ID the workspace default for `clora effect add`."""
+        st = state(ctx)
+        st.components.get_backbone(base_id)
+        with st.open_registry() as reg:
+            reg.set_setting(DEFAULT_BASE_KEY, base_id)
+        typer.echo(f"default base is now '{base_id}'")
+
+    return base
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app = make_app(get_plugin_manager())
+    except CloraError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+    app()

@@ -1,0 +1,85 @@
+"""Registering effects: validate the name, read the LoRA, check it fits the base, allocate a trigger."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from clora.errors import CloraError, InvalidNameError
+from clora.lora import check_fits, read_lora
+from clora.plugins import Components
+from clora.registry import Effect, Registry
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DEFAULT_BASE_KEY = "default_base"
+
+
+def validate_name(name: str) -> None:
+    """Raise unless ``name`` is a safe identifier (no path separators, no '..', 1-64 chars)."""
+    if not NAME_RE.match(name) or ".." in name:
+        raise InvalidNameError(
+            f"invalid effect name {name!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a "
+            "letter or digit, without '..' or path separators"
+        )
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise CloraError(f"examples folder not found: {d}")
+    images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise CloraError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in examples folder {d}")
+    return images
+
+
+def resolve_base(registry: Registry, base: str | None) -> str | None:
+    """The base an effect binds to: ``base``, else the workspace default, else None (unbound)."""
+    return base or registry.get_setting(DEFAULT_BASE_KEY)
+
+
+def add_effect(
+    registry: Registry,
+    components: Components,
+    *,
+    name: str,
+    lora_path: str | os.PathLike[str],
+    prompt: str,
+    base: str | None = None,
+    trigger: str | None = None,
+    examples: str | os.PathLike[str] | None = None,
+    caption: str | None = None,
+) -> Effect:
+    """Validate everything first, then insert in one transaction: a failure leaves the registry unchanged."""
+    validate_name(name)
+    if not prompt.strip():
+        raise CloraError("the teacher prompt is empty; pass the prompt the LoRA was trained with (--prompt)")
+    base_id = resolve_base(registry, base)
+    shapes = components.get_backbone(base_id).module_shapes() if base_id else None
+    lora = read_lora(lora_path, components.teacher_providers(), module_names=shapes)
+    if base_id and shapes is not None:
+        check_fits(lora.modules, shapes, base_id)
+    examples_dir = None
+    if examples is not None:
+        list_images(examples)
+        examples_dir = str(Path(examples).resolve())
+    return registry.add_effect(
+        name=name,
+        trigger=trigger,
+        lora_path=str(lora.path),
+        lora_sha256=lora.sha256,
+        lora_size=lora.size,
+        lora_format=lora.format_id,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        target_modules_json=json.dumps(lora.target_modules),
+        base_id=base_id,
+        teacher_prompt=prompt.strip(),
+        caption=caption,
+        examples_dir=examples_dir,
+        status="registered" if base_id else "unbound",
+    )

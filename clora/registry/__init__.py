@@ -1,0 +1,354 @@
+"""The effect registry: one SQLite file (``./registry.db`` by default) accessed through SQLAlchemy.
+
+Every write runs in one ``BEGIN IMMEDIATE`` transaction, so two processes adding effects at the
+same time serialise (the second waits up to ``busy_timeout``) and the file is never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from clora.errors import DuplicateEffectError, RegistryError, TriggerError, UnknownEffectError
+from clora.registry.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from clora.registry.models import Collection, CollectionMember, Effect, Run, Setting, Trigger
+from clora.triggers import allocate_trigger, collision, validate_trigger, words
+
+__all__ = [
+    "Collection",
+    "CollectionMember",
+    "Effect",
+    "Registry",
+    "Run",
+    "now",
+]
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+BUSY_TIMEOUT_S = 30.0
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise RegistryError(f"registry path {path} is a directory; pass a file with --registry")
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            if f.read(16) != _SQLITE_MAGIC:
+                raise RegistryError(
+                    f"{path} is not a clora registry (not an SQLite database); "
+                    "pass another file with --registry or CLORA_REGISTRY"
+                )
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema up to date inside one immediate transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        if app_id != APPLICATION_ID and (app_id != 0 or version != 0 or tables):
+            raise RegistryError(
+                f"{path} is an SQLite database but not a clora registry; "
+                "pass another file with --registry or CLORA_REGISTRY"
+            )
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"{path} was written by a newer clora (schema {version}, this clora knows {SCHEMA_VERSION}); "
+                "upgrade clora (pip install -U clora)"
+            )
+        if version < SCHEMA_VERSION:
+            for i in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[i]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _check_words_free(new_words: set[str], triggers: Iterable[str]) -> None:
+    """A new prompt or caption may not use (part of) an allocated trigger: triggers never change."""
+    for t in triggers:
+        why = collision(t, [], new_words)
+        if why:
+            raise TriggerError(f"{why}; reword the prompt or caption")
+
+
+class Registry:
+    """A clora registry file. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
+        self.path = Path(path)
+        _check_file(self.path)
+        if not self.path.exists() and not create:
+            raise RegistryError(f"no registry at {self.path}; add an effect first (`clora effect add`)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        raw = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            _migrate(raw, self.path)
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"{self.path} is not a usable clora registry ({e})") from None
+        finally:
+            raw.close()
+        self.engine = self._engine()
+
+    def _engine(self) -> Engine:
+        engine = create_engine(
+            f"sqlite:///{self.path}",
+            poolclass=NullPool,
+            connect_args={"timeout": BUSY_TIMEOUT_S},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let us issue BEGIN ourselves, so every transaction takes the write lock up front.
+            dbapi_conn.isolation_level = None
+            dbapi_conn.execute("PRAGMA foreign_keys = ON")
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with Session(self.engine, expire_on_commit=False) as s:
+            try:
+                with s.begin():
+                    yield s
+            except OperationalError as e:
+                raise RegistryError(f"registry {self.path} is busy or unwritable ({e.orig})") from None
+            except SADatabaseError as e:
+                raise RegistryError(f"registry {self.path} failed: {e.orig}") from None
+
+    # ---- effects -------------------------------------------------------------------------------
+
+    def list_effects(self) -> list[Effect]:
+        with self.session() as s:
+            return list(s.scalars(select(Effect).order_by(Effect.name)))
+
+    def get_effect(self, name: str) -> Effect:
+        with self.session() as s:
+            effect = s.scalar(select(Effect).where(Effect.name == name))
+            if effect is None:
+                names = list(s.scalars(select(Effect.name)))
+                raise UnknownEffectError(self._unknown_effect_message(name, names))
+            return effect
+
+    def _unknown_effect_message(self, name: str, names: list[str]) -> str:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        return f"no effect '{name}' in {self.path}; {hint}see `clora effect list`"
+
+    def add_effect(self, *, trigger: str | None, **fields: Any) -> Effect:
+        """Insert an effect, allocating (or validating) its trigger in the same transaction."""
+        with self.session() as s:
+            name = fields["name"]
+            if s.scalar(select(Effect).where(Effect.name == name)) is not None:
+                raise DuplicateEffectError(
+                    f"effect '{name}' already exists in {self.path}; remove it first "
+                    f"(`clora effect remove {name}`) or pick another name"
+                )
+            taken = list(s.scalars(select(Trigger.trigger)))
+            reserved = self._reserved_words(s) | words(fields["teacher_prompt"]) | words(name)
+            if fields.get("caption"):
+                reserved |= words(fields["caption"])
+            _check_words_free(words(fields["teacher_prompt"]) | words(fields.get("caption") or ""), taken)
+            if trigger is None:
+                trigger = allocate_trigger(name, taken, reserved)
+            else:
+                validate_trigger(trigger, taken, reserved)
+            stamp = now()
+            effect = Effect(trigger=trigger, created_at=stamp, updated_at=stamp, **fields)
+            s.add(effect)
+            s.add(Trigger(trigger=trigger, effect_name=name, allocated_at=stamp))
+            s.flush()
+            return effect
+
+    @staticmethod
+    def _reserved_words(s: Session) -> set[str]:
+        reserved: set[str] = set()
+        for prompt, caption, name in s.execute(select(Effect.teacher_prompt, Effect.caption, Effect.name)):
+            reserved |= words(prompt) | words(caption or "") | words(name)
+        return reserved
+
+    def set_caption(self, name: str, caption: str) -> Effect:
+        """Set an effect's student caption (its words must not overlap any trigger)."""
+        with self.session() as s:
+            effect = s.scalar(select(Effect).where(Effect.name == name))
+            if effect is None:
+                raise UnknownEffectError(self._unknown_effect_message(name, []))
+            _check_words_free(words(caption), s.scalars(select(Trigger.trigger)))
+            effect.caption = caption
+            effect.updated_at = now()
+            return effect
+
+    def remove_effect(self, name: str) -> None:
+        """Delete an effect; its trigger stays reserved forever."""
+        with self.session() as s:
+            effect = s.scalar(select(Effect).where(Effect.name == name))
+            if effect is None:
+                names = list(s.scalars(select(Effect.name)))
+                raise UnknownEffectError(self._unknown_effect_message(name, names))
+            trig = s.get(Trigger, effect.trigger)
+            if trig is not None:
+                trig.retired_at = now()
+            s.delete(effect)
+
+    # ---- settings ------------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            return row.value if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            if row is None:
+                s.add(Setting(key=key, value=value))
+            else:
+                row.value = value
+
+    # ---- collections ---------------------------------------------------------------------------
+
+    def list_collections(self) -> list[Collection]:
+        with self.session() as s:
+            rows = list(s.scalars(select(Collection).order_by(Collection.version)))
+            for c in rows:
+                _ = c.members  # load before the session closes
+            return rows
+
+    def get_collection(self, version: int | None = None) -> Collection | None:
+        """Collection ``version``, or the latest when None; None if there is none."""
+        with self.session() as s:
+            q = select(Collection)
+            q = (
+                q.where(Collection.version == version)
+                if version is not None
+                else q.order_by(Collection.version.desc())
+            )
+            c = s.scalars(q.limit(1)).first()
+            if c is not None:
+                _ = c.members
+            return c
+
+    def collection_version(self, collection_id: int | None) -> int | None:
+        if collection_id is None:
+            return None
+        with self.session() as s:
+            c = s.get(Collection, collection_id)
+            return c.version if c else None
+
+    def add_collection(
+        self,
+        *,
+        file: str,
+        sha256: str,
+        parent_id: int | None,
+        base_id: str,
+        run_id: str | None,
+        config: dict[str, Any],
+        metrics: dict[str, Any],
+        members: list[dict[str, str]],
+    ) -> Collection:
+        """Record a new immutable collection version (next number) with its members."""
+        with self.session() as s:
+            last = s.scalar(select(Collection.version).order_by(Collection.version.desc()).limit(1))
+            c = Collection(
+                version=(last or 0) + 1,
+                file=file,
+                sha256=sha256,
+                parent_id=parent_id,
+                base_id=base_id,
+                run_id=run_id,
+                config_json=json.dumps(config, sort_keys=True),
+                metrics_json=json.dumps(metrics, sort_keys=True),
+                created_at=now(),
+            )
+            s.add(c)
+            s.flush()
+            for m in members:
+                s.add(CollectionMember(collection_id=c.id, **m))
+            s.flush()
+            _ = c.members
+            return c
+
+    def update_collection_metrics(self, version: int, metrics: dict[str, Any]) -> None:
+        with self.session() as s:
+            c = s.scalar(select(Collection).where(Collection.version == version))
+            if c is None:
+                raise RegistryError(f"no collection v{version}; see `clora collections`")
+            merged = json.loads(c.metrics_json) | metrics
+            c.metrics_json = json.dumps(merged, sort_keys=True)
+
+    # ---- runs ----------------------------------------------------------------------------------
+
+    def create_run(
+        self, *, run_id: str, kind: str, config: dict[str, Any], total_steps: int, run_dir: str
+    ) -> Run:
+        with self.session() as s:
+            stamp = now()
+            run = Run(
+                id=run_id,
+                kind=kind,
+                config_json=json.dumps(config, sort_keys=True),
+                status="running",
+                step=0,
+                total_steps=total_steps,
+                run_dir=run_dir,
+                started_at=stamp,
+                updated_at=stamp,
+            )
+            s.add(run)
+            return run
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise RegistryError(f"no run '{run_id}' in {self.path}")
+            for k, v in fields.items():
+                setattr(run, k, v)
+            run.updated_at = now()
+
+    def get_run(self, run_id: str | None = None, *, status: str | None = None) -> Run | None:
+        """Run ``run_id``, or the most recent one (optionally with ``status``)."""
+        with self.session() as s:
+            if run_id is not None:
+                return s.get(Run, run_id)
+            q = select(Run)
+            if status:
+                q = q.where(Run.status == status)
+            return s.scalars(q.order_by(Run.started_at.desc(), Run.id.desc()).limit(1)).first()

@@ -1,0 +1,99 @@
+"""Registry schema migrations and concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from clora.errors import RegistryError
+from clora.registry import Registry
+from clora.registry.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+
+
+def _tables(db: Path) -> set[str]:
+    con = sqlite3.connect(db)
+    try:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        con.close()
+
+
+def test_blank_database_migrates(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    sqlite3.connect(db).close()  # an empty SQLite file, as some tools create
+    Registry(db).close()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    assert {"effects", "triggers", "collections", "collection_members", "runs", "settings"} <= _tables(db)
+
+
+@pytest.mark.parametrize("old_version", range(1, SCHEMA_VERSION + 1))
+def test_old_database_migrates_and_keeps_rows(tmp_path: Path, old_version: int) -> None:
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    for statements in MIGRATIONS[:old_version]:
+        for s in statements:
+            con.execute(s)
+    con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    con.execute(f"PRAGMA user_version = {old_version}")
+    con.execute(
+        "INSERT INTO effects (name, lora_path, lora_sha256, lora_size, lora_format, rank, alpha, "
+        "target_modules, teacher_prompt, trigger, created_at, updated_at) VALUES "
+        "('old', '/x', 'ab', 1, 'peft', 4, 4.0, '[]', 'p', 'zorblax', 't', 't')"
+    )
+    con.commit()
+    con.close()
+    with Registry(db) as reg:
+        assert [e.name for e in reg.list_effects()] == ["old"]
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_missing_registry_is_not_created_for_reads(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="no registry"):
+        Registry(tmp_path / "none.db", create=False)
+    assert not (tmp_path / "none.db").exists()
+
+
+def _add_many(db: str, prefix: str, n: int, barrier) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    with Registry(db) as reg:
+        for i in range(n):
+            reg.add_effect(
+                trigger=None,
+                name=f"{prefix}{i}",
+                lora_path="/x",
+                lora_sha256="0" * 64,
+                lora_size=1,
+                lora_format="peft",
+                rank=4,
+                alpha=4.0,
+                target_modules_json="[]",
+                base_id=None,
+                teacher_prompt="apply the effect",
+                caption=None,
+                examples_dir=None,
+            )
+
+
+def test_two_processes_adding_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    Registry(db).close()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_add_many, args=(str(db), p, 15, barrier)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with Registry(db) as reg:
+        effects = reg.list_effects()
+    assert len(effects) == 30
+    assert len({e.trigger for e in effects}) == 30
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"

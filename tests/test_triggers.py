@@ -1,0 +1,113 @@
+"""Trigger allocation: unique, orthogonal to each other and to prompt words, stable forever."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clora.errors import TriggerError
+from clora.registry import Registry
+from clora.triggers import TRIGGER_RE, allocate_trigger, collision, validate_trigger, words
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=20)
+prompts = st.lists(
+    st.sampled_from(
+        [
+            "apply",
+            "a",
+            "sepia",
+            "tone",
+            "turn",
+            "into",
+            "pixel",
+            "art",
+            "bake",
+            "zoo",
+            "vivid",
+            "make",
+            "it",
+            "look",
+            "like",
+            "monet",
+            "plush",
+            "toy",
+            "invert",
+            "colours",
+            "vex",
+            "dora",
+            "lime",
+        ]
+    ),
+    min_size=1,
+    max_size=6,
+).map(" ".join)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(names, prompts), min_size=1, max_size=40, unique_by=lambda t: t[0]))
+def test_allocated_triggers_are_orthogonal(entries: list[tuple[str, str]]) -> None:
+    taken: list[str] = []
+    reserved: set[str] = set()
+    for _, prompt in entries:
+        reserved |= words(prompt)
+    for name, _ in entries:
+        t = allocate_trigger(name, taken, reserved)
+        assert TRIGGER_RE.match(t)
+        for other in taken:
+            assert t not in other and other not in t
+        for w in reserved:
+            assert w != t
+            if len(w) >= 3:
+                assert w not in t and t not in w
+        taken.append(t)
+
+
+def test_allocation_is_deterministic_per_name() -> None:
+    assert allocate_trigger("sepia", [], set()) == allocate_trigger("sepia", [], set())
+    assert allocate_trigger("sepia", [], set()) != allocate_trigger("invert", [], set())
+
+
+@pytest.mark.parametrize("bad", ["", "ab", "Upper", "two words", "9lead", "x" * 25, "dash-ed"])
+def test_malformed_trigger(bad: str) -> None:
+    with pytest.raises(TriggerError, match="invalid trigger"):
+        validate_trigger(bad, [], set())
+
+
+def test_collisions() -> None:
+    assert collision("zorb", ["zorblax"], []) is not None
+    assert collision("zorblaxqq", ["zorblax"], []) is not None
+    assert collision("sepiaz", [], ["sepia"]) is not None
+    assert collision("kobata", [], ["a", "it"]) is None  # very short words are ignored
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(names, min_size=2, max_size=15, unique=True))
+def test_registry_allocations_hold_across_many_adds(tmp_path_factory, effect_names: list[str]) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path_factory.mktemp("reg") / "r.db"
+    with Registry(db) as reg:
+        for i, name in enumerate(effect_names):
+            reg.add_effect(
+                trigger=None,
+                name=name,
+                lora_path="/x",
+                lora_sha256="0" * 64,
+                lora_size=1,
+                lora_format="peft",
+                rank=4,
+                alpha=4.0,
+                target_modules_json="[]",
+                base_id=None,
+                teacher_prompt=f"apply effect number {i} with style",
+                caption=None,
+                examples_dir=None,
+            )
+        effects = reg.list_effects()
+        triggers = [e.trigger for e in effects]
+        assert len(set(triggers)) == len(triggers)
+        before = {e.name: e.trigger for e in effects}
+        reg.remove_effect(effect_names[0])
+    with Registry(db) as reg:
+        assert {e.name: e.trigger for e in reg.list_effects()} == {
+            k: v for k, v in before.items() if k != effect_names[0]
+        }
