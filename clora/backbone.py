@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -60,8 +60,8 @@ class Backbone(ABC):
 
     #: id of the base model (the ``--base`` value effects are bound to)
     base_id: str
-    #: the diffusers transformer that adapters are attached to
-    transformer: torch.nn.Module
+    #: the diffusers transformer (a ``torch.nn.Module`` with ``PeftAdapterMixin``) adapters attach to
+    transformer: Any
     device: torch.device
     dtype: torch.dtype
     #: pixel size ``(H, W)`` of the images this backbone edits
@@ -93,6 +93,36 @@ class Backbone(ABC):
         prompts: PromptEmbeds,
     ) -> torch.Tensor:
         """Velocity for noisy target latents at noise levels ``sigma [B]`` given source latents."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these exact weights, so caches made with other weights are not reused."""
+        return self.base_id
+
+    def sample_sources(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` built-in source images ``[n,3,H,W]`` for effects registered without ``--examples``."""
+        from clora.errors import CloraError
+
+        raise CloraError(
+            f"base '{self.base_id}' has no built-in source images; register effects with --examples DIR"
+        )
+
+    def general_edits(self, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+        """``n`` (source image, instruction) pairs for the general stream (the base is their teacher)."""
+        from clora.errors import CloraError
+
+        raise CloraError(
+            f"base '{self.base_id}' has no built-in general edits; distill with --p-switch 1 "
+            "(effect stream only)"
+        )
+
+    def ground_truth(self, effect_name: str, images: torch.Tensor) -> torch.Tensor | None:
+        """The exact result of a known effect on ``images`` (synthetic bases only), else None."""
+        return None
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once prompts are encoded and cached (optional)."""
+        return None
 
     def compose_prompt(self, instructions: list[str]) -> str:
         """One prompt that applies several edits in order (zero-shot composition)."""

@@ -2,76 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import pluggy
 import typer
-from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
 
 from clora import __version__
+from clora.cli_common import AppState, CloraGroup, console, print_json, state
 from clora.effects import DEFAULT_BASE_KEY, add_effect
 from clora.errors import CloraError
 from clora.paths import registry_path
-from clora.plugins import Components, describe_plugins, get_plugin_manager
-from clora.registry import Registry
-
-console = Console()
-
-
-class CloraGroup(TyperGroup):
-    """Turns any :class:`CloraError` into a one-line ``Error: ...`` and exit code 1."""
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CloraError as e:
-            typer.echo(f"Error: {e}", err=True)
-            raise typer.Exit(1) from None
-
-
-@dataclass
-class AppState:
-    """What every command can reach through ``ctx.obj``."""
-
-    pm: pluggy.PluginManager
-    registry_file: Path
-    _components: Components | None = field(default=None, repr=False)
-
-    @property
-    def components(self) -> Components:
-        if self._components is None:
-            self._components = Components.collect(self.pm)
-        return self._components
-
-    @contextlib.contextmanager
-    def open_registry(self, create: bool = True) -> Iterator[Registry]:
-        """The registry file; with ``create=False`` a missing file is an error instead of a new one."""
-        reg = Registry(self.registry_file, create=create)
-        try:
-            yield reg
-        finally:
-            reg.close()
-
-    def registry_exists(self) -> bool:
-        return self.registry_file.exists()
-
-
-def state(ctx: typer.Context) -> AppState:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppState)
-    return obj
-
-
-def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+from clora.plugins import describe_plugins, get_plugin_manager
 
 
 def _version(value: bool) -> None:
@@ -131,6 +76,11 @@ def make_app(pm: pluggy.PluginManager) -> typer.Typer:
             table.add_row(r["name"], r["version"] or "-", ", ".join(r["hooks"]), regs or "-")
         console.print(table)
 
+    from clora import cli_distill, cli_eval, cli_generate
+
+    cli_distill.add_commands(app)
+    cli_generate.add_commands(app)
+    cli_eval.add_commands(app)
     pm.hook.register_commands(app=app)
     return app
 
@@ -270,6 +220,8 @@ def _base_app() -> typer.Typer:
 
 def main() -> None:
     """Console entry point."""
+    # peft warns on every adapter switch clora makes on purpose (several adapters on one base)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
     try:
         app = make_app(get_plugin_manager())
     except CloraError as e:

@@ -179,14 +179,17 @@ def check_fits(
 
 
 def linear_shapes(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """``{name: (in, out)}`` for every Linear in ``module`` (a helper for backbone factories)."""
+    """``{name: (in, out)}`` of every Linear of the base ``module``, seen through peft's LoRA wrappers."""
     import torch
 
-    return {
-        name: (m.in_features, m.out_features)
-        for name, m in module.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }
+    out = {}
+    for name, m in module.named_modules():
+        base = getattr(m, "base_layer", None)
+        if isinstance(base, torch.nn.Linear):
+            out[name] = (base.in_features, base.out_features)
+        elif isinstance(m, torch.nn.Linear) and ".lora_" not in name and not name.endswith("base_layer"):
+            out[name] = (m.in_features, m.out_features)
+    return out
 
 
 def add_lora_adapter(

@@ -343,12 +343,16 @@ class Registry:
                 setattr(run, k, v)
             run.updated_at = now()
 
-    def get_run(self, run_id: str | None = None, *, status: str | None = None) -> Run | None:
-        """Run ``run_id``, or the most recent one (optionally with ``status``)."""
+    def get_run(self, run_id: str | None = None, *, kind_not_completed: bool = False) -> Run | None:
+        """Run ``run_id``, or the most recent run (that has not completed, with ``kind_not_completed``)."""
         with self.session() as s:
             if run_id is not None:
                 return s.get(Run, run_id)
             q = select(Run)
-            if status:
-                q = q.where(Run.status == status)
+            if kind_not_completed:
+                q = q.where(Run.status != "completed")
             return s.scalars(q.order_by(Run.started_at.desc(), Run.id.desc()).limit(1)).first()
+
+    def list_runs(self) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).order_by(Run.started_at, Run.id)))

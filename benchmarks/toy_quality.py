@@ -1,0 +1,76 @@
+"""Build (or reuse) the toy base and teacher LoRAs and print their PSNR against exact ground truth.
+
+    python benchmarks/toy_quality.py                     # base + the default teacher set
+    python benchmarks/toy_quality.py --tiny              # the test-size world, in seconds
+    python benchmarks/toy_quality.py --effects sepia invert --sweep-guidance
+
+Run one at a time on a small machine: every number here is wall-clock on the cores you have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from clora_toy.build import build_base, build_teacher, evaluate_base
+from clora_toy.factory import get_factory
+
+DEFAULT_EFFECTS = [
+    "sepia",
+    "invert",
+    "hue-120",
+    "channel-swap",
+    "warm",
+    "cool",
+    "tint-teal",
+    "vignette",
+    "blur",
+    "pixelate",
+    "posterize",
+    "edges",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="use the toy-tiny configuration")
+    parser.add_argument("--effects", nargs="*", default=DEFAULT_EFFECTS, help="teachers to build and score")
+    parser.add_argument("--force", action="store_true", help="retrain even if cached")
+    parser.add_argument("--sweep-guidance", action="store_true", help="score the base at several CFG scales")
+    parser.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    start = time.perf_counter()
+    base = build_base(tiny=args.tiny, force=args.force)
+    base_seconds = base.report.get("train_seconds")
+    print(f"\nbase {'(cached) ' if base.cached else ''}{base.path}")
+    print(f"base training seconds: {base_seconds:.0f}" if base_seconds else "")
+    print(f"{'edit':12} {'PSNR dB':>8}")
+    for name, value in (base.report.get("psnr") or {}).items():
+        print(f"{name:12} {value:8.2f}")
+
+    factory = get_factory(args.tiny)
+    backbone = factory.load()
+    sweep = {}
+    if args.sweep_guidance:
+        for g in (0.0, 0.5, 1.0, 4.0):
+            sweep[g], _ = evaluate_base(backbone, factory, guidance=g)
+            print(f"base guidance {g}: {sweep[g]}")
+
+    rows = []
+    print(f"\n{'effect':16} {'teacher dB':>10} {'base dB':>8} {'train s':>8}")
+    for name in args.effects:
+        r = build_teacher(name, tiny=args.tiny, force=args.force, backbone=backbone).report
+        rows.append(r)
+        print(f"{name:16} {r['psnr']:10.2f} {r['base_psnr']:8.2f} {r['train_seconds']:8.1f}")
+    print(f"\ntotal wall seconds: {time.perf_counter() - start:.0f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"base": base.report, "guidance_sweep": sweep, "teachers": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""What every command shares: the app state on ``ctx.obj``, JSON printing and error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from clora.errors import CloraError
+from clora.plugins import Components
+from clora.registry import Registry
+
+console = Console()
+
+
+class CloraGroup(TyperGroup):
+    """Turns any :class:`CloraError` into a one-line ``Error: ...`` and exit code 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CloraError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+
+@dataclass
+class AppState:
+    """What every command can reach through ``ctx.obj``."""
+
+    pm: pluggy.PluginManager
+    registry_file: Path
+    _components: Components | None = field(default=None, repr=False)
+
+    @property
+    def components(self) -> Components:
+        if self._components is None:
+            self._components = Components.collect(self.pm)
+        return self._components
+
+    @contextlib.contextmanager
+    def open_registry(self, create: bool = True) -> Iterator[Registry]:
+        """The registry file; with ``create=False`` a missing file is an error instead of a new one."""
+        reg = Registry(self.registry_file, create=create)
+        try:
+            yield reg
+        finally:
+            reg.close()
+
+    def registry_exists(self) -> bool:
+        return self.registry_file.exists()
+
+
+def state(ctx: typer.Context) -> AppState:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, AppState)
+    return obj
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))

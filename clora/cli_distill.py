@@ -1,0 +1,194 @@
+"""``clora distill``, ``clora caption``, ``clora collections`` and ``clora runs``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from clora.cli_common import console, print_json, state
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """``--effects a,b --effects c`` -> ``[a, b, c]``."""
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def add_commands(app: typer.Typer) -> None:
+    @app.command("distill")
+    def distill(
+        ctx: typer.Context,
+        effects: Annotated[
+            list[str] | None,
+            typer.Option("--effects", help="Effects to distill, comma-separated or repeated (default: all)."),
+        ] = None,
+        steps: Annotated[
+            int | None,
+            typer.Option("--steps", help="Training steps (default 600; incremental: 150 per new effect)."),
+        ] = None,
+        rank: Annotated[
+            int | None, typer.Option("--rank", help="LoRA rank of the unified LoRA (default 16).")
+        ] = None,
+        few_steps: Annotated[
+            int | None,
+            typer.Option("--few-steps", help="Sampling steps of the unified LoRA: 4 or 8 (default 4)."),
+        ] = None,
+        p_switch: Annotated[
+            float | None,
+            typer.Option(
+                "--p-switch", help="Probability a block trains an effect instead of general edits (0.5)."
+            ),
+        ] = None,
+        batch_size: Annotated[
+            int | None, typer.Option("--batch-size", help="Images per step (default 16).")
+        ] = None,
+        base: Annotated[
+            str | None,
+            typer.Option("--base", help="Base model id (default: the effects' base or the default)."),
+        ] = None,
+        config: Annotated[
+            Path | None,
+            typer.Option(
+                "--config", help="JSON file with any DistillConfig fields; options above override it."
+            ),
+        ] = None,
+        device: Annotated[
+            str | None, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")
+        ] = None,
+        incremental: Annotated[
+            bool,
+            typer.Option(
+                "--incremental", help="Grow the latest collection with the registered effects it lacks."
+            ),
+        ] = False,
+        general_only: Annotated[
+            bool,
+            typer.Option(
+                "--general-only", help="Distill only few-step sampling of the base (an acceleration LoRA)."
+            ),
+        ] = False,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue the last unfinished run from its last checkpoint.")
+        ] = False,
+        run_id: Annotated[
+            str | None, typer.Option("--run", help="With --resume: the run id to continue.")
+        ] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out", help="Folder for the unified LoRA (default: 'collections' beside the registry)."
+            ),
+        ] = None,
+        seed: Annotated[
+            int | None, typer.Option("--seed", help="Seed of routing, noise and data order (0).")
+        ] = None,
+        no_progress: Annotated[
+            bool, typer.Option("--no-progress", help="Do not draw progress bars.")
+        ] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the new collection as JSON.")] = False,
+    ) -> None:
+        """Distill effect LoRAs and few-step sampling into one unified LoRA (a new collection version)."""
+        from clora.distill.config import load_config
+        from clora.distill.run import run_distill
+
+        st = state(ctx)
+        overrides: dict[str, Any] = {
+            "steps": steps,
+            "rank": rank,
+            "few_steps": few_steps,
+            "p_switch": p_switch,
+            "batch_size": batch_size,
+            "device": device,
+            "seed": seed,
+        }
+        cfg = load_config(config, overrides)
+        with st.open_registry() as reg:
+            outcome = run_distill(
+                reg,
+                st.components,
+                cfg,
+                effects=_names(effects),
+                base=base,
+                incremental=incremental,
+                general_only=general_only,
+                resume=resume,
+                run_id=run_id,
+                out_dir=out,
+                show_progress=not no_progress,
+                auto_steps=steps is None and (config is None or "steps" not in config.read_text()),
+            )
+            version = None
+            if outcome.collection is not None:
+                c = outcome.collection
+                version = reg.collection_version(c.parent_id)
+        if as_json and outcome.collection is not None:
+            print_json(outcome.collection.to_dict(parent_version=version))
+        else:
+            typer.echo(outcome.message)
+
+    @app.command("caption")
+    def caption(
+        ctx: typer.Context,
+        names: Annotated[list[str] | None, typer.Argument(help="Effects to caption (default: all).")] = None,
+        captioner: Annotated[str, typer.Option("--captioner", help="Captioner plugin id.")] = "template",
+        force: Annotated[bool, typer.Option("--force", help="Replace existing captions too.")] = False,
+    ) -> None:
+        """Write the student caption of effects that have none (or all, with --force)."""
+        st = state(ctx)
+        cap = st.components.get_captioner(captioner)
+        with st.open_registry(create=False) as reg:
+            effects = [reg.get_effect(n) for n in names] if names else reg.list_effects()
+            for e in effects:
+                if e.caption and not force:
+                    continue
+                text = cap.caption(e)
+                reg.set_caption(e.name, text)
+                typer.echo(f"{e.name}: {text}")
+
+    @app.command("collections")
+    def collections(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """List unified LoRA versions (collections), newest last."""
+        st = state(ctx)
+        rows: list[dict[str, Any]] = []
+        if st.registry_exists():
+            with st.open_registry(create=False) as reg:
+                cs = reg.list_collections()
+                by_id = {c.id: c.version for c in cs}
+                rows = [c.to_dict(parent_version=by_id.get(c.parent_id) if c.parent_id else None) for c in cs]
+        if as_json:
+            print_json(rows)
+            return
+        if not rows:
+            typer.echo("no collections yet; run `clora distill`")
+            return
+        table = Table("version", "parent", "base", "effects", "file")
+        for r in rows:
+            table.add_row(
+                f"v{r['version']}",
+                f"v{r['parent_version']}" if r["parent_version"] else "-",
+                r["base"],
+                ", ".join(f"{m['effect']} ({m['trigger']})" for m in r["members"]) or "-",
+                r["file"],
+            )
+        console.print(table)
+
+    @app.command("runs")
+    def runs(ctx: typer.Context) -> None:
+        """List distill runs with their status and progress."""
+        st = state(ctx)
+        if not st.registry_exists():
+            typer.echo("no runs yet")
+            return
+        with st.open_registry(create=False) as reg:
+            all_runs = reg.list_runs()
+        table = Table("run", "kind", "status", "step", "started", "message")
+        for r in all_runs:
+            table.add_row(r.id, r.kind, r.status, f"{r.step}/{r.total_steps}", r.started_at, r.message or "")
+        console.print(table)

@@ -1,0 +1,94 @@
+"""``clora eval``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from clora.cli_common import console, state
+from clora.errors import CloraError
+
+
+def add_commands(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        ctx: typer.Context,
+        collection: Annotated[
+            int | None, typer.Option("--collection", help="Collection version (default: latest).")
+        ] = None,
+        effects: Annotated[
+            list[str] | None, typer.Option("--effects", help="Effects to score, comma-separated or repeated.")
+        ] = None,
+        images: Annotated[
+            Path | None, typer.Option("--images", help="Folder of source images (default: the base's own).")
+        ] = None,
+        n_images: Annotated[int, typer.Option("--n-images", help="Held-out images per effect.")] = 16,
+        accel: Annotated[
+            Path | None, typer.Option("--accel", help="Acceleration LoRA for the cascade baseline.")
+        ] = None,
+        margin: Annotated[
+            float, typer.Option("--margin", help="Bad case: this many dB below the teacher.")
+        ] = 1.0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the images and noise.")] = 0,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+        report: Annotated[
+            Path | None,
+            typer.Option("--report", help="Write an HTML report (tables, sheets, heat map) here."),
+        ] = None,
+        device: Annotated[str, typer.Option("--device", help="Torch device.")] = "cpu",
+        no_progress: Annotated[
+            bool, typer.Option("--no-progress", help="Do not draw a progress bar.")
+        ] = False,
+    ) -> None:
+        """Score a collection against its teachers and the truth, with bleeding and cost (kept on the row)."""
+        from clora.cli_distill import _names
+        from clora.evaluate import EvalOptions, evaluate
+        from clora.report import write_report
+
+        st = state(ctx)
+        with st.open_registry(create=False) as reg:
+            col = reg.get_collection(collection)
+            if col is None:
+                raise CloraError(
+                    f"no collection v{collection}; see `clora collections`"
+                    if collection
+                    else "no collection yet; run `clora distill` first"
+                )
+            opts = EvalOptions(n_images=n_images, seed=seed, margin_db=margin, accel=accel, images_dir=images)
+            result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress)
+            outputs = result.pop("_outputs")
+            reg.update_collection_metrics(col.version, {"eval": result})
+        if report:
+            page = write_report(result, outputs, report)
+            typer.echo(f"report: {page}", err=as_json)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        table = Table(
+            "effect", "student vs truth dB", "teacher vs truth dB", "student vs teacher dB", "bad cases"
+        )
+        for name, r in result["effects"].items():
+            table.add_row(
+                name,
+                *(
+                    f"{(r[k] or {}).get('psnr', float('nan')):.2f}" if r[k] else "-"
+                    for k in ("student_vs_truth", "teacher_vs_truth", "student_vs_teacher")
+                ),
+                "-" if r["bad_case_rate"] is None else f"{r['bad_case_rate']:.0%}",
+            )
+        console.print(table)
+        b = result["bleeding"]
+        typer.echo(
+            f"bleed rate: {b['bleed_rate']} (nearest {b['reference']}); retention: {result['retention']}"
+        )
+        c = result["cost"]
+        typer.echo(
+            f"unified: {c['unified']['files']} file, {c['unified']['bytes']} bytes, switch "
+            f"{c['unified']['switch_ms']} ms, {c['unified']['ms_per_image']} ms/image; per-effect LoRAs: "
+            f"{c['per_effect_loras']['files']} files, {c['per_effect_loras']['bytes']} bytes, switch "
+            f"{c['per_effect_loras']['switch_ms']} ms, {c['per_effect_loras']['ms_per_image']} ms/image"
+        )

@@ -1,0 +1,1 @@
+"""The CollectionLoRA distiller: config, plan, prepare, loop (:mod:`clora.distill.loop`), run."""

@@ -1,0 +1,100 @@
+"""Student, critic and teachers as peft adapters on one frozen base transformer.
+
+peft's ``set_adapter`` flips ``requires_grad`` on every adapter and ``disable_adapters`` turns it off
+everywhere, so after each switch we set it back explicitly on the two trainable adapters.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from clora.lora import add_lora_adapter, linear_shapes, read_lora
+
+if TYPE_CHECKING:
+    from clora.backbone import Backbone
+    from clora.plugins import Components
+
+STUDENT = "student"
+CRITIC = "critic"
+
+
+class AdapterSet:
+    """Switches which adapter the base runs with; loads teacher LoRAs on demand (LRU-bounded)."""
+
+    def __init__(
+        self, backbone: Backbone, rank: int, alpha: float, max_teachers: int, components: Components
+    ):
+        self.backbone = backbone
+        self.transformer: Any = backbone.transformer
+        self.components = components
+        self.max_teachers = max_teachers
+        self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=backbone.lora_target_modules)  # type: ignore[arg-type]
+        self.transformer.requires_grad_(False)
+        for name in (STUDENT, CRITIC):
+            self.transformer.add_adapter(self.config, adapter_name=name)
+        self.params = {name: self._params(name) for name in (STUDENT, CRITIC)}
+        self._teachers: OrderedDict[str, str] = OrderedDict()  # lora path -> adapter name
+        self.teacher_loads = 0
+        self._train_flags()
+
+    def _params(self, adapter: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.transformer.named_parameters() if f".{adapter}." in n]
+
+    def _train_flags(self) -> None:
+        for params in self.params.values():
+            for p in params:
+                p.requires_grad_(True)
+
+    def use(self, adapter: str | None) -> None:
+        """Run the base with ``adapter`` active, or with no adapter at all for ``None``."""
+        if adapter is None:
+            self.transformer.disable_adapters()
+        else:
+            self.transformer.enable_adapters()
+            self.transformer.set_adapter(adapter)
+        self._train_flags()
+
+    def use_teacher(self, lora_path: str | None) -> None:
+        """Activate the teacher LoRA at ``lora_path`` (None: the base model is the teacher)."""
+        if lora_path is None:
+            self.use(None)
+            return
+        name = self._teachers.get(lora_path)
+        if name is None:
+            name = self._load_teacher(lora_path)
+        else:
+            self._teachers.move_to_end(lora_path)
+        self.use(name)
+
+    def _load_teacher(self, lora_path: str) -> str:
+        while len(self._teachers) >= self.max_teachers:
+            _, old = self._teachers.popitem(last=False)
+            self.transformer.delete_adapters([old])
+        lora = read_lora(
+            lora_path, self.components.teacher_providers(), module_names=linear_shapes(self.transformer)
+        )
+        self.teacher_loads += 1
+        name = f"teacher{self.teacher_loads}"
+        add_lora_adapter(self.transformer, lora.modules, name)
+        self._teachers[lora_path] = name
+        return name
+
+    def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
+        """peft state dict (``<module>.lora_A.weight`` ...) of ``adapter``, on CPU."""
+        sd = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
+        return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
+
+    def load_state_dict(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
+        ref = self.params[adapter][0]
+        result = set_peft_model_state_dict(
+            self.transformer, {k: v.to(ref.device, ref.dtype) for k, v in state.items()}, adapter_name=adapter
+        )
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"unexpected keys loading {adapter}: {unexpected[:3]}")
+        self._train_flags()

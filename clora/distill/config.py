@@ -1,0 +1,141 @@
+"""The distiller's typed configuration. It is saved in every checkpoint and collection row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clora.errors import CloraError
+
+
+class LossSpec(BaseModel):
+    """One loss term's weight, optionally following a schedule over training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, ge=0, description="weight at step 0")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="how the weight moves from `weight` to `final_weight` over the run"
+    )
+    final_weight: float = Field(0.0, ge=0, description="weight at the last step (linear/cosine only)")
+
+    def at(self, step: int, total: int) -> float:
+        """The weight at ``step`` of ``total``."""
+        import math
+
+        if self.schedule == "constant" or total <= 1:
+            return self.weight
+        frac = min(max(step / (total - 1), 0.0), 1.0)
+        mix = frac if self.schedule == "linear" else 0.5 * (1 - math.cos(math.pi * frac))
+        return self.weight + (self.final_weight - self.weight) * mix
+
+
+def default_losses() -> dict[str, LossSpec]:
+    return {
+        "dmd": LossSpec(),
+        "target_sim": LossSpec(),
+        "anchor": LossSpec(),
+        "critic_fm": LossSpec(),
+    }
+
+
+class DistillConfig(BaseModel):
+    """Everything that determines a distill run (defaults follow the CollectionLoRA reference)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(
+        600, ge=1, description="training steps (each trains the critic; every gen_every also the student)"
+    )
+    steps_per_new_effect: int = Field(
+        150, ge=1, description="incremental runs without --steps train this many steps per new effect"
+    )
+    rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
+    few_steps: Literal[4, 8] = Field(4, description="sampling steps of the unified LoRA")
+    shift: float = Field(
+        3.0, gt=0, description="timestep shift of every schedule: s = shift*u / (1 + (shift-1)*u)"
+    )
+    p_switch: float = Field(
+        0.5, ge=0, le=1, description="probability that a block of steps is an effect-stream block"
+    )
+    block_len: int = Field(20, ge=1, description="steps per routing block")
+    router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
+    new_effect_share: float = Field(
+        0.75, ge=0, le=1, description="incremental runs: share of effect blocks given to the new effects"
+    )
+    gen_every: int = Field(
+        5, ge=1, description="one student update every gen_every steps (critic updates every step)"
+    )
+    critic_warmup: int = Field(20, ge=0, description="critic-only steps before the first student update")
+    batch_size: int = Field(16, ge=1, description="images per step")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the student")
+    critic_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the critic")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (both optimizers)")
+    grad_clip: float = Field(10.0, gt=0, description="max gradient norm (both optimizers)")
+    guidance: float = Field(4.0, ge=0, description="teacher CFG g in cond + g*(cond - uncond)")
+    teacher_steps: int = Field(20, ge=1, description="Euler steps of the teacher's full sampler for targets")
+    sources_per_effect: int = Field(32, ge=1, description="source images per effect (with teacher targets)")
+    general_pool: int = Field(256, ge=1, description="general-stream (image, instruction) pairs")
+    asymmetric_prompts: bool = Field(
+        True, description="student/critic get trigger + caption; off: they get the teacher prompt (ablation)"
+    )
+    target_levels: int = Field(
+        5, ge=1, description="target simulation noises y_T to one of the last N levels"
+    )
+    losses: dict[str, LossSpec] = Field(
+        default_factory=default_losses, description="loss term id -> weight spec"
+    )
+    max_resident_teachers: int = Field(4, ge=1, description="teacher adapters kept on the base at once")
+    checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N steps")
+    captioner: str = Field("template", description="captioner plugin id for effects without a caption")
+    seed: int = Field(0, description="seed of routing, noise and data order")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the base and adapters"
+    )
+
+    @field_validator("losses")
+    @classmethod
+    def _some_generator_loss(cls, v: dict[str, LossSpec]) -> dict[str, LossSpec]:
+        if not v:
+            raise ValueError("at least one loss term is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.target_levels > self.few_steps:
+            self.target_levels = self.few_steps
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    def to_json(self) -> dict[str, object]:
+        return json.loads(self.model_dump_json())
+
+
+def load_config(path: str | Path | None, overrides: dict[str, object]) -> DistillConfig:
+    """A config from a JSON file (optional) with CLI overrides on top; one-line error when invalid."""
+    data: dict[str, object] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise CloraError(f"config file not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CloraError(f"config file {p} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CloraError(f"config file {p} must hold a JSON object")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        raise CloraError(f"invalid distill config: {where}: {err['msg']}") from None

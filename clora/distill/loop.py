@@ -1,0 +1,331 @@
+"""The distillation loop. It reads top to bottom: route, batch, simulate, generator turn, critic turn,
+log, checkpoint. See DESIGN.md, "The method".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from clora.backbone import Backbone, PromptEmbeds
+from clora.distill.adapters import CRITIC, STUDENT, AdapterSet
+from clora.distill.config import DistillConfig
+from clora.distill.losses import LossContext
+from clora.distill.plan import Plan
+from clora.distill.prepare import Prepared
+from clora.errors import CloraError
+from clora.fileio import save_torch
+from clora.plugins import Components
+from clora.progress import progress_bar
+from clora.sampling import add_noise, few_step_sigmas, guided_velocity, x0_from_velocity
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+class NonFiniteLossError(CloraError):
+    """A loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class Batch:
+    stream: Literal["effect", "general"]
+    effect: str | None
+    source: torch.Tensor
+    teacher_lora: str | None  # None: the base model is the teacher
+    teacher_prompt: PromptEmbeds
+    student_prompt: PromptEmbeds
+    uncond: PromptEmbeds
+    targets: torch.Tensor | None
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint restores besides the adapters and optimizers."""
+
+    step: int = 0
+    route: tuple[Literal["effect", "general"], str | None] = ("general", None)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    final_losses: dict[str, float]
+    teacher_loads: int
+
+
+class Distiller:
+    """Owns the optimizers and runs steps; ``run`` is the loop."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapters: AdapterSet,
+        prepared: Prepared,
+        plan: Plan,
+        cfg: DistillConfig,
+        components: Components,
+        run_dir: Path,
+    ) -> None:
+        self.backbone, self.adapters, self.data, self.plan, self.cfg = backbone, adapters, prepared, plan, cfg
+        self.run_dir = run_dir
+        self.router = components.get_router(cfg.router)
+        self.terms = {loss_id: components.get_loss_term(loss_id) for loss_id in cfg.losses}
+        self.sigmas = few_step_sigmas(cfg.few_steps, cfg.shift).to(backbone.device, backbone.dtype)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.opt_student = torch.optim.AdamW(adapters.params[STUDENT], lr=cfg.lr, betas=cfg.betas)
+        self.opt_critic = torch.optim.AdamW(adapters.params[CRITIC], lr=cfg.critic_lr, betas=cfg.betas)
+        self.state = LoopState(counts={e.name: 0 for e in plan.effects})
+        self.effects = {e.name: e for e in plan.effects}
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(
+        self, show_progress: bool = True, on_checkpoint: Callable[[int], None] | None = None
+    ) -> LoopResult:
+        cfg, total = self.cfg, self.cfg.steps
+        start, t0, last = self.state.step, time.monotonic(), 0.0
+        final: dict[str, float] = {}
+        with progress_bar(show_progress) as bar, open(self.run_dir / LOG, "a") as log:
+            task = bar.add_task("distill", total=total, completed=start, info="")
+            for step in range(start, total):
+                # 1. route: a coin flip per block picks the stream; the router picks the effect
+                if step % cfg.block_len == 0:
+                    self.state.route = self.choose_route()
+                stream, effect = self.state.route
+                # 2. batch
+                batch = self.make_batch(stream, effect)
+                # 3. backward simulation; the last simulated step keeps its graph on generator turns
+                gen_turn = step >= cfg.critic_warmup and (step - cfg.critic_warmup) % cfg.gen_every == 0
+                sample = self.simulate(batch, with_grad=gen_turn)
+                ctx = self.loss_context(batch, sample)
+                logged: dict[str, float] = {}
+                # 4. generator turn
+                if gen_turn:
+                    loss = self.weighted(ctx, "generator", step, logged)
+                    if loss is not None:
+                        self.opt_student.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(self.adapters.params[STUDENT], cfg.grad_clip)
+                        self.opt_student.step()
+                # 5. critic turn, on the same (now detached) student sample
+                ctx.sample = sample.detach()
+                loss = self.weighted(ctx, "critic", step, logged)
+                if loss is not None:
+                    self.opt_critic.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.adapters.params[CRITIC], cfg.grad_clip)
+                    self.opt_critic.step()
+                # 6. log and checkpoint
+                self.state.step = step + 1
+                final.update(logged)
+                log.write(json.dumps({"step": step, "stream": stream, "effect": effect, **logged}) + "\n")
+                if time.monotonic() - last > 0.5 or step + 1 == total:
+                    last = time.monotonic()
+                    info = f"{stream}:{effect or '-'} " + " ".join(
+                        f"{k.removeprefix('loss/')}={v:.3g}"
+                        for k, v in logged.items()
+                        if k.startswith("loss/")
+                    )
+                    bar.update(task, completed=step + 1, info=info)
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                    log.flush()
+                    self.save_checkpoint()
+                    if on_checkpoint:
+                        on_checkpoint(step + 1)
+        return LoopResult(total - start, time.monotonic() - t0, final, self.adapters.teacher_loads)
+
+    # ---- helpers, in the order the loop uses them ----------------------------------------------
+
+    def _rng(self) -> random.Random:
+        return random.Random(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
+
+    def choose_route(self) -> tuple[Literal["effect", "general"], str | None]:
+        rng = self._rng()
+        if not self.plan.effects or (rng.random() >= self.cfg.p_switch and len(self.data.general_prompts)):
+            return ("general", None)
+        names = [e.name for e in self.plan.effects]
+        effect = self.router.choose(names, self.plan.new_effects, self.state.counts, self.cfg, rng)
+        if effect not in self.effects:
+            raise CloraError(f"router '{self.cfg.router}' chose unknown effect '{effect}'")
+        self.state.counts[effect] = self.state.counts.get(effect, 0) + 1
+        return ("effect", effect)
+
+    def make_batch(self, stream: Literal["effect", "general"], effect: str | None) -> Batch:
+        b, p = self.cfg.batch_size, self.data.prompts
+        uncond = p[""]
+        if stream == "effect" and effect is not None:
+            e = self.effects[effect]
+            n = len(self.data.sources[effect])
+            idx = torch.randint(n, (b,), generator=self.generator)
+            student_text = e.student_prompt if self.cfg.asymmetric_prompts else e.teacher_prompt
+            return Batch(
+                stream,
+                effect,
+                source=self.data.sources[effect][idx],
+                teacher_lora=e.lora_path,
+                teacher_prompt=PromptEmbeds.cat([p[e.teacher_prompt]] * b),
+                student_prompt=PromptEmbeds.cat([p[student_text]] * b),
+                uncond=PromptEmbeds.cat([uncond] * b),
+                targets=self.data.targets[effect][idx],
+            )
+        idx = torch.randint(len(self.data.general_prompts), (b,), generator=self.generator)
+        texts = [self.data.general_prompts[int(i)] for i in idx]
+        prompts = PromptEmbeds.cat([p[t] for t in texts])
+        return Batch(
+            stream,
+            None,
+            self.data.general_sources[idx],
+            None,
+            prompts,
+            prompts,
+            PromptEmbeds.cat([uncond] * b),
+            None,
+        )
+
+    def randn(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like)
+
+    def simulate(self, batch: Batch, with_grad: bool) -> torch.Tensor:
+        """Run the student's few-step sampler from noise, stop at a random step k, return step k's x0."""
+        k = int(torch.randint(len(self.sigmas), (1,), generator=self.generator))
+        self.adapters.use(STUDENT)
+        x = self.randn(batch.source)
+        with torch.no_grad():
+            for i in range(k):
+                s = self.sigmas[i]
+                x0 = x0_from_velocity(
+                    x, self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt), s
+                )
+                x = add_noise(x0, self.randn(x0), self.sigmas[i + 1])
+        s = self.sigmas[k]
+        with torch.set_grad_enabled(with_grad):
+            v = self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt)
+            return x0_from_velocity(x, v, s)
+
+    def loss_context(self, batch: Batch, sample: torch.Tensor) -> LossContext:
+        bb, ad, cfg = self.backbone, self.adapters, self.cfg
+
+        def teacher_x0(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            ad.use_teacher(batch.teacher_lora)
+            v = guided_velocity(bb, noisy, t, batch.source, batch.teacher_prompt, batch.uncond, cfg.guidance)
+            return x0_from_velocity(noisy, v, t)
+
+        def velocity(adapter: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            def call(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                ad.use(adapter)
+                return bb.predict_velocity(noisy, t, batch.source, batch.student_prompt)
+
+            return call
+
+        def x0_of(adapter: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            def call(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return x0_from_velocity(noisy, velocity(adapter)(noisy, t), t)
+
+            return call
+
+        return LossContext(
+            sample=sample,
+            stream=batch.stream,
+            targets=batch.targets,
+            few_step_sigmas=self.sigmas,
+            config=cfg,
+            generator=self.generator,
+            teacher_x0=teacher_x0,
+            critic_x0=x0_of(CRITIC),
+            student_x0=x0_of(STUDENT),
+            student_velocity=velocity(STUDENT),
+            critic_velocity=velocity(CRITIC),
+        )
+
+    def weighted(
+        self, ctx: LossContext, role: str, step: int, logged: dict[str, float]
+    ) -> torch.Tensor | None:
+        """Sum of the config's weighted terms of ``role``; every named loss is logged."""
+        total: torch.Tensor | None = None
+        for loss_id, term in self.terms.items():
+            if getattr(term, "role", "generator") != role:
+                continue
+            weight = self.cfg.losses[loss_id].at(step, self.cfg.steps)
+            if weight == 0:
+                continue
+            for name, value in term(ctx).items():
+                v = float(value.detach())
+                if not math.isfinite(v):
+                    raise NonFiniteLossError(
+                        f"loss '{name}' became {v} at step {step}; the run stopped and kept its last good "
+                        f"checkpoint (step {self.last_checkpoint_step()}); lower --lr or check the teachers, "
+                        "then `clora distill --resume`"
+                    )
+                logged[f"loss/{name}"] = v
+                logged[f"weight/{name}"] = weight
+                total = value * weight if total is None else total + value * weight
+        return total
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def last_checkpoint_step(self) -> int:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            return 0
+        return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
+
+    def save_checkpoint(self) -> None:
+        save_torch(
+            {
+                "step": self.state.step,
+                "route": list(self.state.route),
+                "counts": dict(self.state.counts),
+                "generator": self.generator.get_state(),
+                "student": self.adapters.state_dict(STUDENT),
+                "critic": self.adapters.state_dict(CRITIC),
+                "opt_student": self.opt_student.state_dict(),
+                "opt_critic": self.opt_critic.state_dict(),
+                "config": self.cfg.model_dump_json(),
+            },
+            self.run_dir / CHECKPOINT,
+        )
+
+    def load_checkpoint(self) -> bool:
+        """Restore the last checkpoint of this run; False if there is none."""
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            return False
+        ck: dict[str, Any] = torch.load(path, weights_only=True, map_location="cpu")
+        self.adapters.load_state_dict(STUDENT, ck["student"])
+        self.adapters.load_state_dict(CRITIC, ck["critic"])
+        self.opt_student.load_state_dict(ck["opt_student"])
+        self.opt_critic.load_state_dict(ck["opt_critic"])
+        self.generator.set_state(ck["generator"])
+        route = ck["route"]
+        self.state = LoopState(step=int(ck["step"]), route=(route[0], route[1]), counts=dict(ck["counts"]))
+        self._truncate_log(self.state.step)
+        return True
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines of steps after the checkpoint, which the resumed run will redo."""
+        path = self.run_dir / LOG
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def init_from(self, state: dict[str, Any]) -> None:
+        """Start student and critic (and their optimizers) from a parent collection's saved state."""
+        self.adapters.load_state_dict(STUDENT, state["student"])
+        self.adapters.load_state_dict(CRITIC, state["critic"])
+        self.opt_student.load_state_dict(state["opt_student"])
+        self.opt_critic.load_state_dict(state["opt_critic"])
+        for opt, lr in ((self.opt_student, self.cfg.lr), (self.opt_critic, self.cfg.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr

@@ -1,0 +1,102 @@
+"""What a loss term sees (:class:`LossContext`) and the math the built-in terms share.
+
+A loss term (registered through ``register_loss_terms``) has a ``loss_id``, a ``role``
+(``"generator"`` or ``"critic"``) and is called with a :class:`LossContext`; it returns named
+tensors (``dict[str, Tensor]``, empty when it does not apply to the batch). The loop weighs each
+term by the config and logs every name as ``loss/<name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from clora.sampling import add_noise, shift_sigma
+
+if TYPE_CHECKING:
+    from clora.distill.config import DistillConfig
+
+Role = Literal["generator", "critic"]
+
+
+@dataclass
+class LossContext:
+    """One step's sample, batch and model calls, as the loss terms see them.
+
+    ``sample`` is the student's x0 from backward simulation (with grad on generator turns). The
+    model calls take noisy latents and per-sample noise levels ``[B]``:
+
+    * ``teacher_x0`` - the effect's teacher (or the base) with CFG, no grad;
+    * ``critic_x0`` - the critic (fake score) on the student prompt, no grad;
+    * ``student_x0`` / ``student_velocity`` - the student, with grad;
+    * ``critic_velocity`` - the critic, with grad (critic turn).
+    """
+
+    sample: torch.Tensor
+    stream: Literal["effect", "general"]
+    targets: torch.Tensor | None  # teacher outputs y_T of the batch's sources (effect stream)
+    few_step_sigmas: torch.Tensor
+    config: DistillConfig
+    generator: torch.Generator
+    teacher_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    critic_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    student_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    critic_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    #: values terms share within a step (e.g. the DMD noise level, reused by anchoring)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.sample.shape[0])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x)
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """Per-sample ``U[low, high]`` on the sample's device and dtype."""
+        u = torch.rand(self.batch_size, generator=self.generator, dtype=torch.float32)
+        return (low + (high - low) * u).to(self.sample)
+
+    def shifted(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """Per-sample ``shift(U[low, high])`` noise levels, kept inside (0.02, 0.98)."""
+        return shift_sigma(self.uniform(low, high), self.config.shift).clamp(0.02, 0.98)
+
+    def dmd_levels(self) -> torch.Tensor:
+        """This step's DMD noise levels ``t ~ shift(U[0,1])`` (drawn once, shared by the terms)."""
+        if "dmd_t" not in self.shared:
+            self.shared["dmd_t"] = self.shifted()
+        return self.shared["dmd_t"]
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def dmd_gradient(x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """``(fake - real) / mean|x - real|`` with the mean taken per sample (DMD's normaliser)."""
+    norm = (x - real).abs().flatten(1).mean(1).clamp_min(1e-8)
+    return (fake - real) / per_sample(norm, x)
+
+
+def dmd_loss(x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """``0.5 * mse(x, stopgrad(x - grad))``; its gradient w.r.t. ``x`` is the DMD gradient / numel."""
+    grad = dmd_gradient(x.detach(), real, fake)
+    return 0.5 * torch.nn.functional.mse_loss(x, (x - grad).detach())
+
+
+def dmd_on(ctx: LossContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The DMD loss of sample ``x`` scored at noise levels ``t``: teacher (real) vs critic (fake)."""
+    noisy = add_noise(x.detach(), ctx.randn_like(x), t)
+    with torch.no_grad():
+        real = ctx.teacher_x0(noisy, t)
+        fake = ctx.critic_x0(noisy, t)
+    return dmd_loss(x, real, fake)
+
+
+def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``mse(v, eps - x0)``: the rectified-flow regression target."""
+    return torch.nn.functional.mse_loss(velocity, noise - x0)

@@ -1,0 +1,365 @@
+"""``clora distill``: plan a run from the registry, prepare, loop, write the unified LoRA and its collection.
+
+The loop itself is :mod:`clora.distill.loop`; this module is the bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clora.distill.adapters import CRITIC, STUDENT, AdapterSet
+from clora.distill.config import DistillConfig
+from clora.distill.loop import Distiller, NonFiniteLossError
+from clora.distill.plan import EffectPlan, Plan
+from clora.distill.prepare import prepare
+from clora.effects import resolve_base
+from clora.errors import CloraError
+from clora.fileio import save_torch, sha256_file
+from clora.lora import check_fits, read_lora
+from clora.paths import clora_home
+from clora.plugins import Components
+from clora.registry import Collection, Effect, Registry
+from clora.sampling import few_step_sigmas
+from clora.unified import UnifiedHeader, write_unified
+
+__all__ = ["DistillConfig", "DistillOutcome", "run_distill"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DistillOutcome:
+    """What a finished (or no-op) run produced."""
+
+    collection: Collection | None
+    run_id: str | None
+    message: str
+    metrics: dict[str, Any]
+
+
+def state_path(unified: str | Path) -> Path:
+    """Where the critic and optimizer state of a collection live, beside its file."""
+    p = Path(unified)
+    return p.with_name(p.stem + ".state.pt")
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def ensure_captions(
+    registry: Registry, components: Components, effects: list[Effect], captioner_id: str
+) -> None:
+    """Fill missing captions with the captioner (so the plan can freeze them)."""
+    captioner = None
+    for e in effects:
+        if not e.caption:
+            captioner = captioner or components.get_captioner(captioner_id)
+            e.caption = registry.set_caption(e.name, captioner.caption(e)).caption
+
+
+def _select(registry: Registry, names: list[str] | None) -> list[Effect]:
+    if names:
+        return [registry.get_effect(n) for n in names]
+    return registry.list_effects()
+
+
+def _base_for(registry: Registry, effects: list[Effect], base: str | None) -> str:
+    if base:
+        return base
+    bases = {e.base_id for e in effects if e.base_id}
+    if len(bases) > 1:
+        raise CloraError(
+            f"the effects are bound to different bases ({', '.join(sorted(bases))}); "
+            "pick effects of one base with --effects or pass --base"
+        )
+    if bases:
+        return bases.pop()
+    default = resolve_base(registry, None)
+    if default:
+        return default
+    raise CloraError(
+        "no base model: effects are unbound and no default is set; pass --base or `clora base use ID`"
+    )
+
+
+def plan_run(
+    registry: Registry,
+    components: Components,
+    cfg: DistillConfig,
+    *,
+    effects: list[str] | None,
+    base: str | None,
+    incremental: bool,
+    general_only: bool,
+    out_dir: Path,
+) -> Plan | str:
+    """A new run's plan, or a message when there is nothing to do."""
+    parent: Collection | None = registry.get_collection() if incremental else None
+    if incremental and parent is None:
+        raise CloraError("no collection to grow yet; run `clora distill` first")
+    if general_only:
+        chosen: list[Effect] = []
+        base_id = _base_for(registry, registry.list_effects(), base)
+    else:
+        chosen = _select(registry, effects)
+        if not chosen:
+            raise CloraError("no effects to distill; add some with `clora effect add`")
+        base_id = _base_for(registry, chosen, base)
+    if parent is not None and parent.base_id != base_id:
+        raise CloraError(f"collection v{parent.version} is for base '{parent.base_id}', not '{base_id}'")
+
+    factory = components.get_backbone(base_id)
+    shapes = factory.module_shapes()
+    for e in chosen:
+        if e.base_id and e.base_id != base_id:
+            raise CloraError(f"effect '{e.name}' is bound to base '{e.base_id}', not '{base_id}'")
+        lora = read_lora(e.lora_path, components.teacher_providers(), module_names=shapes)
+        if lora.sha256 != e.lora_sha256:
+            raise CloraError(
+                f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; "
+                f"re-add it (`clora effect remove {e.name}` then `clora effect add`)"
+            )
+        check_fits(lora.modules, shapes, base_id)
+
+    old_members = {m.effect_name: m for m in parent.members} if parent else {}
+    if parent is not None:
+        new = [e for e in chosen if e.name not in old_members]
+        if not new:
+            return f"nothing new: collection v{parent.version} already has every selected effect"
+        missing = [n for n in old_members if n not in {e.name for e in chosen}]
+        by_name = {e.name: e for e in registry.list_effects()}
+        gone = [n for n in missing if n not in by_name]
+        if gone:
+            raise CloraError(
+                f"effect(s) {', '.join(gone)} of collection v{parent.version} are no longer registered; "
+                "re-add them so they can be replayed"
+            )
+        chosen = chosen + [by_name[n] for n in missing]
+    ensure_captions(registry, components, [e for e in chosen if e.name not in old_members], cfg.captioner)
+
+    plans = []
+    for e in chosen:
+        member = old_members.get(e.name)
+        plans.append(
+            EffectPlan(
+                name=e.name,
+                trigger=e.trigger,
+                caption=member.caption if member else (e.caption or ""),
+                teacher_prompt=e.teacher_prompt,
+                lora_path=e.lora_path,
+                lora_sha256=e.lora_sha256,
+                new=member is None,
+            )
+        )
+    run_id = new_run_id()
+    kind = "general-only" if general_only else ("incremental" if parent else "full")
+    return Plan(
+        run_id=run_id,
+        kind=kind,
+        base_id=base_id,
+        effects=plans,
+        parent_version=parent.version if parent else None,
+        parent_id=parent.id if parent else None,
+        parent_state=str(state_path(parent.file)) if parent else None,
+        out_file=str(out_dir / f"{run_id}.safetensors"),
+        extra={"examples": {e.name: e.examples_dir for e in chosen}},
+    )
+
+
+def run_distill(
+    registry: Registry,
+    components: Components,
+    cfg: DistillConfig,
+    *,
+    effects: list[str] | None = None,
+    base: str | None = None,
+    incremental: bool = False,
+    general_only: bool = False,
+    resume: bool = False,
+    run_id: str | None = None,
+    out_dir: Path | None = None,
+    show_progress: bool = True,
+    auto_steps: bool = False,
+    log: Any = None,
+) -> DistillOutcome:
+    """Plan (or reload) a run, prepare, loop, and record a new collection version.
+
+    ``auto_steps``: an incremental run trains ``steps_per_new_effect`` per new effect instead of ``steps``.
+    """
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if resume:
+        run = registry.get_run(run_id) if run_id else registry.get_run(kind_not_completed=True)
+        if run is None:
+            raise CloraError(
+                f"no run {run_id!r} to resume; see the runs in `clora collections --runs`"
+                if run_id
+                else "no distill run to resume"
+            )
+        if run.status == "completed":
+            raise CloraError(
+                f"run {run.id} already completed (collection v"
+                f"{registry.collection_version(run.collection_id)})"
+            )
+        run_dir = Path(run.run_dir)
+        plan = Plan.load(run_dir / "plan.json")
+        cfg = DistillConfig.model_validate_json((run_dir / "config.json").read_text())
+        registry.update_run(run.id, status="running", message=None)
+    else:
+        out = out_dir or registry.path.resolve().parent / "collections"
+        planned = plan_run(
+            registry,
+            components,
+            cfg,
+            effects=effects,
+            base=base,
+            incremental=incremental,
+            general_only=general_only,
+            out_dir=out,
+        )
+        if isinstance(planned, str):
+            return DistillOutcome(None, None, planned, {})
+        plan = planned
+        if general_only:
+            cfg = cfg.model_copy(update={"p_switch": 0.0})
+        if plan.kind == "incremental" and auto_steps:
+            cfg = cfg.model_copy(update={"steps": cfg.steps_per_new_effect * len(plan.new_effects)})
+        if plan.parent_state:
+            parent_cfg = json.loads(registry.get_collection(plan.parent_version).config_json)  # type: ignore[union-attr]
+            if parent_cfg.get("rank") != cfg.rank or parent_cfg.get("few_steps") != cfg.few_steps:
+                cfg = cfg.model_copy(
+                    update={
+                        "rank": parent_cfg["rank"],
+                        "alpha": parent_cfg.get("alpha"),
+                        "few_steps": parent_cfg["few_steps"],
+                    }
+                )
+        run_dir = clora_home() / "runs" / plan.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(run_dir / "plan.json")
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        registry.create_run(
+            run_id=plan.run_id,
+            kind=plan.kind,
+            config=cfg.to_json(),
+            total_steps=cfg.steps,
+            run_dir=str(run_dir),
+        )
+
+    try:
+        return _execute(registry, components, cfg, plan, run_dir, show_progress, say)
+    except NonFiniteLossError as e:
+        registry.update_run(plan.run_id, status="failed", message=str(e))
+        raise
+    except KeyboardInterrupt:
+        registry.update_run(plan.run_id, status="interrupted", message="interrupted; resume with --resume")
+        raise
+
+
+def _execute(
+    registry: Registry,
+    components: Components,
+    cfg: DistillConfig,
+    plan: Plan,
+    run_dir: Path,
+    show_progress: bool,
+    say: Any,
+) -> DistillOutcome:
+    t_start = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    factory = components.get_backbone(plan.base_id)
+    backbone = factory.load(cfg.device, DTYPES[cfg.dtype])
+    base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
+    adapters = AdapterSet(backbone, cfg.rank, cfg.lora_alpha, cfg.max_resident_teachers, components)
+    say(
+        f"run {plan.run_id}: {plan.kind}, {len(plan.effects)} effect(s) ({len(plan.new_effects)} new), "
+        f"{cfg.steps} steps, base {plan.base_id}"
+    )
+    prepared = prepare(backbone, adapters, plan, cfg, plan.extra.get("examples", {}), show_progress)
+    t_prepared = time.monotonic()
+    distiller = Distiller(backbone, adapters, prepared, plan, cfg, components, run_dir)
+    if distiller.load_checkpoint():
+        say(f"resuming run {plan.run_id} at step {distiller.state.step}")
+    elif plan.parent_state:
+        distiller.init_from(torch.load(plan.parent_state, weights_only=True, map_location="cpu"))
+    result = distiller.run(
+        show_progress, on_checkpoint=lambda step: registry.update_run(plan.run_id, step=step)
+    )
+
+    header = UnifiedHeader(
+        base_id=plan.base_id,
+        base_fingerprint=backbone.fingerprint,
+        effects={
+            e.name: {"trigger": e.trigger, "caption": e.caption, "teacher_prompt": e.teacher_prompt}
+            for e in plan.effects
+        },
+        few_step_sigmas=few_step_sigmas(cfg.few_steps, cfg.shift).tolist(),
+        shift=cfg.shift,
+        rank=cfg.rank,
+        alpha=cfg.lora_alpha,
+        target_modules=list(backbone.lora_target_modules),
+        run_id=plan.run_id,
+        parent_version=plan.parent_version,
+    )
+    out = Path(plan.out_file)
+    write_unified(out, adapters.state_dict(STUDENT), header)
+    save_torch(
+        {
+            "student": adapters.state_dict(STUDENT),
+            "critic": adapters.state_dict(CRITIC),
+            "opt_student": distiller.opt_student.state_dict(),
+            "opt_critic": distiller.opt_critic.state_dict(),
+        },
+        state_path(out),
+    )
+    metrics = {
+        "train": {
+            "steps": cfg.steps,
+            "seconds_total": round(time.monotonic() - t_start, 2),
+            "seconds_prepare": round(t_prepared - t_start, 2),
+            "seconds_loop": round(result.seconds, 2),
+            "final_losses": {k: v for k, v in result.final_losses.items() if k.startswith("loss/")},
+            "teacher_loads": result.teacher_loads,
+            "peak_rss_mb": round(peak_memory_mb(cfg.device), 1),
+            "base_mb": round(base_bytes / 2**20, 2),
+        }
+    }
+    collection = registry.add_collection(
+        file=str(out),
+        sha256=sha256_file(out),
+        parent_id=plan.parent_id,
+        base_id=plan.base_id,
+        run_id=plan.run_id,
+        config=cfg.to_json(),
+        metrics=metrics,
+        members=[
+            {
+                "effect_name": e.name,
+                "trigger": e.trigger,
+                "caption": e.caption,
+                "teacher_sha256": e.lora_sha256,
+            }
+            for e in plan.effects
+        ],
+    )
+    registry.update_run(plan.run_id, status="completed", step=cfg.steps, collection_id=collection.id)
+    return DistillOutcome(
+        collection, plan.run_id, f"collection v{collection.version} written to {out}", metrics
+    )
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,261 @@
+"""``clora eval``: is one unified LoRA as good as the N teachers, and what does it save?
+
+Every effect is scored on one shared set of held-out source images, so outputs of different
+effects can be compared (concept bleeding). Where the base knows an effect's exact result
+(``Backbone.ground_truth``, e.g. the toy base) outputs are also scored against the truth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clora.backbone import Backbone
+from clora.distill.config import DistillConfig
+from clora.distill.prepare import effect_seed, load_images
+from clora.generate import ADAPTER, UnifiedModel, cascade_edit, teacher_edit
+from clora.metrics import nearest
+from clora.plugins import Components
+from clora.progress import progress_bar
+from clora.registry import Collection, Registry
+from clora.sampling import euler_sample, few_step_sample
+
+
+@dataclass
+class EvalOptions:
+    """How an evaluation runs."""
+
+    n_images: int = 16
+    seed: int = 0
+    margin_db: float = 1.0  # bad case: student more than this many dB below its teacher (vs truth)
+    metrics: tuple[str, ...] = ("psnr", "ssim")
+    accel: Path | None = None  # acceleration LoRA for the cascade baseline
+    images_dir: Path | None = None
+    general_prompts: int = 16
+
+
+def _mean(t: torch.Tensor) -> float:
+    return round(float(t.float().mean()), 4)
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def evaluate(
+    registry: Registry,
+    components: Components,
+    collection: Collection,
+    effects: list[str] | None = None,
+    options: EvalOptions | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``collection`` against its teachers (and the truth, where known); see README for the shape."""
+    opt = options or EvalOptions()
+    cfg = DistillConfig.model_validate_json(collection.config_json)
+    model = UnifiedModel.load(components, collection.file, device=device)
+    bb = model.backbone
+    names = effects or model.effects
+    for n in names:
+        model.check_effect(n)
+    registered = {e.name: e for e in registry.list_effects()}
+    metrics = {m: components.get_metric(m) for m in opt.metrics}
+
+    if opt.images_dir:
+        sources = load_images(opt.images_dir, bb.image_size, opt.n_images).to(bb.device, bb.dtype)
+    else:
+        sources = bb.sample_sources(opt.n_images, effect_seed("clora-eval", opt.seed)).to(bb.device, bb.dtype)
+
+    def score(a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
+        return None if b is None else {m: _mean(fn(a, b)) for m, fn in metrics.items()}
+
+    per: dict[str, Any] = {}
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    t_student = t_teacher = t_cascade = 0.0
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("eval", total=len(names), info="")
+        for name in names:
+            e = registered.get(name)
+            student, dt = _timed(lambda name=name: model.edit(sources, [name], seed=opt.seed))
+            t_student += dt
+            out = {"student": student}
+            if e is not None:
+                out["teacher"], dt = _timed(
+                    lambda e=e: teacher_edit(
+                        bb,
+                        components,
+                        e.lora_path,
+                        e.teacher_prompt,
+                        sources,
+                        steps=cfg.teacher_steps,
+                        guidance=cfg.guidance,
+                        shift=cfg.shift,
+                        seed=opt.seed,
+                    )
+                )
+                t_teacher += dt
+                if opt.accel:
+                    out["cascade"], dt = _timed(
+                        lambda e=e: cascade_edit(
+                            bb, components, e.lora_path, e.teacher_prompt, opt.accel, sources, seed=opt.seed
+                        )
+                    )
+                    t_cascade += dt
+            truth = bb.ground_truth(name, sources)
+            if truth is not None:
+                out["truth"] = truth.to(student)
+            outputs[name] = out
+            row: dict[str, Any] = {
+                "student_vs_teacher": score(student, out.get("teacher")),
+                "student_vs_truth": score(student, out.get("truth")),
+                "teacher_vs_truth": score(out["teacher"], out.get("truth")) if "teacher" in out else None,
+                "cascade_vs_truth": score(out["cascade"], out.get("truth")) if "cascade" in out else None,
+                "bad_case_rate": None,
+            }
+            if "truth" in out and "teacher" in out and "psnr" in metrics:
+                gap = metrics["psnr"](out["teacher"], out["truth"]) - metrics["psnr"](student, out["truth"])
+                row["bad_case_rate"] = _mean((gap > opt.margin_db).float())
+            per[name] = row
+            bar.update(task, advance=1, info=name)
+
+    result: dict[str, Any] = {
+        "collection": collection.version,
+        "base": collection.base_id,
+        "n_images": len(sources),
+        "steps": {"student": len(model.header.few_step_sigmas), "teacher": cfg.teacher_steps},
+        "effects": per,
+        "overall": _overall(per),
+        "bleeding": _bleeding(names, outputs),
+        "retention": _retention(bb, opt, cfg, len(model.header.few_step_sigmas)),
+        "cost": _cost(
+            bb,
+            model,
+            components,
+            registered,
+            names,
+            len(sources),
+            cfg,
+            t_student,
+            t_teacher,
+            t_cascade,
+            bool(opt.accel),
+        ),
+    }
+    result["_outputs"] = {"sources": sources, "per_effect": outputs}
+    return result
+
+
+def _overall(per: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "cascade_vs_truth"):
+        rows = [r[key] for r in per.values() if r[key]]
+        if rows:
+            out[key] = {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]}
+    bad = [r["bad_case_rate"] for r in per.values() if r["bad_case_rate"] is not None]
+    out["bad_case_rate"] = round(sum(bad) / len(bad), 4) if bad else None
+    return out
+
+
+def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Confusion matrix: for each effect's student outputs, which effect's reference each is nearest to."""
+    kind = "truth" if all("truth" in outputs[n] for n in names) else "teacher"
+    if not all(kind in outputs[n] for n in names):
+        return {"reference": None, "labels": names, "matrix": [], "bleed_rate": None}
+    refs = torch.stack([outputs[n][kind] for n in names])
+    matrix = []
+    for n in names:
+        picks = nearest(outputs[n]["student"], refs)
+        matrix.append([int((picks == j).sum()) for j in range(len(names))])
+    total = sum(sum(r) for r in matrix)
+    correct = sum(matrix[i][i] for i in range(len(names)))
+    return {
+        "reference": kind,
+        "labels": names,
+        "matrix": matrix,
+        "bleed_rate": round(1 - correct / total, 4) if total else None,
+    }
+
+
+def _retention(
+    bb: Backbone, opt: EvalOptions, cfg: DistillConfig, student_steps: int
+) -> dict[str, Any] | None:
+    """General edits with the unified LoRA (few steps) vs the base model alone (full sampler)."""
+    try:
+        images, prompts = bb.general_edits(opt.general_prompts, effect_seed("clora-eval-general", opt.seed))
+    except Exception:  # a base without built-in general edits: nothing to measure
+        return None
+    from clora.metrics import psnr
+    from clora.sampling import few_step_sigmas
+
+    source = bb.encode_images(images)
+    g = torch.Generator().manual_seed(opt.seed)
+    tr = bb.transformer
+    tr.disable_adapters()
+    base = bb.decode_latents(
+        euler_sample(bb, source, prompts, steps=cfg.teacher_steps, guidance=0.0, generator=g, shift=cfg.shift)
+    )
+    tr.enable_adapters()
+    tr.set_adapter(ADAPTER)
+    g = torch.Generator().manual_seed(opt.seed)
+    sigmas = few_step_sigmas(student_steps, cfg.shift).to(bb.device, bb.dtype)
+    student = bb.decode_latents(few_step_sample(bb, source, prompts, sigmas, g))
+    return {"prompts": len(prompts), "student_vs_base_psnr": _mean(psnr(student, base))}
+
+
+def _cost(
+    bb: Backbone,
+    model: UnifiedModel,
+    components: Components,
+    registered: dict[str, Any],
+    names: list[str],
+    n_images: int,
+    cfg: DistillConfig,
+    t_student: float,
+    t_teacher: float,
+    t_cascade: float,
+    cascade: bool,
+) -> dict[str, Any]:
+    """Files, bytes, effect-switch latency, NFE and wall time per image: unified vs one LoRA per effect."""
+    tr = bb.transformer
+    teacher_files = [Path(registered[n].lora_path) for n in names if n in registered]
+    # unified: switching effects is building and encoding a new prompt
+    t0 = time.perf_counter()
+    for i, n in enumerate(names):
+        bb.encode_prompts([model.prompt([n], extra=f"request {i}")])
+    unified_switch = (time.perf_counter() - t0) / max(len(names), 1)
+    # one LoRA per effect: load the effect's file into the model and activate it (diffusers)
+    t0 = time.perf_counter()
+    for i, f in enumerate(teacher_files):
+        name = f"switch{i}"
+        tr.load_lora_adapter(str(f), prefix="transformer", adapter_name=name, use_safetensors=True)
+        tr.set_adapter(name)
+        tr.delete_adapters([name])
+    per_file_switch = (time.perf_counter() - t0) / max(len(teacher_files), 1)
+    student_steps = len(model.header.few_step_sigmas)
+    n_calls = max(len(names), 1) * n_images
+    out: dict[str, Any] = {
+        "unified": {
+            "files": 1,
+            "bytes": model.file.stat().st_size,
+            "switch_ms": round(unified_switch * 1e3, 3),
+            "nfe": student_steps,
+            "ms_per_image": round(t_student / n_calls * 1e3, 3),
+        },
+        "per_effect_loras": {
+            "files": len(teacher_files),
+            "bytes": sum(f.stat().st_size for f in teacher_files),
+            "switch_ms": round(per_file_switch * 1e3, 3),
+            "nfe": 2 * cfg.teacher_steps,
+            "ms_per_image": round(t_teacher / n_calls * 1e3, 3),
+        },
+    }
+    if cascade:
+        out["cascade"] = {"nfe": student_steps, "ms_per_image": round(t_cascade / n_calls * 1e3, 3)}
+    return out

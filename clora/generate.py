@@ -1,0 +1,184 @@
+"""Few-step editing with a unified LoRA: any member effect by its trigger, or several composed."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import torch
+
+from clora.backbone import Backbone
+from clora.errors import CloraError, UnknownEffectError
+from clora.plugins import Components
+from clora.sampling import few_step_sample, few_step_sigmas
+from clora.unified import UnifiedHeader, read_header
+
+ADAPTER = "unified"
+
+
+class UnifiedModel:
+    """The base model with one unified LoRA loaded (through diffusers' ``load_lora_adapter``)."""
+
+    def __init__(self, backbone: Backbone, file: Path, header: UnifiedHeader) -> None:
+        self.backbone, self.file, self.header = backbone, file, header
+
+    @classmethod
+    def load(
+        cls,
+        components: Components,
+        file: str | os.PathLike[str],
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        backbone: Backbone | None = None,
+    ) -> UnifiedModel:
+        """Load the base named in ``file``'s header (or use ``backbone``) and attach the unified LoRA."""
+        path = Path(file)
+        header = read_header(path)
+        if backbone is None:
+            backbone = components.get_backbone(header.base_id).load(device, dtype)
+        if backbone.fingerprint != header.base_fingerprint:
+            raise CloraError(
+                f"{path} was distilled on other weights of base '{header.base_id}' than the ones installed; "
+                "distill again on this base"
+            )
+        tr = backbone.transformer
+        if ADAPTER in getattr(tr, "peft_config", {}):
+            tr.delete_adapters([ADAPTER])
+        tr.load_lora_adapter(str(path), prefix="transformer", adapter_name=ADAPTER, use_safetensors=True)
+        tr.requires_grad_(False)
+        return cls(backbone, path, header)
+
+    @property
+    def effects(self) -> list[str]:
+        return sorted(self.header.effects)
+
+    def check_effect(self, name: str) -> None:
+        if name not in self.header.effects:
+            close = difflib.get_close_matches(name, self.effects, n=3)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            raise UnknownEffectError(
+                f"effect '{name}' is not in {self.file.name}; {hint}it has: "
+                f"{', '.join(self.effects) or 'no effects'}"
+            )
+
+    def prompt(self, effects: list[str], extra: str | None = None) -> str:
+        """The student prompt: ``<trigger> <caption>`` per effect, composed in order, plus ``extra``."""
+        for name in effects:
+            self.check_effect(name)
+        parts = [
+            f"{self.header.effects[n]['trigger']} {self.header.effects[n]['caption']}".strip()
+            for n in effects
+        ]
+        text = self.backbone.compose_prompt(parts) if parts else ""
+        if extra:
+            text = f"{text}, {extra}" if text else extra
+        return text
+
+    def sigmas(self, steps: int | None) -> torch.Tensor:
+        if steps is None or steps == len(self.header.few_step_sigmas):
+            return torch.tensor(self.header.few_step_sigmas)
+        return few_step_sigmas(steps, self.header.shift)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: torch.Tensor,
+        effects: list[str],
+        prompt: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Edit ``images [B,3,H,W]`` in [0,1] with ``effects`` (composed in order); images in [0,1] out."""
+        bb = self.backbone
+        tr = bb.transformer
+        tr.enable_adapters()
+        tr.set_adapter(ADAPTER)
+        text = self.prompt(effects, prompt)
+        source = bb.encode_images(images)
+        g = torch.Generator().manual_seed(seed)
+        out = few_step_sample(bb, source, [text] * len(images), self.sigmas(steps).to(bb.device, bb.dtype), g)
+        return bb.decode_latents(out)
+
+
+@torch.no_grad()
+def teacher_edit(
+    backbone: Backbone,
+    components: Components,
+    lora_path: str,
+    teacher_prompt: str,
+    images: torch.Tensor,
+    steps: int = 20,
+    guidance: float = 4.0,
+    shift: float = 3.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The old way: base + the effect's own LoRA, full Euler sampler with CFG."""
+    from clora.lora import add_lora_adapter, linear_shapes, read_lora
+    from clora.sampling import euler_sample
+
+    tr = backbone.transformer
+    lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
+    name = "teacher_edit"
+    if name in getattr(tr, "peft_config", {}):
+        tr.delete_adapters([name])
+    add_lora_adapter(tr, lora.modules, name)
+    try:
+        tr.enable_adapters()
+        tr.set_adapter(name)
+        g = torch.Generator().manual_seed(seed)
+        source = backbone.encode_images(images)
+        out = euler_sample(
+            backbone,
+            source,
+            [teacher_prompt] * len(images),
+            steps=steps,
+            guidance=guidance,
+            generator=g,
+            shift=shift,
+        )
+        return backbone.decode_latents(out)
+    finally:
+        tr.delete_adapters([name])
+
+
+@torch.no_grad()
+def cascade_edit(
+    backbone: Backbone,
+    components: Components,
+    lora_path: str,
+    teacher_prompt: str,
+    accel_file: str | os.PathLike[str],
+    images: torch.Tensor,
+    steps: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The paper's baseline: the effect LoRA stacked with an acceleration LoRA, sampled in few steps."""
+    from clora.lora import add_lora_adapter, linear_shapes, read_lora
+
+    header = read_header(accel_file)
+    tr = backbone.transformer
+    lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
+    for name in ("cascade_effect", "cascade_accel"):
+        if name in getattr(tr, "peft_config", {}):
+            tr.delete_adapters([name])
+    add_lora_adapter(tr, lora.modules, "cascade_effect")
+    tr.load_lora_adapter(
+        str(accel_file), prefix="transformer", adapter_name="cascade_accel", use_safetensors=True
+    )
+    try:
+        tr.enable_adapters()
+        tr.set_adapters(["cascade_effect", "cascade_accel"], [1.0, 1.0])
+        sigmas = (
+            torch.tensor(header.few_step_sigmas)
+            if steps is None or steps == len(header.few_step_sigmas)
+            else few_step_sigmas(steps, header.shift)
+        )
+        g = torch.Generator().manual_seed(seed)
+        source = backbone.encode_images(images)
+        out = few_step_sample(
+            backbone, source, [teacher_prompt] * len(images), sigmas.to(backbone.device, backbone.dtype), g
+        )
+        return backbone.decode_latents(out)
+    finally:
+        tr.delete_adapters(["cascade_effect", "cascade_accel"])

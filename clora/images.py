@@ -1,0 +1,60 @@
+"""Image files in and out: PNG reading/writing (atomic) and contact sheets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from clora.errors import CloraError
+from clora.fileio import atomic_path
+
+
+def read_image(path: str | os.PathLike[str], size: tuple[int, int]) -> torch.Tensor:
+    """One image as ``[3,H,W]`` in [0,1], resized to ``size`` (H, W); a one-line error if unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise CloraError(f"image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            rgb = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError) as e:
+        raise CloraError(f"cannot read image {p} ({e.__class__.__name__}); use PNG or JPEG") from None
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
+    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    im = Image.fromarray(arr)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+    return im
+
+
+def write_png(image: torch.Tensor, path: str | os.PathLike[str], scale: int = 1) -> None:
+    """Write ``[3,H,W]`` in [0,1] as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        to_pil(image, scale).save(tmp, format="PNG")
+
+
+def contact_sheet(
+    rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike[str], scale: int = 4
+) -> None:
+    """A grid PNG: one row per sequence of ``[3,H,W]`` images (e.g. source | truth | output)."""
+    if not rows:
+        raise CloraError("nothing to draw in the contact sheet")
+    h, w = rows[0][0].shape[-2:]
+    pad = 2
+    cols = max(len(r) for r in rows)
+    sheet = Image.new(
+        "RGB", (cols * (w * scale + pad) + pad, len(rows) * (h * scale + pad) + pad), (255, 255, 255)
+    )
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            sheet.paste(to_pil(img, scale), (pad + j * (w * scale + pad), pad + i * (h * scale + pad)))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")

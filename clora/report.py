@@ -1,0 +1,123 @@
+"""``clora eval --report DIR``: one offline HTML page: tables, contact sheets, a bleeding heat map."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from clora.fileio import atomic_path
+from clora.images import contact_sheet
+
+
+def heatmap(labels: list[str], matrix: list[list[int]], path: Path, cell: int = 28) -> None:
+    """The confusion matrix as a PNG heat map (rows: requested effect, columns: nearest effect)."""
+    n = len(labels)
+    margin = 8 * max((len(x) for x in labels), default=1) + 10
+    im = Image.new("RGB", (margin + n * cell + 4, margin + n * cell + 4), "white")
+    draw = ImageDraw.Draw(im)
+    for i, row in enumerate(matrix):
+        total = max(sum(row), 1)
+        for j, count in enumerate(row):
+            v = count / total
+            colour = (
+                (int(255 * (1 - v)), int(255 * (1 - 0.6 * v)), 255)
+                if i == j
+                else (255, int(255 * (1 - v)), int(255 * (1 - v)))
+            )
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(200, 200, 200))
+            draw.text((x + 4, y + 8), str(count), fill="black")
+    for i, label in enumerate(labels):
+        draw.text((2, margin + i * cell + 8), label, fill="black")
+        draw.text((margin + i * cell + 2, 2 + (i % 2) * 12), label[:4], fill="black")
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return "-" if v is None else html.escape(f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows]
+    return "\n".join(out) + "</table>"
+
+
+def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) -> Path:
+    """Write ``index.html`` (+ PNGs and ``eval.json``) into ``folder``; returns the page's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources: torch.Tensor = outputs["sources"]
+    per: dict[str, dict[str, torch.Tensor]] = outputs["per_effect"]
+    sheets = []
+    for name, out in per.items():
+        cols = [sources] + [out[k] for k in ("truth", "teacher", "cascade", "student") if k in out]
+        kinds = ["input"] + [k for k in ("truth", "teacher", "cascade", "student") if k in out]
+        rows = [[c[i] for c in cols] for i in range(min(4, len(sources)))]
+        file = f"sheet-{name}.png"
+        contact_sheet(rows, folder / file)
+        sheets.append((name, file, " | ".join(kinds)))
+    bleed = result["bleeding"]
+    if bleed["matrix"]:
+        heatmap(bleed["labels"], bleed["matrix"], folder / "bleeding.png")
+    effects = result["effects"]
+    table = _table(
+        [
+            [
+                n,
+                (r["student_vs_truth"] or {}).get("psnr"),
+                (r["teacher_vs_truth"] or {}).get("psnr"),
+                (r["cascade_vs_truth"] or {}).get("psnr"),
+                (r["student_vs_teacher"] or {}).get("psnr"),
+                (r["student_vs_teacher"] or {}).get("ssim"),
+                r["bad_case_rate"],
+            ]
+            for n, r in effects.items()
+        ],
+        [
+            "effect",
+            "student vs truth (dB)",
+            "teacher vs truth",
+            "cascade vs truth",
+            "student vs teacher (dB)",
+            "SSIM vs teacher",
+            "bad-case rate",
+        ],
+    )
+    cost = result["cost"]
+    cost_table = _table(
+        [
+            [k, v.get("files"), v.get("bytes"), v.get("switch_ms"), v.get("nfe"), v.get("ms_per_image")]
+            for k, v in cost.items()
+        ],
+        ["way", "files", "bytes", "switch ms", "NFE", "ms / image"],
+    )
+    title = f"clora eval: collection v{result['collection']}"
+    body = f"""<!doctype html><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em}}
+table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#eee}}
+img{{image-rendering:pixelated}}</style>
+<h1>Collection v{result["collection"]} on base {html.escape(result["base"])}</h1>
+<p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
+teacher {result["steps"]["teacher"]} steps with CFG.</p>
+<h2>Fidelity</h2>{table}
+<h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]})</p>
+{'<img src="bleeding.png" alt="bleeding heat map">' if bleed["matrix"] else ""}
+<h2>Retention of general edits</h2><pre>{html.escape(json.dumps(result["retention"]))}</pre>
+<h2>Deployment cost</h2>{cost_table}
+<h2>Contact sheets</h2>
+""" + "\n".join(
+        f"<h3>{html.escape(n)}</h3><p>{html.escape(k)}</p><img src='{f}' alt='{html.escape(n)}'>"
+        for n, f, k in sheets
+    )
+    with atomic_path(folder / "eval.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    page = folder / "index.html"
+    with atomic_path(page) as tmp:
+        tmp.write_text(body)
+    return page

@@ -1,0 +1,183 @@
+"""The toy backbone: a tiny QwenImageTransformer2DModel editing small RGB images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from safetensors.torch import safe_open
+
+from clora.backbone import Backbone, PromptEmbeds
+from clora_toy.config import ModelConfig, ToyConfig
+from clora_toy.data import general_batch, make_sources, name_seed
+from clora_toy.text import HashTokenizer
+
+#: LoRA targets, named as in the real Qwen-Image-Edit transformer.
+LORA_TARGET_MODULES = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+]
+
+RGB = 3
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    frame = max(2, (head_dim // 4) // 2 * 2)
+    side = (head_dim - frame) // 2 // 2 * 2
+    return (head_dim - 2 * side, side, side)
+
+
+def build_transformer(cfg: ModelConfig) -> QwenImageTransformer2DModel:
+    """A freshly initialised (seeded) transformer; noisy target and source are concatenated by channel."""
+    packed = RGB * cfg.patch_size**2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return QwenImageTransformer2DModel(
+            patch_size=cfg.patch_size,
+            in_channels=2 * packed,
+            out_channels=RGB,
+            num_layers=cfg.num_layers,
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.text_hidden,
+            axes_dims_rope=_rope_axes(cfg.head_dim),
+        )
+
+
+def pack(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B,C,H,W]`` -> ``[B, (H/p)(W/p), C*p*p]``, the Qwen-Image latent packing."""
+    b, c, h, w = images.shape
+    x = images.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack(latents: torch.Tensor, size: int, patch: int) -> torch.Tensor:
+    """Inverse of :func:`pack` for square images of side ``size``."""
+    b, _, ch = latents.shape
+    c, n = ch // (patch * patch), size // patch
+    x = latents.view(b, n, n, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, size, size)
+
+
+class ToyBackbone(Backbone):
+    """Loaded toy base: transformer, frozen text encoder, and pixel 'latents' in [-1, 1]."""
+
+    def __init__(
+        self,
+        base_id: str,
+        cfg: ModelConfig,
+        fingerprint: str,
+        transformer: QwenImageTransformer2DModel,
+        text_encoder: torch.nn.Module | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.base_id = base_id
+        self.config = cfg
+        self._fingerprint = fingerprint
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.tokenizer = HashTokenizer(cfg.text_vocab, cfg.text_max_words)
+        self.device = device
+        self.dtype = dtype
+        self.image_size = (cfg.image_size, cfg.image_size)
+        self._prompt_cache: dict[str, PromptEmbeds] = {}
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return list(LORA_TARGET_MODULES)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def sample_sources(self, n: int, seed: int) -> torch.Tensor:
+        return make_sources(n, self.config.image_size, name_seed("sources", seed))
+
+    def general_edits(self, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+        sources, _, prompts = general_batch(n, self.config.image_size, name_seed("general", seed))
+        return sources, prompts
+
+    def ground_truth(self, effect_name: str, images: torch.Tensor) -> torch.Tensor | None:
+        from clora_toy.effects import find_effect
+
+        effect = find_effect(effect_name)
+        return None if effect is None else effect.apply(images.float()).to(images)
+
+    def release_text_encoder(self) -> None:
+        # prompts already encoded stay cached; a new prompt after this is a programming error
+        self.text_encoder = None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        missing = sorted({p for p in prompts if p not in self._prompt_cache})
+        if missing:
+            if self.text_encoder is None:
+                raise RuntimeError(f"text encoder released; cannot encode new prompts {missing[:3]}")
+            ids, mask = self.tokenizer(missing)
+            hidden = self.text_encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            states = hidden.last_hidden_state.to(self.dtype)
+            for i, p in enumerate(missing):
+                n = int(mask[i].sum())
+                self._prompt_cache[p] = PromptEmbeds(
+                    states[i : i + 1, :n], mask[i : i + 1, :n].to(self.device)
+                )
+        return PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, self.dtype)
+        return pack(images * 2 - 1, self.config.patch_size)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        images = unpack(latents, self.config.image_size, self.config.patch_size)
+        return ((images + 1) / 2).clamp(0, 1)
+
+    def predict_velocity(
+        self,
+        noisy: torch.Tensor,
+        sigma: torch.Tensor,
+        source: torch.Tensor,
+        prompts: PromptEmbeds,
+    ) -> torch.Tensor:
+        b = noisy.shape[0]
+        side = self.config.image_size // self.config.patch_size
+        sigma = torch.as_tensor(sigma, device=self.device, dtype=self.dtype).expand(b)
+        # timestep = sigma, as the Qwen-Image pipelines pass t/1000 and the embedder scales by 1000.
+        out = self.transformer(
+            hidden_states=torch.cat([noisy, source], dim=-1),
+            encoder_hidden_states=prompts.embeds,
+            encoder_hidden_states_mask=prompts.mask,
+            timestep=sigma,
+            img_shapes=[[(1, side, side)]] * b,
+            return_dict=False,
+        )[0]
+        return out
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def base_metadata(backbone: ToyBackbone, config: ToyConfig, extra: dict[str, object]) -> dict[str, str]:
+    """Header of a base weights file: the full recipe, so a file explains how it was made."""
+    return {
+        "clora.base_id": backbone.base_id,
+        "clora.toy_config": config.model_dump_json(),
+        "clora.info": json.dumps(extra),
+    }

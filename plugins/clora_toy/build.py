@@ -1,0 +1,218 @@
+"""Build (or reuse from the cache) the toy base and its teachers, score them, draw contact sheets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from clora.errors import CloraError
+from clora.fileio import atomic_path, save_safetensors
+from clora_toy import store
+from clora_toy.backbone import ToyBackbone, base_metadata
+from clora_toy.data import general_edits, held_out_sources
+from clora_toy.effects import Effect, get_effect
+from clora_toy.factory import ToyBackboneFactory, get_factory
+from clora_toy.sampling import euler_sample, psnr
+from clora_toy.train import lora_metadata, save_lora, train_base, train_teacher
+
+
+@dataclass
+class BuildResult:
+    """What a build produced (or found in the cache)."""
+
+    path: Path
+    sheet: Path
+    report: dict[str, object]
+    cached: bool
+
+
+@torch.no_grad()
+def sample_edit(
+    backbone: ToyBackbone, sources: torch.Tensor, prompt: str, steps: int, guidance: float, seed: int = 0
+) -> torch.Tensor:
+    """Edit images ``[B,3,H,W]`` with one prompt by Euler sampling; returns images in ``[0, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    src = backbone.encode_images(sources)
+    out = euler_sample(backbone, src, [prompt] * len(sources), steps=steps, guidance=guidance, generator=g)
+    return backbone.decode_latents(out)
+
+
+def score(
+    backbone: ToyBackbone, apply: object, prompt: str, sources: torch.Tensor, steps: int, guidance: float
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean PSNR (dB) of sampled edits against ground truth; also the truth and outputs."""
+    truth = apply(sources)  # type: ignore[operator]
+    out = sample_edit(backbone, sources, prompt, steps, guidance)
+    return float(psnr(out, truth).mean()), truth, out
+
+
+def contact_sheet(rows: list[tuple[torch.Tensor, ...]], path: Path, scale: int = 4) -> None:
+    """PNG grid: one row per tuple of images ``[3,H,W]`` (e.g. source | truth | output)."""
+    gap = 2
+    h, w = rows[0][0].shape[-2:]
+    cols = max(len(r) for r in rows)
+    sheet = np.full(((h * scale + gap) * len(rows), (w * scale + gap) * cols, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            px = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            px = px.repeat(scale, 0).repeat(scale, 1)
+            y, x = i * (h * scale + gap), j * (w * scale + gap)
+            sheet[y : y + h * scale, x : x + w * scale] = px
+    with atomic_path(path) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+
+
+def _sheet_rows(
+    sources: torch.Tensor, truth: torch.Tensor, out: torch.Tensor, k: int
+) -> list[tuple[torch.Tensor, ...]]:
+    return [(sources[i], truth[i], out[i]) for i in range(min(k, len(sources)))]
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _read_report(path: Path) -> dict[str, object]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_base(
+    tiny: bool = False, device: str = "cpu", force: bool = False, show_progress: bool = True
+) -> BuildResult:
+    """Train, score and save the toy base, unless the cache already holds this recipe."""
+    factory = get_factory(tiny)
+    folder = store.base_dir(factory.backbone_id, factory.config)
+    weights, sheet, report_path = (
+        folder / store.BASE_WEIGHTS,
+        folder / store.BASE_SHEET,
+        folder / store.BASE_REPORT,
+    )
+    if weights.exists() and not force:
+        return BuildResult(weights, sheet, _read_report(report_path), cached=True)
+    cfg = factory.config
+    backbone = factory.fresh(device)
+    stats = train_base(backbone, cfg.base, show_progress)
+    psnrs, rows = evaluate_base(backbone, factory)
+    report: dict[str, object] = {
+        "backbone_id": factory.backbone_id,
+        "config": cfg.model_dump(),
+        "psnr": psnrs,
+        "eval_steps": cfg.eval.steps,
+        "eval_guidance": cfg.eval.base_guidance,
+        **stats,
+    }
+    tensors = {f"transformer.{k}": v for k, v in backbone.transformer.state_dict().items()}
+    tensors.update({f"text_encoder.{k}": v for k, v in backbone.text_encoder.state_dict().items()})
+    save_safetensors(tensors, weights, base_metadata(backbone, cfg, {"psnr": psnrs, **stats}))
+    contact_sheet(rows, sheet)
+    _write_json(report_path, report)
+    return BuildResult(weights, sheet, report, cached=False)
+
+
+def evaluate_base(
+    backbone: ToyBackbone,
+    factory: ToyBackboneFactory,
+    guidance: float | None = None,
+    steps: int | None = None,
+) -> tuple[dict[str, float], list[tuple[torch.Tensor, ...]]]:
+    """PSNR per general edit on held-out images, and contact-sheet rows."""
+    cfg = factory.config.eval
+    sources = held_out_sources(cfg.num_images, backbone.image_size[0])
+    psnrs, rows = {}, []
+    for k, edit in enumerate(general_edits()):
+        value, truth, out = score(
+            backbone,
+            edit.apply,
+            edit.prompt,
+            sources,
+            steps or cfg.steps,
+            cfg.base_guidance if guidance is None else guidance,
+        )
+        psnrs[edit.name] = round(value, 2)
+        # different example images per edit, so the sheet shows more of the held-out set
+        pick = slice(2 * k % len(sources), 2 * k % len(sources) + 2)
+        rows += _sheet_rows(sources[pick], truth[pick], out[pick], 2)
+    return psnrs, rows
+
+
+def load_teacher_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a teacher LoRA file."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CloraError(
+            f"cannot read teacher LoRA {path} ({exc}); rebuild it with `clora toy teachers --force`"
+        ) from exc
+
+
+def apply_lora(backbone: ToyBackbone, path: Path, adapter_name: str) -> None:
+    """Load a teacher LoRA file onto the backbone's transformer as an active adapter."""
+    backbone.transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name=adapter_name)
+    backbone.transformer.set_adapter(adapter_name)
+
+
+def build_teacher(
+    effect: Effect | str,
+    tiny: bool = False,
+    device: str = "cpu",
+    force: bool = False,
+    backbone: ToyBackbone | None = None,
+    show_progress: bool = True,
+) -> BuildResult:
+    """Train, score and save one effect's teacher LoRA on the built base (cached by recipe)."""
+    effect = get_effect(effect) if isinstance(effect, str) else effect
+    factory = get_factory(tiny)
+    cfg = factory.config
+    folder = store.teacher_dir(factory.backbone_id, cfg, effect.name)
+    weights, sheet, report_path = (
+        folder / store.TEACHER_WEIGHTS,
+        folder / store.TEACHER_SHEET,
+        folder / store.TEACHER_REPORT,
+    )
+    if weights.exists() and not force:
+        return BuildResult(weights, sheet, _read_report(report_path), cached=True)
+    backbone = backbone or factory.load(device)
+    sources = held_out_sources(cfg.eval.num_images, backbone.image_size[0], seed=1)
+    guidance = cfg.eval.teacher_guidance
+    base_psnr, _, _ = score(backbone, effect.apply, effect.prompt, sources, cfg.eval.steps, guidance)
+    state, stats = train_teacher(backbone, effect, cfg.teacher, show_progress=show_progress)
+    meta = lora_metadata(
+        rank=cfg.teacher.rank,
+        alpha=cfg.teacher.alpha,
+        target_modules=backbone.lora_target_modules,
+        base_id=factory.backbone_id,
+        prompt=effect.prompt,
+        effect_name=effect.name,
+        extra={"base_hash": cfg.base_hash(), "teacher_config": cfg.teacher.model_dump(), **stats},
+    )
+    save_lora(weights, state, meta)
+    apply_lora(backbone, weights, "toy_eval")
+    try:
+        teacher_psnr, truth, out = score(
+            backbone, effect.apply, effect.prompt, sources, cfg.eval.steps, guidance
+        )
+    finally:
+        backbone.transformer.delete_adapters("toy_eval")
+    report: dict[str, object] = {
+        "effect": effect.name,
+        "prompt": effect.prompt,
+        "backbone_id": factory.backbone_id,
+        "psnr": round(teacher_psnr, 2),
+        "base_psnr": round(base_psnr, 2),
+        "eval_steps": cfg.eval.steps,
+        "eval_guidance": guidance,
+        **stats,
+    }
+    contact_sheet(_sheet_rows(sources, truth, out, 6), sheet)
+    _write_json(report_path, report)
+    return BuildResult(weights, sheet, report, cached=False)

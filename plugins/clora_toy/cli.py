@@ -1,0 +1,106 @@
+"""``clora toy ...``: build the toy base, train and register teachers, list the effects library."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from clora.errors import CloraError, DuplicateEffectError
+
+TinyOpt = Annotated[bool, typer.Option("--tiny", help="Use the test-size base 'toy-tiny' (16x16, seconds).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device to train on.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild even if the cache holds this recipe.")]
+
+
+def _threads() -> None:
+    import torch
+
+    # the toy runs beside other work on small machines; two threads is what was measured
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def toy_app() -> typer.Typer:
+    """The ``toy`` command group."""
+    app = typer.Typer(no_args_is_help=True)
+
+    @app.command("build-base")
+    def build_base_cmd(tiny: TinyOpt = False, device: DeviceOpt = "cpu", force: ForceOpt = False) -> None:
+        """Train the toy base editor (cached: a second run reuses it) and write a contact sheet."""
+        from clora_toy.build import build_base
+
+        _threads()
+        result = build_base(tiny=tiny, device=device, force=force)
+        verb = "reused cached" if result.cached else "built"
+        typer.echo(f"{verb} base {result.report.get('backbone_id', '')}: {result.path}")
+        psnr = result.report.get("psnr") or {}
+        if psnr:
+            typer.echo("PSNR dB (held-out): " + ", ".join(f"{k} {v}" for k, v in psnr.items()))
+        typer.echo(f"contact sheet: {result.sheet}")
+
+    @app.command("teachers")
+    def teachers_cmd(
+        ctx: typer.Context,
+        effects: Annotated[list[str], typer.Argument(help="Effect names (see `clora toy effects`).")],
+        tiny: TinyOpt = False,
+        device: DeviceOpt = "cpu",
+        force: ForceOpt = False,
+        register: Annotated[
+            bool, typer.Option("--register/--no-register", help="Add each teacher to the registry.")
+        ] = True,
+    ) -> None:
+        """Train a teacher LoRA per effect on the built base and register it as an effect."""
+        from clora_toy.build import build_teacher
+        from clora_toy.effects import get_effect
+        from clora_toy.factory import get_factory
+
+        chosen = [get_effect(name) for name in effects]
+        _threads()
+        factory = get_factory(tiny)
+        backbone = factory.load(device)
+        for effect in chosen:
+            result = build_teacher(effect, tiny=tiny, device=device, force=force, backbone=backbone)
+            r = result.report
+            verb = "reused cached" if result.cached else "trained"
+            typer.echo(
+                f"{verb} teacher '{effect.name}': PSNR {r.get('psnr')} dB (base without LoRA "
+                f"{r.get('base_psnr')} dB) -> {result.path}"
+            )
+            if register:
+                _register(ctx, effect.name, str(result.path), effect.prompt, factory.backbone_id)
+
+    @app.command("effects")
+    def effects_cmd(
+        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+        limit: Annotated[int | None, typer.Option("--limit", help="Only the first N effects.")] = None,
+    ) -> None:
+        """List the library of effects with exact ground truth."""
+        from clora_toy.effects import effects_library
+
+        chosen = effects_library(limit)
+        if as_json:
+            rows = [{"name": e.name, "family": e.family, "prompt": e.prompt} for e in chosen]
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        for e in chosen:
+            typer.echo(f"{e.name:24} {e.family:11} {e.prompt}")
+
+    return app
+
+
+def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_id: str) -> None:
+    try:
+        from clora.effects import add_effect
+    except ImportError as exc:  # pragma: no cover - depends on the host version
+        raise CloraError("this clora has no effect registry; use --no-register") from exc
+    state: Any = ctx.find_root().obj
+    with state.open_registry() as reg:
+        try:
+            eff = add_effect(
+                reg, state.components, name=name, lora_path=lora_path, prompt=prompt, base=base_id
+            )
+        except DuplicateEffectError:
+            typer.echo(f"  effect '{name}' is already registered; left as it is")
+            return
+    typer.echo(f"  registered effect '{eff.name}' with trigger '{eff.trigger}'")

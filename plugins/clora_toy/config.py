@@ -1,0 +1,105 @@
+"""Typed recipes for the toy world: model size, base training and teacher training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Shape of the toy transformer and its text encoder."""
+
+    image_size: int = Field(32, description="square image side in pixels")
+    patch_size: int = Field(2, description="pixels per packed latent patch side (Qwen-Image packs 2x2)")
+    width: int = Field(128, description="transformer inner dim = heads * head_dim")
+    num_layers: int = Field(4, description="dual-stream transformer blocks")
+    num_heads: int = Field(4, description="attention heads")
+    text_hidden: int = Field(64, description="text encoder hidden size = joint_attention_dim")
+    text_layers: int = Field(2, description="text encoder layers")
+    text_vocab: int = Field(8192, description="hashed word vocabulary size")
+    text_max_words: int = Field(30, description="words kept per prompt (longer prompts are cut)")
+    seed: int = Field(0, description="seed of the weight init and the frozen text encoder")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+class BaseTrainConfig(_Strict):
+    """Flow-matching training of the base editor on procedural edits."""
+
+    steps: int = Field(1300, description="optimizer steps")
+    batch_size: int = Field(16, description="pairs per step")
+    lr: float = Field(1e-3, description="peak AdamW learning rate (cosine decay after warmup)")
+    warmup: int = Field(100, description="linear warmup steps")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    prompt_dropout: float = Field(0.1, description="probability of training on the empty prompt (for CFG)")
+    shifted_sigma_frac: float = Field(
+        0.5, description="fraction of sigmas drawn from shift3(U) (high noise) instead of U[0,1]"
+    )
+    grad_clip: float = Field(1.0, description="max gradient norm")
+    seed: int = Field(1, description="data and noise seed")
+
+
+class TeacherTrainConfig(_Strict):
+    """Training of one effect's teacher LoRA on a few dozen exact pairs."""
+
+    rank: int = Field(8, description="LoRA rank")
+    alpha: float = Field(8.0, description="LoRA alpha (scale = alpha / rank)")
+    steps: int = Field(350, description="optimizer steps")
+    batch_size: int = Field(16, description="pairs per step")
+    num_pairs: int = Field(48, description="distinct source images the LoRA sees")
+    lr: float = Field(2e-3, description="peak AdamW learning rate (cosine decay after warmup)")
+    warmup: int = Field(20, description="linear warmup steps")
+    prompt_dropout: float = Field(0.1, description="probability of training on the empty prompt (for CFG)")
+    shifted_sigma_frac: float = Field(0.5, description="fraction of sigmas drawn from shift3(U)")
+    grad_clip: float = Field(1.0, description="max gradient norm")
+    seed: int = Field(2, description="data and noise seed (mixed with the effect name)")
+
+
+class EvalConfig(_Strict):
+    """How the toy models are scored against ground truth."""
+
+    steps: int = Field(20, description="Euler steps on the shift3 schedule")
+    base_guidance: float = Field(0.0, description="CFG g in cond + g*(cond-uncond) for base edits")
+    teacher_guidance: float = Field(4.0, description="CFG g for teachers (the distiller's value)")
+    num_images: int = Field(32, description="held-out source images per score")
+
+
+class ToyConfig(_Strict):
+    """Everything that determines a built toy base and its teachers."""
+
+    model: ModelConfig = ModelConfig()
+    base: BaseTrainConfig = BaseTrainConfig()
+    teacher: TeacherTrainConfig = TeacherTrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def base_hash(self) -> str:
+        """Short hash of what determines the base weights (model + base training)."""
+        return _digest({"model": self.model.model_dump(), "base": self.base.model_dump()})
+
+    def teacher_hash(self, effect_name: str) -> str:
+        """Short hash of what determines one teacher LoRA."""
+        return _digest(
+            {"base": self.base_hash(), "teacher": self.teacher.model_dump(), "effect": effect_name}
+        )
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+TOY = ToyConfig()
+
+TOY_TINY = ToyConfig(
+    model=ModelConfig(image_size=16, width=32, num_layers=1, num_heads=2, text_hidden=32, text_layers=1),
+    base=BaseTrainConfig(steps=1500, batch_size=4, lr=3e-3, warmup=50),
+    teacher=TeacherTrainConfig(rank=4, alpha=4.0, steps=300, batch_size=4, num_pairs=16, lr=5e-3, warmup=10),
+    eval=EvalConfig(steps=8, num_images=8),
+)

@@ -1,0 +1,136 @@
+"""The registered toy backbone factories (importing this module does not import torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clora.backbone import BackboneFactory
+from clora.errors import BaseNotBuiltError, CloraError
+from clora_toy import store
+from clora_toy.config import TOY, TOY_TINY, ToyConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from clora_toy.backbone import ToyBackbone
+
+
+class ToyBackboneFactory(BackboneFactory):
+    """Builds the toy backbone from the weights ``clora toy build-base`` wrote to the cache."""
+
+    def __init__(self, backbone_id: str, config: ToyConfig, build_hint: str, description: str) -> None:
+        self.backbone_id = backbone_id
+        self.config = config
+        self.build_hint = build_hint
+        self.description = description
+
+    @property
+    def weights_path(self) -> Path:
+        """Where this recipe's base weights are (or will be) in the cache."""
+        return store.base_dir(self.backbone_id, self.config) / store.BASE_WEIGHTS
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.backbone_id}-{self.config.base_hash()}"
+
+    def is_built(self) -> bool:
+        """Whether the base weights exist in the cache."""
+        return self.weights_path.exists()
+
+    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> ToyBackbone:
+        path = self.weights_path
+        if not path.exists():
+            raise BaseNotBuiltError(
+                f"the toy base '{self.backbone_id}' is not built yet (no {path}); run `{self.build_hint}`"
+            )
+        return self.load_file(path, device, dtype)
+
+    def load_file(
+        self, path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> ToyBackbone:
+        """Load a base weights file written by ``clora_toy.build.build_base``."""
+        import torch
+        from safetensors.torch import load_file
+
+        from clora_toy.backbone import ToyBackbone, build_transformer
+        from clora_toy.text import build_text_encoder
+
+        device = torch.device(device)
+        dtype = dtype or torch.float32
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise CloraError(
+                f"cannot read toy base weights {path} ({exc}); rebuild with `{self.build_hint} --force`"
+            ) from exc
+        transformer = build_transformer(self.config.model)
+        text_encoder = build_text_encoder(self.config.model)
+        transformer.load_state_dict(_strip(tensors, "transformer."))
+        # position_ids is a buffer some transformers versions save and others do not
+        text_encoder.load_state_dict(_strip(tensors, "text_encoder."), strict=False)
+        transformer.requires_grad_(False).eval().to(device)
+        if dtype != torch.float32:
+            transformer.to(dtype)
+        text_encoder.to(device)
+        return ToyBackbone(
+            self.backbone_id, self.config.model, self.fingerprint, transformer, text_encoder, device, dtype
+        )
+
+    def fresh(self, device: torch.device | str = "cpu") -> ToyBackbone:
+        """An untrained backbone (seeded init), the starting point of base training."""
+        import torch
+
+        from clora_toy.backbone import ToyBackbone, build_transformer
+        from clora_toy.text import build_text_encoder
+
+        device = torch.device(device)
+        transformer = build_transformer(self.config.model).to(device)
+        text_encoder = build_text_encoder(self.config.model).to(device)
+        return ToyBackbone(
+            self.backbone_id,
+            self.config.model,
+            self.fingerprint,
+            transformer,
+            text_encoder,
+            device,
+            torch.float32,
+        )
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        import torch
+
+        from clora_toy.backbone import build_transformer
+
+        with torch.device("meta"):
+            transformer = build_transformer(self.config.model)
+        return {
+            name: (m.in_features, m.out_features)
+            for name, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+FACTORIES = [
+    ToyBackboneFactory(
+        "toy",
+        TOY,
+        "clora toy build-base",
+        "embedded toy Qwen-Image-Edit: 32x32 RGB, width 128, 4 layers (build: `clora toy build-base`)",
+    ),
+    ToyBackboneFactory(
+        "toy-tiny",
+        TOY_TINY,
+        "clora toy build-base --tiny",
+        "test-size toy: 16x16 RGB, width 32, 1 layer (build: `clora toy build-base --tiny`)",
+    ),
+]
+
+
+def get_factory(tiny: bool = False) -> ToyBackboneFactory:
+    """The ``toy`` factory, or ``toy-tiny`` with ``tiny``."""
+    return FACTORIES[1] if tiny else FACTORIES[0]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The whole clora story on the embedded toy base model, in a workspace of its own.
+#   DEMO_DIR   workspace (default .clora/demo; its registry.db and outputs live there)
+#   DEMO_TINY  1: the test-size base and fewer steps (a one-minute smoke run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEMO_DIR=${DEMO_DIR:-.clora/demo}
+mkdir -p "$DEMO_DIR"
+export CLORA_REGISTRY="$DEMO_DIR/registry.db"
+export CLORA_HOME=${CLORA_HOME:-$PWD/.clora/home}
+
+if [ "${DEMO_TINY:-0}" = "1" ]; then
+  TINY=--tiny; FIRST="sepia invert warm cool"; MORE="posterize hue-120"; STEPS=60; BATCH=4
+else
+  TINY=; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"; MORE="cool solarize"
+  STEPS=${DEMO_STEPS:-600}; BATCH=16
+fi
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+start=$(date +%s)
+
+step "1. the toy base model (built once, then reused from $CLORA_HOME)"
+clora toy build-base $TINY
+
+step "2. one teacher LoRA per effect, registered with a trigger word"
+# shellcheck disable=SC2086
+clora toy teachers $FIRST $TINY
+clora effect list
+
+step "3. distill every effect and few-step sampling into one LoRA"
+clora distill --steps "$STEPS" --batch-size "$BATCH"
+
+step "4. edit held-out images with each effect from the one file (4 steps, no CFG)"
+python - "$DEMO_DIR/inputs" <<'PY'
+import sys
+from pathlib import Path
+from clora.plugins import Components, get_plugin_manager
+from clora.images import write_png
+from clora.registry import Registry
+import os
+reg = Registry(os.environ["CLORA_REGISTRY"])
+base = reg.list_effects()[0].base_id
+bb = Components.collect(get_plugin_manager()).get_backbone(base).load()
+out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+for i, img in enumerate(bb.sample_sources(4, 2026)):
+    write_png(img, out / f"input{i}.png")
+PY
+for e in $FIRST; do
+  clora generate --effect "$e" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --no-progress > /dev/null
+done
+set -- $FIRST
+clora generate --effect "$1" --effect "$2" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --grid --no-progress
+
+step "5. evaluate: student vs teachers vs truth, bleeding, cost"
+clora eval --report "$DEMO_DIR/report-v1" --no-progress
+
+step "6. add two effects and grow the collection incrementally"
+# shellcheck disable=SC2086
+clora toy teachers $MORE $TINY
+clora distill --incremental --batch-size "$BATCH"
+clora collections
+clora eval --report "$DEMO_DIR/report-v2" --no-progress
+
+step "done in $(( $(date +%s) - start )) s"
+echo "reports: $DEMO_DIR/report-v1/index.html and $DEMO_DIR/report-v2/index.html; images: $DEMO_DIR/out"

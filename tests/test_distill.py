@@ -1,0 +1,247 @@
+"""`clora distill` on the tiny toy world: the saved file, resume, NaN handling, and each loss term."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import plugin_manager, run
+from safetensors import safe_open
+
+from clora import hookimpl
+from clora.distill.config import DistillConfig, LossSpec
+from clora.distill.losses import LossContext, dmd_gradient, dmd_loss, flow_matching_loss
+from clora.generate import UnifiedModel
+from clora.plugins import Components
+from clora.registry import Registry
+
+TINY_EFFECTS = ("sepia", "invert")
+FAST = ["--steps", "6", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture
+def tiny_world(registry_file: Path):  # type: ignore[no-untyped-def]
+    """The tiny base and two teachers (built once per session, cached), registered in this test's registry."""
+    pm = plugin_manager()
+    r = run(pm, "toy", "build-base", "--tiny")
+    assert r.exit_code == 0, r.output
+    r = run(pm, "toy", "teachers", *TINY_EFFECTS, "--tiny")
+    assert r.exit_code == 0, r.output
+    return pm
+
+
+def _config_file(tmp_path: Path, **fields: object) -> Path:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(fields))
+    return path
+
+
+def test_smoke_distill_writes_a_loadable_unified_lora(tiny_world, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    r = run(pm, "distill", *FAST, "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    assert col["version"] == 1 and col["parent_version"] is None and col["base"] == "toy-tiny"
+    assert {m["effect"] for m in col["members"]} == set(TINY_EFFECTS)
+    assert col["config"]["steps"] == 6
+    assert col["metrics"]["train"]["peak_rss_mb"] > 0
+
+    path = Path(col["file"])
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    header = json.loads(meta["clora"])
+    assert header["base_id"] == "toy-tiny"
+    assert len(header["few_step_sigmas"]) == 4 and header["few_step_sigmas"][0] == pytest.approx(1.0)
+    with Registry(registry_file) as reg:
+        triggers = {e.name: e.trigger for e in reg.list_effects()}
+    assert {k: v["trigger"] for k, v in header["effects"].items()} == triggers
+    assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    for target in ("attn.to_q", "attn.to_out.0", "attn.add_k_proj", "img_mlp.net.2"):
+        assert any(f"{target}.lora_B.weight" in k for k in keys), target
+    assert path.with_name(path.stem + ".state.pt").exists()
+
+    # loads with diffusers' load_lora_adapter, and each trigger gives a different edit
+    comps = Components.collect(pm)
+    model = UnifiedModel.load(comps, path)
+    images = model.backbone.sample_sources(4, 123)
+    a = model.edit(images, ["sepia"], seed=1)
+    b = model.edit(images, ["invert"], seed=1)
+    model.backbone.transformer.disable_adapters()
+    assert (a - b).abs().mean() > 1e-4
+    assert a.shape == images.shape and 0 <= float(a.min()) and float(a.max()) <= 1
+
+
+def _final_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    cfg = _config_file(tmp_path, checkpoint_every=4, steps=12, batch_size=4, block_len=3, critic_warmup=2,
+                       gen_every=2)
+    r = run(pm, "distill", "--config", cfg, "--no-progress", "--json", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    straight = _final_state(Path(json.loads(r.stdout)["file"]))
+
+    # the same run, killed with SIGKILL after its first checkpoint, then resumed
+    env = {**os.environ, "CLORA_REGISTRY": str(tmp_path / "registry.db")}
+    cmd = [sys.executable, "-m", "clora", "distill", "--config", str(cfg), "--no-progress", "--out",
+           str(tmp_path / "b")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        with Registry(tmp_path / "registry.db") as reg:
+            latest = reg.get_run(kind_not_completed=True)
+        if latest is not None and latest.step >= 4:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = latest.step
+            break
+        time.sleep(0.05)
+    proc.wait(30)
+    assert killed_at is not None, proc.stderr.read().decode() if proc.stderr else ""
+    with Registry(tmp_path / "registry.db") as reg:
+        assert reg.get_run(kind_not_completed=True).status == "running"  # type: ignore[union-attr]
+
+    r = run(pm, "distill", "--resume", "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    resumed = _final_state(Path(json.loads(r.stdout)["file"]))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-6)
+
+
+class NanAtStep:
+    """A loss term that returns NaN from its second call: the run must stop cleanly."""
+
+    __name__ = "nan_plugin"
+    loss_id = "nan_after_1"
+    role = "critic"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        value = torch.tensor(float("nan")) if self.calls > 4 else ctx.sample.sum() * 0
+        return {"nan_after_1": value}
+
+    @hookimpl
+    def register_loss_terms(self, register):  # type: ignore[no-untyped-def]
+        register(self)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_world, tmp_path, registry_file) -> None:  # type: ignore[no-untyped-def]
+    pm = plugin_manager(NanAtStep())
+    cfg = _config_file(tmp_path, steps=10, batch_size=4, checkpoint_every=2,
+                       losses={"dmd": {}, "critic_fm": {}, "nan_after_1": {}})
+    r = run(pm, "distill", "--config", cfg, "--no-progress")
+    assert r.exit_code == 1
+    assert "became nan at step 4" in r.stderr and "last good checkpoint (step 4)" in r.stderr
+    with Registry(registry_file) as reg:
+        assert reg.list_collections() == []
+        failed = reg.get_run(kind_not_completed=True)
+        assert failed is not None and failed.status == "failed" and failed.step == 4
+    ck = torch.load(Path(failed.run_dir) / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4
+
+
+def test_bad_options_are_one_line_errors(tiny_world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    r = run(pm, "distill", "--few-steps", "5")
+    assert r.exit_code == 1 and "few_steps" in r.stderr and r.stderr.count("\n") == 1
+    r = run(pm, "distill", "--effects", "nosuch", "--no-progress")
+    assert r.exit_code == 1 and "no effect 'nosuch'" in r.stderr
+    r = run(pm, "distill", "--config", _config_file(tmp_path, stepz=3))
+    assert r.exit_code == 1 and "stepz" in r.stderr
+    r = run(pm, "distill", "--resume")
+    assert r.exit_code == 1 and "no distill run to resume" in r.stderr
+    assert "--few-steps" in run(pm, "distill", "--help").stdout
+
+
+# ---- loss terms against hand-computed values ---------------------------------------------------
+
+
+def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, **calls) -> LossContext:  # type: ignore[no-untyped-def]
+    zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    cfg = DistillConfig(few_steps=4)
+    return LossContext(
+        sample=sample, stream="effect", targets=targets,
+        few_step_sigmas=torch.tensor([1.0, 0.9, 0.75, 0.5]), config=cfg,
+        generator=torch.Generator().manual_seed(0),
+        teacher_x0=calls.get("teacher_x0", zeros), critic_x0=calls.get("critic_x0", zeros),
+        student_x0=calls.get("student_x0", zeros), student_velocity=calls.get("student_velocity", zeros),
+        critic_velocity=calls.get("critic_velocity", zeros),
+    )
+
+
+def test_dmd_math_by_hand() -> None:
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    real, fake = torch.zeros(1, 2), torch.ones(1, 2)
+    # grad = (fake - real) / mean|x - real| = [1, 1] / 1.5
+    torch.testing.assert_close(dmd_gradient(x.detach(), real, fake), torch.tensor([[2 / 3, 2 / 3]]))
+    loss = dmd_loss(x, real, fake)
+    assert float(loss) == pytest.approx(0.5 * (2 / 3) ** 2)
+    loss.backward()
+    # d/dx 0.5*mean((x - stopgrad(x - g))^2) = g / numel
+    torch.testing.assert_close(x.grad, torch.tensor([[1 / 3, 1 / 3]]))
+
+
+def test_flow_matching_by_hand() -> None:
+    v, x0, eps = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 2.0])
+    # target eps - x0 = [0.5, 2.0]; mse = ((0.5)^2 + (1)^2) / 2
+    assert float(flow_matching_loss(v, x0, eps)) == pytest.approx(0.625)
+
+
+def test_each_builtin_term_by_hand() -> None:
+    comps = Components.collect(plugin_manager())
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    ones = lambda n, t: torch.ones_like(n)  # noqa: E731
+    # DMD with teacher -> 0 and critic -> 1: same numbers as the hand computation above
+    out = comps.get_loss_term("dmd")(_ctx(x, critic_x0=ones))
+    assert float(out["dmd"]) == pytest.approx(0.5 * (2 / 3) ** 2)
+    # critic flow matching with a critic velocity of 0: mse(0, eps - x0) = mean((eps - x0)^2)
+    ctx = _ctx(x.detach(), critic_velocity=lambda n, t: torch.zeros_like(n))
+    eps = torch.randn((1, 2), generator=torch.Generator().manual_seed(0))
+    # the term draws its level first, then its noise, from the context's generator
+    gen = torch.Generator().manual_seed(0)
+    torch.rand(1, generator=gen)
+    eps = torch.randn((1, 2), generator=gen)
+    out = comps.get_loss_term("critic_fm")(ctx)
+    assert float(out["critic_fm"]) == pytest.approx(float(((eps - x.detach()) ** 2).mean()), rel=1e-5)
+    # anchoring with a student velocity equal to the exact target (eps - y) is zero; target terms skip
+    # batches without teacher targets
+    assert comps.get_loss_term("anchor")(_ctx(x)) == {}
+    assert comps.get_loss_term("target_sim")(_ctx(x)) == {}
+    y = torch.tensor([[0.2, -0.4]])
+    captured = {}
+
+    def exact_velocity(noisy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # x_s = (1-s) y + s eps  =>  eps - y = (x_s - y) / s
+        captured["s"] = s
+        return (noisy - y) / s.view(-1, 1)
+
+    out = comps.get_loss_term("anchor")(_ctx(x, targets=y, student_velocity=exact_velocity))
+    assert float(out["anchor"]) == pytest.approx(0.0, abs=1e-10)
+    # target simulation scores the one-step output from a late level with DMD (teacher 0, critic 1)
+    out = comps.get_loss_term("target_sim")(
+        _ctx(x, targets=y, critic_x0=ones, student_x0=lambda n, t: torch.full_like(n, 3.0))
+    )
+    # x0 = [3, 3]; grad = 1 / mean|3 - 0| = 1/3; loss = 0.5 * (1/3)^2
+    assert float(out["target_sim"]) == pytest.approx(0.5 / 9)
+
+
+def test_loss_weight_schedules() -> None:
+    assert LossSpec(weight=2.0).at(5, 10) == 2.0
+    assert LossSpec(weight=1.0, schedule="linear", final_weight=0.0).at(0, 11) == 1.0
+    assert LossSpec(weight=1.0, schedule="linear", final_weight=0.0).at(5, 11) == pytest.approx(0.5)
+    assert LossSpec(weight=1.0, schedule="cosine", final_weight=0.0).at(10, 11) == pytest.approx(0.0)

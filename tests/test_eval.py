@@ -1,0 +1,100 @@
+"""Metrics on known inputs, the bleeding matrix, routers, and `clora eval --json` on the tiny world."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import plugin_manager, run
+
+from clora.distill.config import DistillConfig
+from clora.evaluate import _bleeding
+from clora.metrics import nearest, psnr, ssim
+from clora.plugins import Components
+
+
+def test_psnr_and_ssim_on_known_inputs() -> None:
+    a = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(psnr(a, a), torch.full((2,), 100.0))
+    assert torch.allclose(ssim(a, a), torch.ones(2), atol=1e-5)
+    b = (a + 0.1).clamp(0, 1)
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    assert torch.allclose(psnr(a, b), -10 * torch.log10(mse))
+    assert float(ssim(a, torch.rand_like(a)).mean()) < 0.2
+
+
+def test_bleeding_matrix_by_hand() -> None:
+    # three effects whose references are constant images 0.0, 0.5, 1.0
+    refs = {n: torch.full((4, 3, 2, 2), v) for n, v in (("a", 0.0), ("b", 0.5), ("c", 1.0))}
+    student = {
+        "a": torch.tensor([0.1, 0.0, 0.3, 0.6]),  # a, a, b, b
+        "b": torch.tensor([0.5, 0.5, 0.5, 0.5]),  # b x4
+        "c": torch.tensor([0.9, 1.0, 0.2, 0.8]),  # c, c, a, c
+    }
+    outputs = {n: {"truth": refs[n], "student": student[n].view(4, 1, 1, 1).expand(4, 3, 2, 2)} for n in refs}
+    result = _bleeding(["a", "b", "c"], outputs)
+    assert result["reference"] == "truth"
+    assert result["matrix"] == [[2, 2, 0], [0, 4, 0], [1, 0, 3]]
+    assert result["bleed_rate"] == pytest.approx(3 / 12, abs=1e-4)
+    picks = nearest(outputs["a"]["student"], torch.stack([refs["a"], refs["b"], refs["c"]]))
+    assert picks.tolist() == [0, 0, 1, 1]
+
+
+def test_balanced_router_is_balanced_and_favours_new_effects() -> None:
+    router = Components.collect(plugin_manager()).get_router("balanced")
+    cfg = DistillConfig()
+    rng = random.Random(0)
+    counts: dict[str, int] = {}
+    names = ["a", "b", "c"]
+    for _ in range(30):
+        pick = router.choose(names, [], counts, cfg, rng)
+        counts[pick] = counts.get(pick, 0) + 1
+    assert counts == {"a": 10, "b": 10, "c": 10}
+    counts = {}
+    for _ in range(400):
+        pick = router.choose(names, ["c"], counts, cfg, rng)
+        counts[pick] = counts.get(pick, 0) + 1
+    assert 0.65 < counts["c"] / 400 < 0.85  # new_effect_share = 0.75
+    assert abs(counts["a"] - counts["b"]) <= 1
+
+
+@pytest.fixture
+def tiny_collection(registry_file: Path):  # type: ignore[no-untyped-def]
+    pm = plugin_manager()
+    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
+    assert run(pm, "toy", "teachers", "sepia", "invert", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--steps", "6", "--batch-size", "4", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return pm
+
+
+def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_collection
+    r = run(pm, "eval", "--json", "--n-images", "4", "--no-progress", "--report", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert set(data) == {"collection", "base", "n_images", "steps", "effects", "overall", "bleeding",
+                         "retention", "cost"}
+    assert data["collection"] == 1 and data["n_images"] == 4 and data["steps"] == {"student": 4, "teacher": 20}
+    assert set(data["effects"]) == {"sepia", "invert"}
+    for row in data["effects"].values():
+        for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth"):
+            assert 0 < row[key]["psnr"] < 100 and -1 <= row[key]["ssim"] <= 1
+        assert 0 <= row["bad_case_rate"] <= 1
+    b = data["bleeding"]
+    assert b["reference"] == "truth" and b["labels"] == ["invert", "sepia"]
+    assert sum(map(sum, b["matrix"])) == 8 and 0 <= b["bleed_rate"] <= 1
+    assert data["retention"]["prompts"] > 0
+    cost = data["cost"]
+    assert cost["unified"]["files"] == 1 and cost["per_effect_loras"]["files"] == 2
+    assert cost["unified"]["nfe"] == 4 and cost["per_effect_loras"]["nfe"] == 40
+    assert cost["unified"]["ms_per_image"] > 0 and cost["per_effect_loras"]["switch_ms"] > 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "bleeding.png" in page and "sheet-sepia.png" in page
+    assert (tmp_path / "rep" / "bleeding.png").exists()
+    # stored on the collection row
+    cols = json.loads(run(pm, "collections", "--json").stdout)
+    assert cols[0]["metrics"]["eval"]["bleeding"]["matrix"] == b["matrix"]

@@ -1,0 +1,128 @@
+"""`clora generate` and `clora distill --incremental` on the tiny toy world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import file_digest, plugin_manager, run
+from PIL import Image
+
+from clora.registry import Registry
+
+FAST = ["--steps", "6", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture
+def distilled(registry_file: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Tiny base, teachers sepia and invert, one collection; returns (pm, input folder)."""
+    pm = plugin_manager()
+    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
+    r = run(pm, "toy", "teachers", "sepia", "invert", "--tiny")
+    assert r.exit_code == 0, r.output
+    r = run(pm, "distill", *FAST)
+    assert r.exit_code == 0, r.output
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 90), (20, 40, 220)]):
+        Image.new("RGB", (20, 20), colour).save(inputs / f"img{i}.png")
+    return pm, inputs
+
+
+def test_generate_one_effect_and_a_folder(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm, inputs = distilled
+    out = tmp_path / "single.png"
+    r = run(pm, "generate", "--effect", "sepia", "--image", inputs / "img0.png", "--out", out, "--no-progress")
+    assert r.exit_code == 0, r.output
+    with Image.open(out) as im:
+        assert im.size == (16, 16)
+    r = run(pm, "generate", "--effect", "sepia", "--effect", "invert", "--image", inputs, "--out",
+            tmp_path / "many", "--grid", "--no-progress")
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in (tmp_path / "many").iterdir())
+    assert files == ["grid.sepia+invert.png", "img0.sepia+invert.png", "img1.sepia+invert.png",
+                     "img2.sepia+invert.png"]
+    with Image.open(tmp_path / "many" / "grid.sepia+invert.png") as grid:
+        assert grid.width > grid.height  # 4 columns (input | sepia | invert | composed), 3 rows
+
+
+def test_generate_is_deterministic_and_trigger_dependent(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm, inputs = distilled
+    outs = {}
+    for tag, effect, seed in (("a", "sepia", "1"), ("b", "sepia", "1"), ("c", "invert", "1")):
+        r = run(pm, "generate", "--effect", effect, "--image", inputs / "img1.png", "--seed", seed, "--out",
+                tmp_path / f"{tag}.png", "--no-progress")
+        assert r.exit_code == 0, r.output
+        outs[tag] = file_digest(tmp_path / f"{tag}.png")
+    assert outs["a"] == outs["b"]
+    assert outs["a"] != outs["c"]
+
+
+def test_teacher_mode(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm, inputs = distilled
+    r = run(pm, "generate", "--effect", "invert", "--teacher", "--image", inputs / "img0.png", "--out",
+            tmp_path / "t.png", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "t.png").exists()
+
+
+def test_generate_bad_input(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm, inputs = distilled
+    img = inputs / "img0.png"
+    r = run(pm, "generate", "--effect", "sepai", "--image", img)
+    assert r.exit_code == 1 and "did you mean 'sepia'" in r.stderr
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    r = run(pm, "generate", "--effect", "sepia", "--image", bad, "--no-progress")
+    assert r.exit_code == 1 and "cannot read image" in r.stderr
+    r = run(pm, "generate", "--effect", "sepia", "--image", tmp_path / "missing.png")
+    assert r.exit_code == 1 and "image not found" in r.stderr
+    r = run(pm, "generate", "--effect", "sepia", "--image", img, "--collection", "9")
+    assert r.exit_code == 1 and "no collection v9" in r.stderr
+    # registered but not distilled yet
+    assert run(pm, "toy", "teachers", "posterize", "--tiny").exit_code == 0
+    r = run(pm, "generate", "--effect", "posterize", "--image", img)
+    assert r.exit_code == 1 and "needs a distill" in r.stderr
+
+
+def test_no_collection_yet(registry_file: Path, tmp_path: Path) -> None:
+    pm = plugin_manager()
+    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
+    assert run(pm, "toy", "teachers", "sepia", "--tiny").exit_code == 0
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    r = run(pm, "generate", "--effect", "sepia", "--image", img)
+    assert r.exit_code == 1 and "no collection yet" in r.stderr
+
+
+def test_incremental_grows_the_collection(distilled, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    pm, _ = distilled
+    r = run(pm, "distill", "--incremental", "--no-progress")
+    assert r.exit_code == 0 and "nothing new" in r.stdout
+    with Registry(registry_file) as reg:
+        v1 = reg.get_collection(1)
+        triggers_before = {e.name: e.trigger for e in reg.list_effects()}
+    assert v1 is not None
+    v1_digest = file_digest(Path(v1.file))
+
+    assert run(pm, "toy", "teachers", "posterize", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--incremental", "--batch-size", "4", "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    v2 = json.loads(r.stdout)
+    assert v2["version"] == 2 and v2["parent_version"] == 1
+    assert {m["effect"] for m in v2["members"]} == {"sepia", "invert", "posterize"}
+    assert v2["config"]["steps"] == v2["config"]["steps_per_new_effect"] * 1
+    for m in v2["members"]:
+        if m["effect"] in triggers_before:
+            assert m["trigger"] == triggers_before[m["effect"]]
+    assert file_digest(Path(v1.file)) == v1_digest  # the parent is never modified
+    # the new effect is usable from the new collection
+    r = run(pm, "generate", "--effect", "posterize", "--image", _an_image(registry_file.parent), "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
+def _an_image(folder: Path) -> Path:
+    path = folder / "in" / "img0.png"
+    assert path.exists()
+    return path

@@ -1,0 +1,349 @@
+"""The toy world: effects ground truth, backbone contract, tiny base and teacher builds, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from clora_toy import data, effects
+from clora_toy.build import BuildResult, build_base, build_teacher, sample_edit
+from clora_toy.factory import get_factory
+from clora_toy.sampling import few_step_sigmas, psnr, sigma_schedule
+from clora_toy.text import EOS_ID, HashTokenizer
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from clora.backbone import Backbone, PromptEmbeds
+from clora.errors import BaseNotBuiltError, CloraError, UnknownEffectError
+
+TEACHER_EFFECTS = ("invert", "sepia")
+
+
+@pytest.fixture(scope="session")
+def toy_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("clora_home")
+    old = os.environ.get("CLORA_HOME")
+    os.environ["CLORA_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("CLORA_HOME", None)
+    else:
+        os.environ["CLORA_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def built(toy_home: Path) -> dict[str, BuildResult | float]:
+    # one thread: the tiny model gains nothing from two, and on a busy machine two threads stall
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        out: dict[str, BuildResult | float] = {"base": build_base(tiny=True, show_progress=False)}
+        backbone = get_factory(tiny=True).load()
+        for name in TEACHER_EFFECTS:
+            out[name] = build_teacher(name, tiny=True, backbone=backbone, show_progress=False)
+        out["seconds"] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(built: dict[str, object]) -> Backbone:
+    return get_factory(tiny=True).load()
+
+
+# -- effects and data -----------------------------------------------------------------------------
+
+
+def _const(r: float, g: float, b: float, size: int = 4) -> torch.Tensor:
+    return torch.tensor([r, g, b], dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
+
+
+def test_effects_ground_truth_on_hand_checked_pixels() -> None:
+    x = _const(0.2, 0.5, 0.9)
+    torch.testing.assert_close(effects.get_effect("invert").apply(x), _const(0.8, 0.5, 0.1))
+    torch.testing.assert_close(effects.get_effect("channel-swap").apply(x), _const(0.9, 0.5, 0.2))
+    torch.testing.assert_close(effects.get_effect("channels-gbr").apply(x), _const(0.5, 0.9, 0.2))
+    torch.testing.assert_close(effects.get_effect("solarize").apply(x), _const(0.2, 0.5, 0.1))
+    torch.testing.assert_close(
+        effects.get_effect("posterize").apply(_const(0.3, 0.2, 0.8)), _const(0.5, 0.0, 1.0)
+    )
+    # sepia of white: the rows of the sepia matrix sum to 1.351, 1.203, 0.937 (clamped to 1)
+    torch.testing.assert_close(effects.get_effect("sepia").apply(_const(1, 1, 1)), _const(1.0, 1.0, 0.937))
+    # hue rotation leaves greys grey, and a full turn is the identity
+    torch.testing.assert_close(
+        effects.get_effect("hue-120").apply(_const(0.4, 0.4, 0.4)), _const(0.4, 0.4, 0.4)
+    )
+    torch.testing.assert_close(effects.hue_rotate(x, 360.0), x)
+    torch.testing.assert_close(effects.get_effect("threshold").apply(_const(0.6, 0.6, 0.6)), _const(1, 1, 1))
+    torch.testing.assert_close(
+        effects.get_effect("tint-red").apply(_const(0, 0, 0)), _const(0.36, 0.04, 0.04)
+    )
+    # pixelate averages each 4x4 block
+    img = torch.zeros(1, 3, 8, 8)
+    img[..., 0, 0] = 1.0
+    out = effects.get_effect("pixelate").apply(img)
+    torch.testing.assert_close(out[..., :4, :4], torch.full((1, 3, 4, 4), 1 / 16))
+    assert out[..., 4:, :].abs().max() == 0
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 8, 1).expand(1, 3, 8, 8)
+    torch.testing.assert_close(effects.get_effect("vflip").apply(ramp), ramp.flip(-2))
+
+
+def test_effects_are_pure_and_in_range() -> None:
+    x = data.make_sources(4, 16, seed=3)
+    for e in effects.effects_library(60):
+        y = e.apply(x)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, e.name
+        torch.testing.assert_close(e.apply(x), y)
+
+
+@pytest.mark.parametrize("n", [50, 180])
+def test_library_has_n_distinct_effects(n: int) -> None:
+    lib = effects.effects_library(n)
+    assert len(lib) == n and len({e.name for e in lib}) == n and len({e.prompt for e in lib}) == n
+    x = data.make_sources(16, 16, seed=11)
+    outs = torch.stack([e.apply(x) for e in lib]).flatten(1)
+    rms = torch.cdist(outs, outs) / outs.shape[1] ** 0.5
+    rms += torch.eye(n) * 10
+    assert rms.min() > 0.03, "two effects produce nearly the same images"
+    to_identity = (outs - x.flatten()).pow(2).mean(1).sqrt()
+    assert to_identity.min() > 0.03, "an effect is nearly the identity"
+    assert len({e.family for e in lib}) >= 8
+
+
+def test_library_names_are_deterministic_and_errors_are_clora_errors() -> None:
+    assert effects.effects_library(25)[20:] == effects.effects_library(25)[20:]
+    assert effects.get_effect("hue-045").prompt == "rotate the hue by 45 degrees"
+    assert effects.library_size() >= 180
+    with pytest.raises(UnknownEffectError, match="clora toy effects"):
+        effects.get_effect("no-such-effect")
+    with pytest.raises(CloraError):
+        effects.effects_library(effects.library_size() + 1)
+
+
+def test_sources_are_seeded_varied_and_held_out_sets_differ() -> None:
+    a, b = data.make_sources(8, 16, seed=5), data.make_sources(8, 16, seed=5)
+    torch.testing.assert_close(a, b)
+    assert a.shape == (8, 3, 16, 16) and a.min() >= 0 and a.max() <= 1
+    assert (a[0] - a[1]).abs().mean() > 0.02
+    assert not torch.allclose(data.held_out_sources(8, 16), a)
+    assert data.name_seed("x", 1) < data.HELD_OUT_SEED
+    sources, targets, prompts = data.general_batch(12, 16, seed=2)
+    names = {e.prompt: e for e in data.general_edits()}
+    for s, t, p in zip(sources, targets, prompts, strict=True):
+        torch.testing.assert_close(names[p].apply(s[None])[0], t)
+    assert {"identity", "flip", "brighten", "darken", "grayscale", "contrast"} <= {
+        e.name for e in data.general_edits()
+    }
+
+
+def test_hash_tokenizer_encodes_any_word() -> None:
+    tok = HashTokenizer(8192, 30)
+    ids, mask = tok(["zovexa", "apply a sepia tone", ""])
+    assert ids.shape == mask.shape == (3, 5)
+    assert ids[0, 1] == EOS_ID and ids[2, 0] == EOS_ID and mask.sum(1).tolist() == [2, 5, 1]
+    assert tok(["Zovexa!"])[0][0, 0] == ids[0, 0]
+    assert tok(["qwrtzz"])[0][0, 0] != ids[0, 0]
+
+
+def test_schedules() -> None:
+    s = sigma_schedule(20)
+    assert s[0] == 1 and s[-1] == 0 and (s[:-1] > s[1:]).all()
+    steps = (few_step_sigmas(8) * 1000).round().int().tolist()
+    # the reference's timesteps [1000, 954, 900, 833, 750, 642, 500, 300], up to rounding
+    reference = [1000, 954, 900, 833, 750, 642, 500, 300]
+    assert all(abs(a - b) <= 1 for a, b in zip(steps, reference, strict=True))
+
+
+# -- backbone contract ------------------------------------------------------------------------------
+
+
+def test_unbuilt_base_says_how_to_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLORA_HOME", str(tmp_path))
+    with pytest.raises(BaseNotBuiltError, match=r"clora toy build-base --tiny"):
+        get_factory(tiny=True).load()
+    with pytest.raises(BaseNotBuiltError, match=r"`clora toy build-base`"):
+        get_factory(tiny=False).load()
+
+
+def test_backbone_contract(tiny: Backbone) -> None:
+    assert isinstance(tiny, Backbone) and tiny.base_id == "toy-tiny" and tiny.image_size == (16, 16)
+    images = data.held_out_sources(3, 16)
+    lat = tiny.encode_images(images)
+    assert lat.shape == (3, 64, 12)
+    torch.testing.assert_close(tiny.decode_latents(lat), images)
+    prompts = tiny.encode_prompts(["apply a sepia tone", "", "zovexa plush toy"])
+    assert isinstance(prompts, PromptEmbeds) and prompts.embeds.shape[:2] == prompts.mask.shape
+    assert prompts.embeds.shape[-1] == get_factory(tiny=True).config.model.text_hidden
+    assert not torch.allclose(prompts.embeds[0, 0], prompts.embeds[2, 0])
+    noisy = torch.randn(lat.shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([1.0, 0.5, 0.1])
+    v1 = tiny.predict_velocity(noisy, sigma, lat, prompts)
+    v2 = tiny.predict_velocity(noisy, sigma, lat, prompts)
+    assert v1.shape == lat.shape and torch.equal(v1, v2)
+    again = get_factory(tiny=True).load()
+    same_prompts = again.encode_prompts(["apply a sepia tone", "", "zovexa plush toy"])
+    torch.testing.assert_close(again.predict_velocity(noisy, sigma, lat, same_prompts), v1)
+    # the prompt matters
+    other = tiny.predict_velocity(noisy, sigma, lat, tiny.encode_prompts(["invert the colors"] * 3))
+    assert not torch.allclose(other, v1)
+    assert tiny.fingerprint.startswith("toy-tiny-")
+    src, instructions = tiny.general_edits(4, seed=0)
+    assert src.shape == (4, 3, 16, 16) and len(instructions) == 4
+    assert tiny.sample_sources(2, seed=0).shape == (2, 3, 16, 16)
+
+
+def test_lora_targets_and_module_shapes_match_the_model(tiny: Backbone) -> None:
+    names = [n for n, m in tiny.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in tiny.lora_target_modules:
+        assert any(n.endswith("." + target) for n in names), target
+    shapes = get_factory(tiny=True).module_shapes()
+    assert set(shapes) == set(names)
+    lin = tiny.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    assert shapes["transformer_blocks.0.attn.to_q"] == (lin.in_features, lin.out_features)
+
+
+# -- builds -----------------------------------------------------------------------------------------
+
+
+def test_tiny_base_learned_its_edits(built: dict[str, object]) -> None:
+    base = built["base"]
+    assert isinstance(base, BuildResult) and base.path.exists() and base.sheet.exists()
+    psnrs = base.report["psnr"]
+    assert isinstance(psnrs, dict)
+    # an untrained model sits near 5-10 dB; the tiny base must have learned the easy edits
+    assert psnrs["identity"] > 20 and psnrs["brighten"] > 18, psnrs
+    print(f"tiny base + {len(TEACHER_EFFECTS)} teachers built in {built['seconds']:.1f} s")
+
+
+def test_teacher_moves_output_toward_its_effect(built: dict[str, object], tiny: Backbone) -> None:
+    for name in TEACHER_EFFECTS:
+        result = built[name]
+        assert isinstance(result, BuildResult)
+        assert result.report["psnr"] > result.report["base_psnr"] + 4, result.report
+        assert result.sheet.exists()
+    # and independently of the build's own scoring: load the file, sample, compare with truth
+    effect = effects.get_effect("invert")
+    sources = data.held_out_sources(8, 16, seed=7)
+    truth = effect.apply(sources)
+    without = psnr(sample_edit(tiny, sources, effect.prompt, 8, 4.0), truth).mean()
+    tiny.transformer.load_lora_adapter(str(built["invert"].path), prefix="transformer", adapter_name="t")
+    try:
+        with_lora = psnr(sample_edit(tiny, sources, effect.prompt, 8, 4.0), truth).mean()
+    finally:
+        tiny.transformer.delete_adapters("t")
+    assert with_lora > without + 4, (float(with_lora), float(without))
+
+
+def test_saved_lora_has_diffusers_keys_and_header(built: dict[str, object], tiny: Backbone) -> None:
+    path = built["sepia"].path
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in keys}
+    for target in tiny.lora_target_modules:
+        assert any(m.endswith("." + target) for m in modules), target
+    assert meta["clora.effect"] == "sepia" and meta["clora.prompt"] == "apply a sepia tone"
+    assert meta["clora.base"] == "toy-tiny"
+    cfg = get_factory(tiny=True).config.teacher
+    assert int(meta["clora.rank"]) == cfg.rank and float(meta["clora.alpha"]) == cfg.alpha
+    assert sorted(json.loads(meta["clora.target_modules"])) == sorted(tiny.lora_target_modules)
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    assert adapter["transformer.r"] == cfg.rank
+    with safe_open(str(path), framework="pt") as f:
+        b = f.get_tensor(next(k for k in keys if k.endswith("lora_B.weight")))
+    assert b.abs().max() > 0, "lora_B still zero: the LoRA never trained"
+
+
+def test_saved_lora_round_trips_through_diffusers(built: dict[str, object], tiny: Backbone) -> None:
+    path = built["sepia"].path
+    lat = tiny.encode_images(data.held_out_sources(2, 16))
+    noisy = torch.randn(lat.shape, generator=torch.Generator().manual_seed(1))
+    sigma, prompts = torch.tensor([0.8, 0.8]), tiny.encode_prompts(["apply a sepia tone"] * 2)
+    plain = tiny.predict_velocity(noisy, sigma, lat, prompts)
+    tiny.transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name="rt")
+    try:
+        adapted = tiny.predict_velocity(noisy, sigma, lat, prompts)
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(tiny.transformer, adapter_name="rt")
+        with safe_open(str(path), framework="pt") as f:
+            for k, v in state.items():
+                torch.testing.assert_close(v, f.get_tensor("transformer." + k))
+        assert tiny.transformer.peft_config["rt"].r == get_factory(tiny=True).config.teacher.rank
+    finally:
+        tiny.transformer.delete_adapters("rt")
+    assert not torch.allclose(adapted, plain)
+    torch.testing.assert_close(tiny.predict_velocity(noisy, sigma, lat, prompts), plain)
+
+
+def test_second_build_reuses_the_cache(built: dict[str, object]) -> None:
+    start = time.perf_counter()
+    base = build_base(tiny=True, show_progress=False)
+    teacher = build_teacher("invert", tiny=True, show_progress=False)
+    assert base.cached and teacher.cached
+    assert base.path == built["base"].path and teacher.path == built["invert"].path
+    assert time.perf_counter() - start < 2
+    assert base.report["psnr"] == built["base"].report["psnr"]
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+
+
+def _targets() -> list[str]:
+    from clora_toy.backbone import LORA_TARGET_MODULES
+
+    return list(LORA_TARGET_MODULES)
+
+
+def _app():  # type: ignore[no-untyped-def]
+    from clora.cli import make_app
+    from clora.plugins import get_plugin_manager
+
+    return make_app(get_plugin_manager())
+
+
+def test_cli_effects_lists_the_library() -> None:
+    result = CliRunner().invoke(_app(), ["toy", "effects", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == effects.library_size() and rows[0] == {
+        "name": "sepia",
+        "family": "core",
+        "prompt": "apply a sepia tone",
+    }
+
+
+def test_cli_build_reuses_and_teachers_register(built: dict[str, object], tmp_path: Path) -> None:
+    app, runner = _app(), CliRunner()
+    result = runner.invoke(app, ["toy", "build-base", "--tiny"])
+    assert result.exit_code == 0, result.output
+    assert "reused cached" in result.output
+    registry = tmp_path / "reg.db"
+    result = runner.invoke(app, ["--registry", str(registry), "toy", "teachers", "invert", "--tiny"])
+    assert result.exit_code == 0, result.output
+    assert "registered effect 'invert'" in result.output
+    listed = runner.invoke(app, ["--registry", str(registry), "effect", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    (row,) = json.loads(listed.output)
+    assert row["name"] == "invert" and row["base"] == "toy-tiny"
+    assert row["teacher_prompt"] == "invert the colors"
+    assert row["lora"]["rank"] == get_factory(tiny=True).config.teacher.rank
+    modules = row["lora"]["target_modules"]
+    assert all(any(m.endswith("." + t) for m in modules) for t in _targets()), modules
+    again = runner.invoke(app, ["--registry", str(registry), "toy", "teachers", "invert", "--tiny"])
+    assert again.exit_code == 0 and "already registered" in again.output
+
+
+def test_cli_unknown_effect_is_a_one_line_error() -> None:
+    result = CliRunner().invoke(_app(), ["toy", "teachers", "not-an-effect", "--tiny", "--no-register"])
+    assert result.exit_code == 1
+    assert "no toy effect 'not-an-effect'" in result.output
