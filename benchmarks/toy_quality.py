@@ -40,8 +40,10 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="retrain even if cached")
     parser.add_argument("--sweep-guidance", action="store_true", help="score the base at several CFG scales")
     parser.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --tiny)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # two threads on a busy two-core machine stall each other; the tiny model gains nothing from them
+    torch.set_num_threads(args.threads or (1 if args.tiny else 2))
 
     start = time.perf_counter()
     base = build_base(tiny=args.tiny, force=args.force)

@@ -95,6 +95,11 @@ class Backbone(ABC):
         """Velocity for noisy target latents at noise levels ``sigma [B]`` given source latents."""
 
     @property
+    def default_guidance(self) -> float:
+        """CFG scale ``g`` (in ``cond + g*(cond - uncond)``) this model's teachers sample best with."""
+        return 4.0
+
+    @property
     def fingerprint(self) -> str:
         """Identifies these exact weights, so caches made with other weights are not reused."""
         return self.base_id

@@ -119,7 +119,7 @@ def add_commands(app: typer.Typer) -> None:
                 run_id=run_id,
                 out_dir=out,
                 show_progress=not no_progress,
-                auto_steps=steps is None and (config is None or "steps" not in config.read_text()),
+                auto_steps="steps" not in cfg.model_fields_set,
             )
             version = None
             if outcome.collection is not None:

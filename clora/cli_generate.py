@@ -149,7 +149,7 @@ def add_commands(app: typer.Typer) -> None:
                             e.teacher_prompt,
                             images,
                             steps=steps or cfg.teacher_steps,
-                            guidance=cfg.guidance,
+                            guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
                             shift=cfg.shift,
                             seed=seed,
                         )

@@ -95,7 +95,7 @@ def evaluate(
                         e.teacher_prompt,
                         sources,
                         steps=cfg.teacher_steps,
-                        guidance=cfg.guidance,
+                        guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
                         shift=cfg.shift,
                         seed=opt.seed,
                     )

@@ -126,9 +126,3 @@ def few_step_sample(
             fresh = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
             x = add_noise(x0, fresh, torch.tensor(levels[i + 1]))
     return x0
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in ``[0, 1]`` (``[B]``)."""
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10 * torch.log10(mse)

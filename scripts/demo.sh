@@ -30,20 +30,7 @@ step "3. distill every effect and few-step sampling into one LoRA"
 clora distill --steps "$STEPS" --batch-size "$BATCH"
 
 step "4. edit held-out images with each effect from the one file (4 steps, no CFG)"
-python - "$DEMO_DIR/inputs" <<'PY'
-import sys
-from pathlib import Path
-from clora.plugins import Components, get_plugin_manager
-from clora.images import write_png
-from clora.registry import Registry
-import os
-reg = Registry(os.environ["CLORA_REGISTRY"])
-base = reg.list_effects()[0].base_id
-bb = Components.collect(get_plugin_manager()).get_backbone(base).load()
-out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
-for i, img in enumerate(bb.sample_sources(4, 2026)):
-    write_png(img, out / f"input{i}.png")
-PY
+clora toy sources --out "$DEMO_DIR/inputs" -n 4 $TINY
 for e in $FIRST; do
   clora generate --effect "$e" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --no-progress > /dev/null
 done

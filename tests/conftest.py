@@ -15,7 +15,8 @@ from clora.errors import BaseNotBuiltError
 from clora.fileio import save_safetensors
 from clora.lora import linear_shapes
 
-torch.set_num_threads(2)
+# tiny models gain nothing from a second thread, and oversubscribed cores slow them 20x
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,3 +26,22 @@ def run(pm: pluggy.PluginManager, *args: str):  # type: ignore[no-untyped-def]
 
 def file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def add_bare_effect(reg, name: str, prompt: str = "apply the effect"):  # type: ignore[no-untyped-def]
+    """Insert an effect row directly (registry-level tests that need no LoRA file)."""
+    return reg.add_effect(
+        trigger=None,
+        name=name,
+        lora_path="/x",
+        lora_sha256="0" * 64,
+        lora_size=1,
+        lora_format="peft",
+        rank=4,
+        alpha=4.0,
+        target_modules_json="[]",
+        base_id=None,
+        teacher_prompt=prompt,
+        caption=None,
+        examples_dir=None,
+    )

@@ -75,7 +75,7 @@ def test_smoke_distill_writes_a_loadable_unified_lora(tiny_world, registry_file:
     b = model.edit(images, ["invert"], seed=1)
     model.backbone.transformer.disable_adapters()
     assert (a - b).abs().mean() > 1e-4
-    assert a.shape == images.shape and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert a.shape == images.shape and float(a.min()) >= 0 and float(a.max()) <= 1
 
 
 def _final_state(path: Path) -> dict[str, torch.Tensor]:
@@ -86,16 +86,26 @@ def _final_state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_world
-    cfg = _config_file(tmp_path, checkpoint_every=4, steps=12, batch_size=4, block_len=3, critic_warmup=2,
-                       gen_every=2)
+    cfg = _config_file(
+        tmp_path, checkpoint_every=4, steps=12, batch_size=4, block_len=3, critic_warmup=2, gen_every=2
+    )
     r = run(pm, "distill", "--config", cfg, "--no-progress", "--json", "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
     straight = _final_state(Path(json.loads(r.stdout)["file"]))
 
     # the same run, killed with SIGKILL after its first checkpoint, then resumed
     env = {**os.environ, "CLORA_REGISTRY": str(tmp_path / "registry.db")}
-    cmd = [sys.executable, "-m", "clora", "distill", "--config", str(cfg), "--no-progress", "--out",
-           str(tmp_path / "b")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clora",
+        "distill",
+        "--config",
+        str(cfg),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     killed_at = None
@@ -142,8 +152,13 @@ class NanAtStep:
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_world, tmp_path, registry_file) -> None:  # type: ignore[no-untyped-def]
     pm = plugin_manager(NanAtStep())
-    cfg = _config_file(tmp_path, steps=10, batch_size=4, checkpoint_every=2,
-                       losses={"dmd": {}, "critic_fm": {}, "nan_after_1": {}})
+    cfg = _config_file(
+        tmp_path,
+        steps=10,
+        batch_size=4,
+        checkpoint_every=2,
+        losses={"dmd": {}, "critic_fm": {}, "nan_after_1": {}},
+    )
     r = run(pm, "distill", "--config", cfg, "--no-progress")
     assert r.exit_code == 1
     assert "became nan at step 4" in r.stderr and "last good checkpoint (step 4)" in r.stderr
@@ -175,11 +190,16 @@ def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, **calls) -> 
     zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
     cfg = DistillConfig(few_steps=4)
     return LossContext(
-        sample=sample, stream="effect", targets=targets,
-        few_step_sigmas=torch.tensor([1.0, 0.9, 0.75, 0.5]), config=cfg,
+        sample=sample,
+        stream="effect",
+        targets=targets,
+        few_step_sigmas=torch.tensor([1.0, 0.9, 0.75, 0.5]),
+        config=cfg,
         generator=torch.Generator().manual_seed(0),
-        teacher_x0=calls.get("teacher_x0", zeros), critic_x0=calls.get("critic_x0", zeros),
-        student_x0=calls.get("student_x0", zeros), student_velocity=calls.get("student_velocity", zeros),
+        teacher_x0=calls.get("teacher_x0", zeros),
+        critic_x0=calls.get("critic_x0", zeros),
+        student_x0=calls.get("student_x0", zeros),
+        student_velocity=calls.get("student_velocity", zeros),
         critic_velocity=calls.get("critic_velocity", zeros),
     )
 

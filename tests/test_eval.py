@@ -76,9 +76,20 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
     r = run(pm, "eval", "--json", "--n-images", "4", "--no-progress", "--report", tmp_path / "rep")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert set(data) == {"collection", "base", "n_images", "steps", "effects", "overall", "bleeding",
-                         "retention", "cost"}
-    assert data["collection"] == 1 and data["n_images"] == 4 and data["steps"] == {"student": 4, "teacher": 20}
+    assert set(data) == {
+        "collection",
+        "base",
+        "n_images",
+        "steps",
+        "effects",
+        "overall",
+        "bleeding",
+        "retention",
+        "cost",
+    }
+    assert (
+        data["collection"] == 1 and data["n_images"] == 4 and data["steps"] == {"student": 4, "teacher": 20}
+    )
     assert set(data["effects"]) == {"sepia", "invert"}
     for row in data["effects"].values():
         for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth"):

@@ -33,16 +33,34 @@ def distilled(registry_file: Path, tmp_path: Path):  # type: ignore[no-untyped-d
 def test_generate_one_effect_and_a_folder(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm, inputs = distilled
     out = tmp_path / "single.png"
-    r = run(pm, "generate", "--effect", "sepia", "--image", inputs / "img0.png", "--out", out, "--no-progress")
+    r = run(
+        pm, "generate", "--effect", "sepia", "--image", inputs / "img0.png", "--out", out, "--no-progress"
+    )
     assert r.exit_code == 0, r.output
     with Image.open(out) as im:
         assert im.size == (16, 16)
-    r = run(pm, "generate", "--effect", "sepia", "--effect", "invert", "--image", inputs, "--out",
-            tmp_path / "many", "--grid", "--no-progress")
+    r = run(
+        pm,
+        "generate",
+        "--effect",
+        "sepia",
+        "--effect",
+        "invert",
+        "--image",
+        inputs,
+        "--out",
+        tmp_path / "many",
+        "--grid",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in (tmp_path / "many").iterdir())
-    assert files == ["grid.sepia+invert.png", "img0.sepia+invert.png", "img1.sepia+invert.png",
-                     "img2.sepia+invert.png"]
+    assert files == [
+        "grid.sepia+invert.png",
+        "img0.sepia+invert.png",
+        "img1.sepia+invert.png",
+        "img2.sepia+invert.png",
+    ]
     with Image.open(tmp_path / "many" / "grid.sepia+invert.png") as grid:
         assert grid.width > grid.height  # 4 columns (input | sepia | invert | composed), 3 rows
 
@@ -51,8 +69,19 @@ def test_generate_is_deterministic_and_trigger_dependent(distilled, tmp_path: Pa
     pm, inputs = distilled
     outs = {}
     for tag, effect, seed in (("a", "sepia", "1"), ("b", "sepia", "1"), ("c", "invert", "1")):
-        r = run(pm, "generate", "--effect", effect, "--image", inputs / "img1.png", "--seed", seed, "--out",
-                tmp_path / f"{tag}.png", "--no-progress")
+        r = run(
+            pm,
+            "generate",
+            "--effect",
+            effect,
+            "--image",
+            inputs / "img1.png",
+            "--seed",
+            seed,
+            "--out",
+            tmp_path / f"{tag}.png",
+            "--no-progress",
+        )
         assert r.exit_code == 0, r.output
         outs[tag] = file_digest(tmp_path / f"{tag}.png")
     assert outs["a"] == outs["b"]
@@ -61,8 +90,18 @@ def test_generate_is_deterministic_and_trigger_dependent(distilled, tmp_path: Pa
 
 def test_teacher_mode(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm, inputs = distilled
-    r = run(pm, "generate", "--effect", "invert", "--teacher", "--image", inputs / "img0.png", "--out",
-            tmp_path / "t.png", "--no-progress")
+    r = run(
+        pm,
+        "generate",
+        "--effect",
+        "invert",
+        "--teacher",
+        "--image",
+        inputs / "img0.png",
+        "--out",
+        tmp_path / "t.png",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "t.png").exists()
 
@@ -118,7 +157,9 @@ def test_incremental_grows_the_collection(distilled, registry_file: Path) -> Non
             assert m["trigger"] == triggers_before[m["effect"]]
     assert file_digest(Path(v1.file)) == v1_digest  # the parent is never modified
     # the new effect is usable from the new collection
-    r = run(pm, "generate", "--effect", "posterize", "--image", _an_image(registry_file.parent), "--no-progress")
+    r = run(
+        pm, "generate", "--effect", "posterize", "--image", _an_image(registry_file.parent), "--no-progress"
+    )
     assert r.exit_code == 0, r.output
 
 

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import add_bare_effect
 
 from clora.errors import RegistryError
 from clora.registry import Registry
@@ -64,21 +65,7 @@ def _add_many(db: str, prefix: str, n: int, barrier) -> None:  # type: ignore[no
     barrier.wait()
     with Registry(db) as reg:
         for i in range(n):
-            reg.add_effect(
-                trigger=None,
-                name=f"{prefix}{i}",
-                lora_path="/x",
-                lora_sha256="0" * 64,
-                lora_size=1,
-                lora_format="peft",
-                rank=4,
-                alpha=4.0,
-                target_modules_json="[]",
-                base_id=None,
-                teacher_prompt="apply the effect",
-                caption=None,
-                examples_dir=None,
-            )
+            add_bare_effect(reg, f"{prefix}{i}")
 
 
 def test_two_processes_adding_at_once(tmp_path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,27 +11,22 @@ import torch
 from clora_toy import data, effects
 from clora_toy.build import BuildResult, build_base, build_teacher, sample_edit
 from clora_toy.factory import get_factory
-from clora_toy.sampling import few_step_sigmas, psnr, sigma_schedule
 from clora_toy.text import EOS_ID, HashTokenizer
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from clora.backbone import Backbone, PromptEmbeds
 from clora.errors import BaseNotBuiltError, CloraError, UnknownEffectError
+from clora.metrics import psnr
+from clora.sampling import few_step_sigmas, sigma_schedule
 
 TEACHER_EFFECTS = ("invert", "sepia")
 
 
 @pytest.fixture(scope="session")
-def toy_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("clora_home")
-    old = os.environ.get("CLORA_HOME")
-    os.environ["CLORA_HOME"] = str(home)
-    yield home
-    if old is None:
-        os.environ.pop("CLORA_HOME", None)
-    else:
-        os.environ["CLORA_HOME"] = old
+def toy_home(_clora_home: Path) -> Path:
+    """The session's CLORA_HOME (conftest), so the tiny world is built once for every test file."""
+    return _clora_home
 
 
 @pytest.fixture(scope="session")

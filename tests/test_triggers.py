@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import add_bare_effect
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,21 +88,7 @@ def test_registry_allocations_hold_across_many_adds(tmp_path_factory, effect_nam
     db = tmp_path_factory.mktemp("reg") / "r.db"
     with Registry(db) as reg:
         for i, name in enumerate(effect_names):
-            reg.add_effect(
-                trigger=None,
-                name=name,
-                lora_path="/x",
-                lora_sha256="0" * 64,
-                lora_size=1,
-                lora_format="peft",
-                rank=4,
-                alpha=4.0,
-                target_modules_json="[]",
-                base_id=None,
-                teacher_prompt=f"apply effect number {i} with style",
-                caption=None,
-                examples_dir=None,
-            )
+            add_bare_effect(reg, name, f"apply effect number {i} with style")
         effects = reg.list_effects()
         triggers = [e.trigger for e in effects]
         assert len(set(triggers)) == len(triggers)

@@ -76,10 +76,16 @@ class DistillConfig(BaseModel):
     critic_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the critic")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (both optimizers)")
     grad_clip: float = Field(10.0, gt=0, description="max gradient norm (both optimizers)")
-    guidance: float = Field(4.0, ge=0, description="teacher CFG g in cond + g*(cond - uncond)")
+    guidance: float | None = Field(
+        None, ge=0, description="teacher CFG g in cond + g*(cond - uncond) (default: the base model's choice)"
+    )
     teacher_steps: int = Field(20, ge=1, description="Euler steps of the teacher's full sampler for targets")
     sources_per_effect: int = Field(32, ge=1, description="source images per effect (with teacher targets)")
     general_pool: int = Field(256, ge=1, description="general-stream (image, instruction) pairs")
+    general_targets: bool = Field(
+        True,
+        description="coarse-to-fine also on the general stream, toward the base's own outputs (retention)",
+    )
     asymmetric_prompts: bool = Field(
         True, description="student/critic get trigger + caption; off: they get the teacher prompt (ablation)"
     )

@@ -182,6 +182,7 @@ class Distiller:
         idx = torch.randint(len(self.data.general_prompts), (b,), generator=self.generator)
         texts = [self.data.general_prompts[int(i)] for i in idx]
         prompts = PromptEmbeds.cat([p[t] for t in texts])
+        targets = self.data.general_targets
         return Batch(
             stream,
             None,
@@ -190,7 +191,7 @@ class Distiller:
             prompts,
             prompts,
             PromptEmbeds.cat([uncond] * b),
-            None,
+            targets[idx] if targets is not None else None,
         )
 
     def randn(self, like: torch.Tensor) -> torch.Tensor:
@@ -215,10 +216,11 @@ class Distiller:
 
     def loss_context(self, batch: Batch, sample: torch.Tensor) -> LossContext:
         bb, ad, cfg = self.backbone, self.adapters, self.cfg
+        guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
 
         def teacher_x0(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             ad.use_teacher(batch.teacher_lora)
-            v = guided_velocity(bb, noisy, t, batch.source, batch.teacher_prompt, batch.uncond, cfg.guidance)
+            v = guided_velocity(bb, noisy, t, batch.source, batch.teacher_prompt, batch.uncond, guidance)
             return x0_from_velocity(noisy, v, t)
 
         def velocity(adapter: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -35,6 +35,7 @@ class Prepared:
     targets: dict[str, torch.Tensor]  # effect -> teacher output latents [N, ...]
     general_sources: torch.Tensor  # [M, ...]
     general_prompts: list[str]  # M instructions
+    general_targets: torch.Tensor | None  # the base's own outputs for them (cfg.general_targets)
     prompts: dict[str, PromptEmbeds]  # text -> embeds of one row
 
 
@@ -117,7 +118,7 @@ def prepare(
                             chunk,
                             [e.teacher_prompt] * len(chunk),
                             steps=cfg.teacher_steps,
-                            guidance=cfg.guidance,
+                            guidance=cfg.guidance if cfg.guidance is not None else backbone.default_guidance,
                             generator=g,
                             shift=cfg.shift,
                         )
@@ -129,15 +130,69 @@ def prepare(
 
     general_sources = torch.empty(0)
     general_prompts: list[str] = []
+    general_targets = None
     if cfg.p_switch < 1.0:
         images, general_prompts = backbone.general_edits(cfg.general_pool, cfg.seed)
         general_sources = backbone.encode_images(images)
+        if cfg.general_targets:
+            general_targets = _general_targets(
+                backbone, adapters, general_sources, general_prompts, cfg, cache, show_progress
+            )
 
     texts = {""} | set(general_prompts)
     for e in plan.effects:
         texts |= {e.teacher_prompt, e.student_prompt}
     prompts = encode_prompts_cached(backbone, sorted(texts), cache)
-    return Prepared(sources, targets, general_sources, general_prompts, prompts)
+    return Prepared(sources, targets, general_sources, general_prompts, general_targets, prompts)
+
+
+def _general_targets(
+    backbone: Backbone,
+    adapters: AdapterSet,
+    sources: torch.Tensor,
+    prompts: list[str],
+    cfg: DistillConfig,
+    cache: Path,
+    show_progress: bool,
+) -> torch.Tensor:
+    """The base model's own full-sampler outputs on the general pool (cached like teacher targets)."""
+    key = _digest(
+        {
+            "base": backbone.fingerprint,
+            "prompts": prompts,
+            "images": _tensor_digest(sources),
+            "steps": cfg.teacher_steps,
+            "guidance": cfg.guidance,
+            "shift": cfg.shift,
+            "seed": cfg.seed,
+            "dtype": cfg.dtype,
+        }
+    )
+    path = cache / "targets" / f"general-{key}.safetensors"
+    if path.exists():
+        return load_file(str(path), device=str(backbone.device))["targets"].to(backbone.dtype)
+    adapters.use(None)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    outs = []
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("base targets", total=len(sources), info="")
+        for i in range(0, len(sources), cfg.batch_size):
+            chunk = sources[i : i + cfg.batch_size]
+            outs.append(
+                euler_sample(
+                    backbone,
+                    chunk,
+                    prompts[i : i + cfg.batch_size],
+                    steps=cfg.teacher_steps,
+                    guidance=cfg.guidance or 0.0,
+                    generator=g,
+                    shift=cfg.shift,
+                )
+            )
+            bar.advance(task, len(chunk))
+    targets = torch.cat(outs)
+    save_safetensors({"targets": targets}, path)
+    return targets
 
 
 def encode_prompts_cached(backbone: Backbone, texts: list[str], cache: Path) -> dict[str, PromptEmbeds]:

@@ -279,6 +279,9 @@ def _execute(
     torch.manual_seed(cfg.seed)
     factory = components.get_backbone(plan.base_id)
     backbone = factory.load(cfg.device, DTYPES[cfg.dtype])
+    if cfg.guidance is None:  # the base model's own choice, fixed into the run's config from here on
+        cfg = cfg.model_copy(update={"guidance": backbone.default_guidance})
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
     adapters = AdapterSet(backbone, cfg.rank, cfg.lora_alpha, cfg.max_resident_teachers, components)
     say(

@@ -14,7 +14,7 @@ _IMPERATIVE = re.compile(r"^(please\s+)?(apply|make|turn|give|add|convert|render
 
 
 class TemplateCaptioner:
-    """"<what the prompt does>, <name> effect": describes the result, not the instruction."""
+    """ "<what the prompt does>, <name> effect": describes the result, not the instruction."""
 
     captioner_id = "template"
 

@@ -63,5 +63,3 @@ class CriticFlowMatchingTerm:
         noise = ctx.randn_like(x0)
         v = ctx.critic_velocity(add_noise(x0, noise, s), s)
         return {"critic_fm": flow_matching_loss(v, x0, noise)}
-
-

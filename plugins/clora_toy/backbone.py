@@ -98,6 +98,11 @@ class ToyBackbone(Backbone):
         return list(LORA_TARGET_MODULES)
 
     @property
+    def default_guidance(self) -> float:
+        # measured: toy teachers score best at CFG 1 (sepia 36.9 dB vs 31.8 at CFG 4)
+        return 1.0
+
+    @property
     def fingerprint(self) -> str:
         return self._fingerprint
 

@@ -6,19 +6,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from clora.errors import CloraError
 from clora.fileio import atomic_path, save_safetensors
+from clora.images import contact_sheet
+from clora.metrics import psnr
+from clora.sampling import euler_sample
 from clora_toy import store
 from clora_toy.backbone import ToyBackbone, base_metadata
 from clora_toy.data import general_edits, held_out_sources
 from clora_toy.effects import Effect, get_effect
 from clora_toy.factory import ToyBackboneFactory, get_factory
-from clora_toy.sampling import euler_sample, psnr
 from clora_toy.train import lora_metadata, save_lora, train_base, train_teacher
 
 
@@ -50,22 +50,6 @@ def score(
     truth = apply(sources)  # type: ignore[operator]
     out = sample_edit(backbone, sources, prompt, steps, guidance)
     return float(psnr(out, truth).mean()), truth, out
-
-
-def contact_sheet(rows: list[tuple[torch.Tensor, ...]], path: Path, scale: int = 4) -> None:
-    """PNG grid: one row per tuple of images ``[3,H,W]`` (e.g. source | truth | output)."""
-    gap = 2
-    h, w = rows[0][0].shape[-2:]
-    cols = max(len(r) for r in rows)
-    sheet = np.full(((h * scale + gap) * len(rows), (w * scale + gap) * cols, 3), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            px = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            px = px.repeat(scale, 0).repeat(scale, 1)
-            y, x = i * (h * scale + gap), j * (w * scale + gap)
-            sheet[y : y + h * scale, x : x + w * scale] = px
-    with atomic_path(path) as tmp:
-        Image.fromarray(sheet).save(tmp, format="PNG")
 
 
 def _sheet_rows(

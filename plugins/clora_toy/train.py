@@ -12,43 +12,24 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from clora.fileio import save_safetensors
+from clora.progress import progress_bar as clora_progress_bar
+from clora.sampling import add_noise, shift_sigma
 from clora_toy.backbone import ToyBackbone
 from clora_toy.config import BaseTrainConfig, TeacherTrainConfig
 from clora_toy.data import general_batch, make_sources, name_seed
 from clora_toy.effects import Effect
-from clora_toy.sampling import add_noise, shift_sigma
 
 LORA_PREFIX = "transformer."
 
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[float], None]]:
-    """A rich bar with ETA; yields ``advance(loss)``."""
-    if not enabled:
-        yield lambda loss: None
-        return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, loss=float("nan"))
-        yield lambda loss: bar.update(task, advance=1, loss=loss)
+    """clora's progress bar with ETA; yields ``advance(loss)``."""
+    with clora_progress_bar(enabled) as bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda loss: bar.update(task, advance=1, info=f"loss {loss:.4f}")
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.05) -> float:

@@ -1,0 +1,157 @@
+"""Distill toy teachers into one LoRA and score it: per-effect PSNR vs truth, trigger accuracy, retention.
+
+    python benchmarks/distill_quality.py                       # 8 effects, full method
+    python benchmarks/distill_quality.py --ablations           # + without routing / asym. prompts / ...
+    python benchmarks/distill_quality.py --tiny --steps 60     # the test-size world, a smoke run
+
+Uses CLORA_HOME for the toy base and teachers (built if missing) and a fresh registry in a temp folder.
+Every number is measured in this run on this machine; compare columns, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from clora_toy.build import build_base, build_teacher
+from clora_toy.data import general_batch
+from clora_toy.effects import get_effect
+
+from clora.distill.config import load_config
+from clora.distill.run import run_distill
+from clora.effects import add_effect
+from clora.evaluate import EvalOptions, evaluate
+from clora.generate import UnifiedModel
+from clora.metrics import psnr
+from clora.plugins import Components, get_plugin_manager
+from clora.registry import Registry
+from clora.sampling import euler_sample, few_step_sample
+
+EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no routing (effect stream only)": {"p_switch": 1.0},
+    "no asymmetric prompts": {"asymmetric_prompts": False},
+    "no target simulation": {"losses": {"dmd": {}, "anchor": {}, "critic_fm": {}}},
+    "no anchoring": {"losses": {"dmd": {}, "target_sim": {}, "critic_fm": {}}},
+}
+
+
+def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
+    """PSNR vs truth of the general edits: base alone (full sampler) and with the unified LoRA (few steps)."""
+    bb = model.backbone
+    sources, truth, prompts = general_batch(n, bb.image_size[0], seed=424242)
+    src = bb.encode_images(sources)
+    tr = bb.transformer
+    tr.disable_adapters()
+    base = bb.decode_latents(
+        euler_sample(bb, src, prompts, steps=steps, generator=torch.Generator().manual_seed(0))
+    )
+    tr.enable_adapters()
+    tr.set_adapter("unified")
+    sig = torch.tensor(model.header.few_step_sigmas)
+    student = bb.decode_latents(few_step_sample(bb, src, prompts, sig, torch.Generator().manual_seed(0)))
+    return {"base_psnr": float(psnr(base, truth).mean()), "student_psnr": float(psnr(student, truth).mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--effects", nargs="*", default=EFFECTS)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--ablations", action="store_true", help="also run each ablation (same steps)")
+    parser.add_argument("--n-images", type=int, default=16)
+    parser.add_argument("--config", type=Path, help="DistillConfig JSON applied to every variant")
+    parser.add_argument("--json", dest="json_out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    build_base(tiny=args.tiny, show_progress=False)
+    comps = Components.collect(get_plugin_manager())
+    work = Path(tempfile.mkdtemp(prefix="clora-bench-"))
+    reg = Registry(work / "registry.db")
+    base_id = "toy-tiny" if args.tiny else "toy"
+    for name in args.effects:
+        t = build_teacher(get_effect(name), tiny=args.tiny, show_progress=False)
+        add_effect(reg, comps, name=name, lora_path=t.path, prompt=get_effect(name).prompt, base=base_id)
+
+    variants = ABLATIONS if args.ablations else {"full": {}}
+    results: dict[str, Any] = {}
+    for label, overrides in variants.items():
+        cfg = load_config(
+            args.config, {"steps": args.steps, **({"batch_size": 4} if args.tiny else {}), **overrides}
+        )
+        t0 = time.perf_counter()
+        outcome = run_distill(reg, comps, cfg, show_progress=False, out_dir=work / "collections")
+        seconds = time.perf_counter() - t0
+        col = outcome.collection
+        assert col is not None
+        ev = evaluate(reg, comps, col, options=EvalOptions(n_images=args.n_images), show_progress=False)
+        outputs = ev.pop("_outputs")
+        model = UnifiedModel.load(comps, col.file, backbone=None)
+        ret = retention(model, 32, cfg.teacher_steps)
+        labels = ev["bleeding"]["labels"]
+        m = ev["bleeding"]["matrix"]
+        results[label] = {
+            "seconds": round(seconds, 1),
+            "peak_rss_mb": outcome.metrics["train"]["peak_rss_mb"],
+            "base_mb": outcome.metrics["train"]["base_mb"],
+            "per_effect": {
+                n: {
+                    "student": ev["effects"][n]["student_vs_truth"]["psnr"],
+                    "teacher": ev["effects"][n]["teacher_vs_truth"]["psnr"],
+                }
+                for n in labels
+            },
+            "trigger_accuracy": round(sum(m[i][i] for i in range(len(m))) / max(sum(map(sum, m)), 1), 4),
+            "retention": ret,
+        }
+        del outputs
+        print_variant(label, results[label])
+    if args.ablations:
+        print_ablation(results)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+
+
+def print_variant(label: str, r: dict[str, Any]) -> None:
+    print(f"\n== {label}: {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB (base weights {r['base_mb']} MB)")
+    print(f"{'effect':14} {'student 4-step':>15} {'teacher 20+CFG':>15} {'gap':>7}")
+    gaps = []
+    for n, v in r["per_effect"].items():
+        gaps.append(v["teacher"] - v["student"])
+        print(f"{n:14} {v['student']:15.2f} {v['teacher']:15.2f} {gaps[-1]:7.2f}")
+    s = sum(v["student"] for v in r["per_effect"].values()) / len(gaps)
+    t = sum(v["teacher"] for v in r["per_effect"].values()) / len(gaps)
+    print(
+        f"{'mean':14} {s:15.2f} {t:15.2f} {t - s:7.2f}   "
+        f"(within 2 dB: {sum(g <= 2 for g in gaps)}/{len(gaps)})"
+    )
+    ret = r["retention"]
+    print(
+        f"trigger accuracy {r['trigger_accuracy']:.1%}; general edits vs truth: "
+        f"base {ret['base_psnr']:.2f} dB, "
+        f"with unified LoRA {ret['student_psnr']:.2f} dB"
+    )
+
+
+def print_ablation(results: dict[str, Any]) -> None:
+    def mean(r: dict[str, Any]) -> float:
+        return sum(v["student"] for v in r["per_effect"].values()) / len(r["per_effect"])
+
+    full = mean(results["full"])
+    print(f"\n{'variant':34} {'mean student dB':>16} {'vs full':>8} {'trigger acc':>12} {'retention dB':>13}")
+    for label, r in results.items():
+        print(
+            f"{label:34} {mean(r):16.2f} {mean(r) - full:8.2f} {r['trigger_accuracy']:12.1%} "
+            f"{r['retention']['student_psnr']:13.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Help for every command, captions, and the empty states of `collections` and `runs`."""
+
+from __future__ import annotations
+
+from helpers import plugin_manager, run
+
+COMMANDS = [
+    [],
+    ["effect", "add"],
+    ["effect", "list"],
+    ["effect", "show"],
+    ["effect", "remove"],
+    ["plugins"],
+    ["base", "use"],
+    ["base", "list"],
+    ["distill"],
+    ["generate"],
+    ["eval"],
+    ["caption"],
+    ["collections"],
+    ["runs"],
+    ["toy", "build-base"],
+    ["toy", "teachers"],
+    ["toy", "effects"],
+    ["toy", "sources"],
+]
+
+
+def test_every_command_and_option_has_help() -> None:
+    pm = plugin_manager()
+    for args in COMMANDS:
+        r = run(pm, *args, "--help")
+        assert r.exit_code == 0, args
+        assert "Usage" in r.stdout
+        # every option line carries a description, not just its name
+        for line in r.stdout.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("--") and not stripped.startswith("--help"):
+                assert len(stripped.split(None, 2)) >= 2, (args, stripped)
+
+
+def test_empty_states() -> None:
+    pm = plugin_manager()
+    assert "no collections yet" in run(pm, "collections").stdout
+    assert run(pm, "collections", "--json").stdout.strip() == "[]"
+    assert "no runs yet" in run(pm, "runs").stdout
+
+
+def test_caption_fills_missing_captions(make_lora) -> None:  # type: ignore[no-untyped-def]
+    pm = plugin_manager()
+    assert (
+        run(pm, "effect", "add", "sepia", "--lora", make_lora(), "--prompt", "apply a sepia tone").exit_code
+        == 0
+    )
+    r = run(pm, "caption")
+    assert r.exit_code == 0, r.output
+    assert "sepia: the image with a sepia tone, sepia effect" in r.stdout
+    again = run(pm, "caption")
+    assert again.stdout == ""  # nothing missing any more
+    r = run(pm, "caption", "--captioner", "nosuch")
+    assert r.exit_code == 1 and "no captioner 'nosuch'" in r.stderr
