@@ -111,7 +111,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
         with Registry(tmp_path / "registry.db") as reg:
-            latest = reg.get_run(kind_not_completed=True)
+            latest = reg.get_run(unfinished=True)
         if latest is not None and latest.step >= 4:
             proc.send_signal(signal.SIGKILL)
             killed_at = latest.step
@@ -120,7 +120,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path
     proc.wait(30)
     assert killed_at is not None, proc.stderr.read().decode() if proc.stderr else ""
     with Registry(tmp_path / "registry.db") as reg:
-        assert reg.get_run(kind_not_completed=True).status == "running"  # type: ignore[union-attr]
+        assert reg.get_run(unfinished=True).status == "running"  # type: ignore[union-attr]
 
     r = run(pm, "distill", "--resume", "--no-progress", "--json")
     assert r.exit_code == 0, r.output
@@ -164,7 +164,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_world, tmp_pa
     assert "became nan at step 4" in r.stderr and "last good checkpoint (step 4)" in r.stderr
     with Registry(registry_file) as reg:
         assert reg.list_collections() == []
-        failed = reg.get_run(kind_not_completed=True)
+        failed = reg.get_run(unfinished=True)
         assert failed is not None and failed.status == "failed" and failed.step == 4
     ck = torch.load(Path(failed.run_dir) / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,23 +109,11 @@ def prepare(
             for e, images, path in todo:
                 src = backbone.encode_images(images)
                 adapters.use_teacher(e.lora_path)
-                outs = []
                 g = torch.Generator().manual_seed(effect_seed(e.name, cfg.seed + 1))
-                for i in range(0, len(src), cfg.batch_size):
-                    chunk = src[i : i + cfg.batch_size]
-                    outs.append(
-                        euler_sample(
-                            backbone,
-                            chunk,
-                            [e.teacher_prompt] * len(chunk),
-                            steps=cfg.teacher_steps,
-                            guidance=cfg.guidance if cfg.guidance is not None else backbone.default_guidance,
-                            generator=g,
-                            shift=cfg.shift,
-                        )
-                    )
-                    bar.advance(task, len(chunk))
-                sources[e.name], targets[e.name] = src, torch.cat(outs)
+                out = _full_sampler(
+                    backbone, src, [e.teacher_prompt] * len(src), cfg, g, lambda n: bar.advance(task, n)
+                )
+                sources[e.name], targets[e.name] = src, out
                 save_safetensors({"sources": src, "targets": targets[e.name]}, path)
         adapters.use(None)
 
@@ -173,24 +162,9 @@ def _general_targets(
         return load_file(str(path), device=str(backbone.device))["targets"].to(backbone.dtype)
     adapters.use(None)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    outs = []
     with progress_bar(show_progress) as bar:
         task = bar.add_task("base targets", total=len(sources), info="")
-        for i in range(0, len(sources), cfg.batch_size):
-            chunk = sources[i : i + cfg.batch_size]
-            outs.append(
-                euler_sample(
-                    backbone,
-                    chunk,
-                    prompts[i : i + cfg.batch_size],
-                    steps=cfg.teacher_steps,
-                    guidance=cfg.guidance or 0.0,
-                    generator=g,
-                    shift=cfg.shift,
-                )
-            )
-            bar.advance(task, len(chunk))
-    targets = torch.cat(outs)
+        targets = _full_sampler(backbone, sources, prompts, cfg, g, lambda n: bar.advance(task, n))
     save_safetensors({"targets": targets}, path)
     return targets
 
@@ -211,3 +185,31 @@ def encode_prompts_cached(backbone: Backbone, texts: list[str], cache: Path) -> 
         t: PromptEmbeds(data[f"embeds.{i}"].to(backbone.dtype), data[f"mask.{i}"])
         for i, t in enumerate(texts)
     }
+
+
+def _full_sampler(
+    backbone: Backbone,
+    sources: torch.Tensor,
+    prompts: list[str],
+    cfg: DistillConfig,
+    generator: torch.Generator,
+    advance: Callable[[int], object],
+) -> torch.Tensor:
+    """The teacher's full Euler sampler with CFG over ``sources``, in batches of ``cfg.batch_size``."""
+    guidance = cfg.guidance if cfg.guidance is not None else backbone.default_guidance
+    outs = []
+    for i in range(0, len(sources), cfg.batch_size):
+        chunk = sources[i : i + cfg.batch_size]
+        outs.append(
+            euler_sample(
+                backbone,
+                chunk,
+                prompts[i : i + cfg.batch_size],
+                steps=cfg.teacher_steps,
+                guidance=guidance,
+                generator=generator,
+                shift=cfg.shift,
+            )
+        )
+        advance(len(chunk))
+    return torch.cat(outs)

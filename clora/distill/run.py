@@ -199,10 +199,10 @@ def run_distill(
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if resume:
-        run = registry.get_run(run_id) if run_id else registry.get_run(kind_not_completed=True)
+        run = registry.get_run(run_id) if run_id else registry.get_run(unfinished=True)
         if run is None:
             raise CloraError(
-                f"no run {run_id!r} to resume; see the runs in `clora collections --runs`"
+                f"no run {run_id!r} to resume; see `clora runs`"
                 if run_id
                 else "no distill run to resume"
             )

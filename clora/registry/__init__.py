@@ -343,13 +343,13 @@ class Registry:
                 setattr(run, k, v)
             run.updated_at = now()
 
-    def get_run(self, run_id: str | None = None, *, kind_not_completed: bool = False) -> Run | None:
-        """Run ``run_id``, or the most recent run (that has not completed, with ``kind_not_completed``)."""
+    def get_run(self, run_id: str | None = None, *, unfinished: bool = False) -> Run | None:
+        """Run ``run_id``, or the most recent run (that has not completed, with ``unfinished``)."""
         with self.session() as s:
             if run_id is not None:
                 return s.get(Run, run_id)
             q = select(Run)
-            if kind_not_completed:
+            if unfinished:
                 q = q.where(Run.status != "completed")
             return s.scalars(q.order_by(Run.started_at.desc(), Run.id.desc()).limit(1)).first()
 
