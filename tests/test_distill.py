@@ -87,7 +87,7 @@ def _final_state(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_world
     cfg = _config_file(
-        tmp_path, checkpoint_every=4, steps=12, batch_size=4, block_len=3, critic_warmup=2, gen_every=2
+        tmp_path, checkpoint_every=4, steps=40, batch_size=4, block_len=3, critic_warmup=2, gen_every=2
     )
     r = run(pm, "distill", "--config", cfg, "--no-progress", "--json", "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
@@ -106,19 +106,21 @@ def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path
         "--out",
         str(tmp_path / "b"),
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
     killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        with Registry(tmp_path / "registry.db") as reg:
-            latest = reg.get_run(unfinished=True)
-        if latest is not None and latest.step >= 4:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = latest.step
-            break
-        time.sleep(0.05)
-    proc.wait(30)
-    assert killed_at is not None, proc.stderr.read().decode() if proc.stderr else ""
+    # stderr goes to a file, so a chatty child can never block on a full pipe
+    with open(tmp_path / "stderr.txt", "w") as errors:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with Registry(tmp_path / "registry.db") as reg:
+                latest = reg.get_run(unfinished=True)
+            if latest is not None and latest.step >= 4:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = latest.step
+                break
+            time.sleep(0.05)
+        proc.wait(30)
+    assert killed_at is not None, (tmp_path / "stderr.txt").read_text()
     with Registry(tmp_path / "registry.db") as reg:
         assert reg.get_run(unfinished=True).status == "running"  # type: ignore[union-attr]
 
