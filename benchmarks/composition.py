@@ -1,4 +1,4 @@
-"""Zero-shot composition: one prompt naming two effects vs each effect alone, scored against the composed truth.
+"""Zero-shot composition: one prompt naming two effects vs each effect alone, vs the composed truth.
 
     python benchmarks/composition.py COLLECTION.safetensors --first sepia --then tint-teal
 
