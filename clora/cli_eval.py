@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from clora.cli_common import console, state
-from clora.errors import CloraError
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -51,13 +50,7 @@ def add_commands(app: typer.Typer) -> None:
 
         st = state(ctx)
         with st.open_registry(create=False) as reg:
-            col = reg.get_collection(collection)
-            if col is None:
-                raise CloraError(
-                    f"no collection v{collection}; see `clora collections`"
-                    if collection
-                    else "no collection yet; run `clora distill` first"
-                )
+            col = reg.require_collection(collection)
             opts = EvalOptions(n_images=n_images, seed=seed, margin_db=margin, accel=accel, images_dir=images)
             result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress)
             outputs = result.pop("_outputs")

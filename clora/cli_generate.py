@@ -9,19 +9,15 @@ from typing import Annotated
 import typer
 
 from clora.cli_common import state
+from clora.effects import list_images
 from clora.errors import CloraError, UnknownEffectError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def _inputs(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise CloraError(f"no images in folder {p}")
-            files += found
+            files += list_images(p)
         elif p.exists():
             files.append(p)
         else:
@@ -94,13 +90,8 @@ def add_commands(app: typer.Typer) -> None:
                     raise UnknownEffectError(
                         f"no effect '{name}' in {reg.path}; {hint}see `clora effect list`"
                     )
-            col = reg.get_collection(collection)
-            if col is None and not teacher:
-                raise CloraError(
-                    f"no collection v{collection}; see `clora collections`"
-                    if collection
-                    else "no collection yet; run `clora distill` first"
-                )
+            # --teacher needs only the effect's own LoRA; everything else runs from a collection
+            col = reg.get_collection(collection) if teacher else reg.require_collection(collection)
             if col is not None and not (teacher or cascade):
                 members = {m.effect_name for m in col.members}
                 for name in effect:

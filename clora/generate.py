@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +16,13 @@ from clora.sampling import few_step_sample, few_step_sigmas
 from clora.unified import UnifiedHeader, read_header
 
 ADAPTER = "unified"
+
+
+def drop_adapters(transformer: Any, names: list[str]) -> None:
+    """Delete those of ``names`` that are loaded on ``transformer`` (so a name can be loaded afresh)."""
+    present = [n for n in names if n in getattr(transformer, "peft_config", {})]
+    if present:
+        transformer.delete_adapters(present)
 
 
 class UnifiedModel:
@@ -43,8 +51,7 @@ class UnifiedModel:
                 "distill again on this base"
             )
         tr = backbone.transformer
-        if ADAPTER in getattr(tr, "peft_config", {}):
-            tr.delete_adapters([ADAPTER])
+        drop_adapters(tr, [ADAPTER])
         tr.load_lora_adapter(str(path), prefix="transformer", adapter_name=ADAPTER, use_safetensors=True)
         tr.requires_grad_(False)
         return cls(backbone, path, header)
@@ -120,8 +127,7 @@ def teacher_edit(
     tr = backbone.transformer
     lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
     name = "teacher_edit"
-    if name in getattr(tr, "peft_config", {}):
-        tr.delete_adapters([name])
+    drop_adapters(tr, [name])
     add_lora_adapter(tr, lora.modules, name)
     try:
         tr.enable_adapters()
@@ -159,9 +165,7 @@ def cascade_edit(
     header = read_header(accel_file)
     tr = backbone.transformer
     lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
-    for name in ("cascade_effect", "cascade_accel"):
-        if name in getattr(tr, "peft_config", {}):
-            tr.delete_adapters([name])
+    drop_adapters(tr, ["cascade_effect", "cascade_accel"])
     add_lora_adapter(tr, lora.modules, "cascade_effect")
     tr.load_lora_adapter(
         str(accel_file), prefix="transformer", adapter_name="cascade_accel", use_safetensors=True

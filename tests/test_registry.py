@@ -84,3 +84,16 @@ def test_two_processes_adding_at_once(tmp_path: Path) -> None:
     assert len(effects) == 30
     assert len({e.trigger for e in effects}) == 30
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    with Registry(db) as reg:
+        add_bare_effect(reg, "a")
+        writer = sqlite3.connect(db, isolation_level=None, timeout=0)
+        writer.execute("BEGIN IMMEDIATE")  # another process mid-write
+        try:
+            assert [e.name for e in reg.list_effects()] == ["a"]
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()

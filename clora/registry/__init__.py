@@ -127,7 +127,10 @@ class Registry:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the lock up front (no upgrade deadlocks); readers do not block them.
+            conn.exec_driver_sql(
+                "BEGIN" if conn.get_execution_options().get("clora_read") else "BEGIN IMMEDIATE"
+            )
 
         return engine
 
@@ -141,9 +144,10 @@ class Registry:
         self.close()
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any error."""
-        with Session(self.engine, expire_on_commit=False) as s:
+    def session(self, write: bool = True) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error (``write=False``: read only)."""
+        bind = self.engine if write else self.engine.execution_options(clora_read=True)
+        with Session(bind, expire_on_commit=False) as s:
             try:
                 with s.begin():
                     yield s
@@ -155,11 +159,11 @@ class Registry:
     # ---- effects -------------------------------------------------------------------------------
 
     def list_effects(self) -> list[Effect]:
-        with self.session() as s:
+        with self.session(write=False) as s:
             return list(s.scalars(select(Effect).order_by(Effect.name)))
 
     def get_effect(self, name: str) -> Effect:
-        with self.session() as s:
+        with self.session(write=False) as s:
             effect = s.scalar(select(Effect).where(Effect.name == name))
             if effect is None:
                 names = list(s.scalars(select(Effect.name)))
@@ -229,7 +233,7 @@ class Registry:
     # ---- settings ------------------------------------------------------------------------------
 
     def get_setting(self, key: str) -> str | None:
-        with self.session() as s:
+        with self.session(write=False) as s:
             row = s.get(Setting, key)
             return row.value if row else None
 
@@ -244,7 +248,7 @@ class Registry:
     # ---- collections ---------------------------------------------------------------------------
 
     def list_collections(self) -> list[Collection]:
-        with self.session() as s:
+        with self.session(write=False) as s:
             rows = list(s.scalars(select(Collection).order_by(Collection.version)))
             for c in rows:
                 _ = c.members  # load before the session closes
@@ -252,7 +256,7 @@ class Registry:
 
     def get_collection(self, version: int | None = None) -> Collection | None:
         """Collection ``version``, or the latest when None; None if there is none."""
-        with self.session() as s:
+        with self.session(write=False) as s:
             q = select(Collection)
             q = (
                 q.where(Collection.version == version)
@@ -264,10 +268,21 @@ class Registry:
                 _ = c.members
             return c
 
+    def require_collection(self, version: int | None = None) -> Collection:
+        """Like :meth:`get_collection`, but a missing collection is an error with a next step."""
+        c = self.get_collection(version)
+        if c is None:
+            raise RegistryError(
+                f"no collection v{version}; see `clora collections`"
+                if version is not None
+                else "no collection yet; run `clora distill` first"
+            )
+        return c
+
     def collection_version(self, collection_id: int | None) -> int | None:
         if collection_id is None:
             return None
-        with self.session() as s:
+        with self.session(write=False) as s:
             c = s.get(Collection, collection_id)
             return c.version if c else None
 
@@ -345,7 +360,7 @@ class Registry:
 
     def get_run(self, run_id: str | None = None, *, unfinished: bool = False) -> Run | None:
         """Run ``run_id``, or the most recent run (that has not completed, with ``unfinished``)."""
-        with self.session() as s:
+        with self.session(write=False) as s:
             if run_id is not None:
                 return s.get(Run, run_id)
             q = select(Run)
@@ -354,5 +369,5 @@ class Registry:
             return s.scalars(q.order_by(Run.started_at.desc(), Run.id.desc()).limit(1)).first()
 
     def list_runs(self) -> list[Run]:
-        with self.session() as s:
+        with self.session(write=False) as s:
             return list(s.scalars(select(Run).order_by(Run.started_at, Run.id)))
