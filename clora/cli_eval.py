@@ -29,6 +29,14 @@ def add_commands(app: typer.Typer) -> None:
         accel: Annotated[
             Path | None, typer.Option("--accel", help="Acceleration LoRA for the cascade baseline.")
         ] = None,
+        merge: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--merge",
+                help="Merged-LoRA baselines to score (peft add_weighted_adapter): linear, ties; "
+                "'none' for none. Default: both.",
+            ),
+        ] = None,
         margin: Annotated[
             float, typer.Option("--margin", help="Bad case: this many dB below the teacher.")
         ] = 1.0,
@@ -51,7 +59,14 @@ def add_commands(app: typer.Typer) -> None:
         st = state(ctx)
         with st.open_registry(create=False) as reg:
             col = reg.require_collection(collection)
-            opts = EvalOptions(n_images=n_images, seed=seed, margin_db=margin, accel=accel, images_dir=images)
+            opts = EvalOptions(
+                n_images=n_images,
+                seed=seed,
+                margin_db=margin,
+                accel=accel,
+                images_dir=images,
+                merges=_merges(merge),
+            )
             result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress)
             outputs = result.pop("_outputs")
             reg.update_collection_metrics(col.version, {"eval": result})
@@ -61,16 +76,23 @@ def add_commands(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
+        merges = list(opts.merges)
         table = Table(
-            "effect", "student vs truth dB", "teacher vs truth dB", "student vs teacher dB", "bad cases"
+            "effect",
+            "student",
+            "teacher",
+            *(f"merged {m}" for m in merges),
+            "student vs teacher",
+            "bad cases",
+            title="PSNR in dB against the truth (student: few steps; teacher, merged: full sampler)",
         )
         for name, r in result["effects"].items():
+            merged = r["merged_vs_truth"] or {}
             table.add_row(
                 name,
-                *(
-                    f"{(r[k] or {}).get('psnr', float('nan')):.2f}" if r[k] else "-"
-                    for k in ("student_vs_truth", "teacher_vs_truth", "student_vs_teacher")
-                ),
+                *(_db(r[k]) for k in ("student_vs_truth", "teacher_vs_truth")),
+                *(_db(merged.get(m)) for m in merges),
+                _db(r["student_vs_teacher"]),
                 "-" if r["bad_case_rate"] is None else f"{r['bad_case_rate']:.0%}",
             )
         console.print(table)
@@ -85,3 +107,24 @@ def add_commands(app: typer.Typer) -> None:
             f"{c['per_effect_loras']['files']} files, {c['per_effect_loras']['bytes']} bytes, switch "
             f"{c['per_effect_loras']['switch_ms']} ms, {c['per_effect_loras']['ms_per_image']} ms/image"
         )
+
+
+def _db(scores: dict[str, float] | None) -> str:
+    return "-" if not scores or "psnr" not in scores else f"{scores['psnr']:.2f}"
+
+
+def _merges(values: list[str] | None) -> tuple[str, ...]:
+    """``--merge`` values (comma-separated or repeated); none given: every type; 'none': no merges."""
+    from clora.cli_distill import _names
+    from clora.errors import CloraError
+    from clora.merge import MERGE_TYPES
+
+    names = _names(values)
+    if names is None:
+        return MERGE_TYPES
+    if names == ["none"]:
+        return ()
+    for n in names:
+        if n not in MERGE_TYPES:
+            raise CloraError(f"unknown --merge '{n}'; choose from {', '.join(MERGE_TYPES)} or 'none'")
+    return tuple(dict.fromkeys(names))

@@ -17,7 +17,8 @@ import torch
 from clora.backbone import Backbone
 from clora.distill.config import DistillConfig
 from clora.distill.prepare import effect_seed, load_images
-from clora.generate import ADAPTER, UnifiedModel, cascade_edit, teacher_edit
+from clora.generate import ADAPTER, UnifiedModel, cascade_edit, drop_adapters, full_edit, teacher_edit
+from clora.merge import MERGE_TYPES, merge_teachers
 from clora.metrics import nearest
 from clora.plugins import Components
 from clora.progress import progress_bar
@@ -36,6 +37,7 @@ class EvalOptions:
     accel: Path | None = None  # acceleration LoRA for the cascade baseline
     images_dir: Path | None = None
     general_prompts: int = 16
+    merges: tuple[str, ...] = MERGE_TYPES  # merged-LoRA baselines (peft combination types)
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -118,12 +120,20 @@ def evaluate(
                 "teacher_vs_truth": score(out["teacher"], out.get("truth")) if "teacher" in out else None,
                 "cascade_vs_truth": score(out["cascade"], out.get("truth")) if "cascade" in out else None,
                 "bad_case_rate": None,
+                "merged_vs_truth": None,
             }
             if "truth" in out and "teacher" in out and "psnr" in metrics:
                 gap = metrics["psnr"](out["teacher"], out["truth"]) - metrics["psnr"](student, out["truth"])
                 row["bad_case_rate"] = _mean((gap > opt.margin_db).float())
             per[name] = row
             bar.update(task, advance=1, info=name)
+        merged = _merged(bb, components, cfg, opt, model.effects, registered, names, sources, bar)
+    for name, by_merge in merged.items():
+        for merge, images in by_merge.items():
+            outputs[name][f"merged-{merge}"] = images
+        per[name]["merged_vs_truth"] = {
+            m: score(images, outputs[name].get("truth")) for m, images in by_merge.items()
+        }
 
     result: dict[str, Any] = {
         "collection": collection.version,
@@ -152,12 +162,58 @@ def evaluate(
     return result
 
 
+def _merged(
+    bb: Backbone,
+    components: Components,
+    cfg: DistillConfig,
+    opt: EvalOptions,
+    members: list[str],
+    registered: dict[str, Any],
+    names: list[str],
+    sources: torch.Tensor,
+    bar: Any,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each effect's outputs with every member's LoRA merged into one (its own prompt, full sampler)."""
+    paths = [registered[n].lora_path for n in members if n in registered]
+    todo = [n for n in names if n in registered]
+    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in todo}
+    if not opt.merges or not paths or not todo:
+        return {}
+    guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
+    task = bar.add_task("merged baselines", total=len(opt.merges) * len(todo), info="")
+    for merge in opt.merges:
+        adapter = f"merged_{merge}"
+        merge_teachers(bb.transformer, components, paths, merge, adapter)
+        try:
+            for n in todo:
+                e = registered[n]
+                out[n][merge] = full_edit(
+                    bb, adapter, e.teacher_prompt, sources, cfg.teacher_steps, guidance, cfg.shift, opt.seed
+                )
+                bar.update(task, advance=1, info=f"{merge}: {n}")
+        finally:
+            drop_adapters(bb.transformer, [adapter])
+    return out
+
+
 def _overall(per: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "cascade_vs_truth"):
         rows = [r[key] for r in per.values() if r[key]]
         if rows:
             out[key] = {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]}
+    merges = sorted({m for r in per.values() for m, v in (r.get("merged_vs_truth") or {}).items() if v})
+    if merges:
+        out["merged_vs_truth"] = {}
+        for merge in merges:
+            rows = [
+                r["merged_vs_truth"][merge]
+                for r in per.values()
+                if (r.get("merged_vs_truth") or {}).get(merge)
+            ]
+            out["merged_vs_truth"][merge] = {
+                m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]
+            }
     bad = [r["bad_case_rate"] for r in per.values() if r["bad_case_rate"] is not None]
     out["bad_case_rate"] = round(sum(bad) / len(bad), 4) if bad else None
     return out

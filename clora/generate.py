@@ -109,6 +109,31 @@ class UnifiedModel:
 
 
 @torch.no_grad()
+def full_edit(
+    backbone: Backbone,
+    adapter: str,
+    prompt: str,
+    images: torch.Tensor,
+    steps: int = 20,
+    guidance: float = 4.0,
+    shift: float = 3.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The base with the loaded adapter ``adapter`` and ``prompt``: full Euler sampler with CFG."""
+    from clora.sampling import euler_sample
+
+    tr = backbone.transformer
+    tr.enable_adapters()
+    tr.set_adapter(adapter)
+    g = torch.Generator().manual_seed(seed)
+    source = backbone.encode_images(images)
+    out = euler_sample(
+        backbone, source, [prompt] * len(images), steps=steps, guidance=guidance, generator=g, shift=shift
+    )
+    return backbone.decode_latents(out)
+
+
+@torch.no_grad()
 def teacher_edit(
     backbone: Backbone,
     components: Components,
@@ -122,7 +147,6 @@ def teacher_edit(
 ) -> torch.Tensor:
     """The old way: base + the effect's own LoRA, full Euler sampler with CFG."""
     from clora.lora import add_lora_adapter, linear_shapes, read_lora
-    from clora.sampling import euler_sample
 
     tr = backbone.transformer
     lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
@@ -130,20 +154,7 @@ def teacher_edit(
     drop_adapters(tr, [name])
     add_lora_adapter(tr, lora.modules, name)
     try:
-        tr.enable_adapters()
-        tr.set_adapter(name)
-        g = torch.Generator().manual_seed(seed)
-        source = backbone.encode_images(images)
-        out = euler_sample(
-            backbone,
-            source,
-            [teacher_prompt] * len(images),
-            steps=steps,
-            guidance=guidance,
-            generator=g,
-            shift=shift,
-        )
-        return backbone.decode_latents(out)
+        return full_edit(backbone, name, teacher_prompt, images, steps, guidance, shift, seed)
     finally:
         tr.delete_adapters([name])
 

@@ -13,6 +13,9 @@ from PIL import Image, ImageDraw
 from clora.fileio import atomic_path
 from clora.images import contact_sheet
 
+#: columns of a contact sheet, after the input; merged baselines follow
+ORDER = ("truth", "teacher", "cascade", "student")
+
 
 def heatmap(labels: list[str], matrix: list[list[int]], path: Path, cell: int = 28) -> None:
     """The confusion matrix as a PNG heat map (rows: requested effect, columns: nearest effect)."""
@@ -55,8 +58,9 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
     per: dict[str, dict[str, torch.Tensor]] = outputs["per_effect"]
     sheets = []
     for name, out in per.items():
-        cols = [sources] + [out[k] for k in ("truth", "teacher", "cascade", "student") if k in out]
-        kinds = ["input"] + [k for k in ("truth", "teacher", "cascade", "student") if k in out]
+        kinds = [k for k in ORDER if k in out] + sorted(k for k in out if k.startswith("merged-"))
+        cols = [sources] + [out[k] for k in kinds]
+        kinds = ["input", *kinds]
         rows = [[c[i] for c in cols] for i in range(min(4, len(sources)))]
         file = f"sheet-{name}.png"
         contact_sheet(rows, folder / file)
@@ -65,6 +69,7 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
     if bleed["matrix"]:
         heatmap(bleed["labels"], bleed["matrix"], folder / "bleeding.png")
     effects = result["effects"]
+    merges = sorted({m for r in effects.values() for m in (r.get("merged_vs_truth") or {})})
     table = _table(
         [
             [
@@ -72,6 +77,7 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
                 (r["student_vs_truth"] or {}).get("psnr"),
                 (r["teacher_vs_truth"] or {}).get("psnr"),
                 (r["cascade_vs_truth"] or {}).get("psnr"),
+                *(((r.get("merged_vs_truth") or {}).get(m) or {}).get("psnr") for m in merges),
                 (r["student_vs_teacher"] or {}).get("psnr"),
                 (r["student_vs_teacher"] or {}).get("ssim"),
                 r["bad_case_rate"],
@@ -83,6 +89,7 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
             "student vs truth (dB)",
             "teacher vs truth",
             "cascade vs truth",
+            *(f"merged-{m} vs truth" for m in merges),
             "student vs teacher (dB)",
             "SSIM vs teacher",
             "bad-case rate",

@@ -95,6 +95,10 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
         for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth"):
             assert 0 < row[key]["psnr"] < 100 and -1 <= row[key]["ssim"] <= 1
         assert 0 <= row["bad_case_rate"] <= 1
+        assert set(row["merged_vs_truth"]) == {"linear", "ties"}
+        for scores in row["merged_vs_truth"].values():
+            assert 0 < scores["psnr"] < 100
+    assert set(data["overall"]["merged_vs_truth"]) == {"linear", "ties"}
     b = data["bleeding"]
     assert b["reference"] == "truth" and b["labels"] == ["invert", "sepia"]
     assert sum(map(sum, b["matrix"])) == 8 and 0 <= b["bleed_rate"] <= 1
@@ -104,8 +108,51 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
     assert cost["unified"]["nfe"] == 4 and cost["per_effect_loras"]["nfe"] == 40
     assert cost["unified"]["ms_per_image"] > 0 and cost["per_effect_loras"]["switch_ms"] > 0
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "bleeding.png" in page and "sheet-sepia.png" in page
+    assert "bleeding.png" in page and "sheet-sepia.png" in page and "merged-ties vs truth" in page
     assert (tmp_path / "rep" / "bleeding.png").exists()
     # stored on the collection row
     cols = json.loads(run(pm, "collections", "--json").stdout)
     assert cols[0]["metrics"]["eval"]["bleeding"]["matrix"] == b["matrix"]
+    r = run(pm, "eval", "--merge", "svd", "--n-images", "2", "--no-progress")
+    assert r.exit_code == 1 and "unknown --merge 'svd'" in r.output
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties"])
+def test_merge_of_one_lora_is_that_lora_and_leaves_other_adapters(  # type: ignore[no-untyped-def]
+    combination: str, make_lora, shapes_factory
+) -> None:
+    from peft import LoraConfig
+
+    from clora.lora import linear_shapes, read_lora
+    from clora.merge import merge_teachers
+
+    comps = Components.collect(plugin_manager())
+    tr = shapes_factory.model
+    tr.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="keep")
+    keep = {n: p.clone() for n, p in tr.named_parameters() if ".keep." in n}
+    path = make_lora("one", fmt="kohya", rank=4)  # kohya: alpha is in the file
+    merge_teachers(tr, comps, [str(path)], combination, "merged", density=1.0)
+    try:
+        assert set(tr.peft_config) == {"keep", "merged"}  # the loaded inputs are gone again
+        assert all(torch.equal(p, keep[n]) for n, p in tr.named_parameters() if ".keep." in n)
+        lora = read_lora(str(path), comps.teacher_providers(), module_names=linear_shapes(tr))
+        modules = dict(tr.named_modules())
+        for name, m in lora.modules.items():
+            expected = (m.up @ m.down) * m.scale
+            assert torch.allclose(modules[name].get_delta_weight("merged"), expected, atol=1e-5), name
+    finally:
+        tr.delete_adapters(["keep", "merged"])
+
+
+def test_merge_errors_are_one_line(make_lora, shapes_factory) -> None:  # type: ignore[no-untyped-def]
+    from clora.errors import CloraError
+    from clora.merge import merge_teachers
+
+    comps = Components.collect(plugin_manager())
+    tr = shapes_factory.model
+    a, b = make_lora("a", rank=4), make_lora("b", rank=8, seed=1)
+    with pytest.raises(CloraError, match="cannot merge these LoRAs with 'linear'"):
+        merge_teachers(tr, comps, [str(a), str(b)], "linear", "merged")
+    with pytest.raises(CloraError, match="unknown merge 'svd'"):
+        merge_teachers(tr, comps, [str(a)], "svd", "merged")
+    assert not getattr(tr, "peft_config", {})  # nothing left behind

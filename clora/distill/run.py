@@ -202,9 +202,7 @@ def run_distill(
         run = registry.get_run(run_id) if run_id else registry.get_run(unfinished=True)
         if run is None:
             raise CloraError(
-                f"no run {run_id!r} to resume; see `clora runs`"
-                if run_id
-                else "no distill run to resume"
+                f"no run {run_id!r} to resume; see `clora runs`" if run_id else "no distill run to resume"
             )
         if run.status == "completed":
             raise CloraError(
