@@ -52,6 +52,10 @@ def test_smoke_distill_writes_a_loadable_unified_lora(tiny_world, registry_file:
     assert {m["effect"] for m in col["members"]} == set(TINY_EFFECTS)
     assert col["config"]["steps"] == 6
     assert col["metrics"]["train"]["peak_rss_mb"] > 0
+    roles = col["metrics"]["train"]["seconds_by_role"]
+    assert set(roles) == {"simulation", "teacher", "critic_score", "generator", "critic"}
+    assert all(v > 0 for v in roles.values()), roles
+    assert sum(roles.values()) <= col["metrics"]["train"]["seconds_loop"] + 0.1
 
     path = Path(col["file"])
     with safe_open(str(path), framework="pt") as f:

@@ -72,7 +72,11 @@ class DistillConfig(BaseModel):
     gen_every: int = Field(
         1, ge=1, description="one student update every gen_every steps (critic every step; reference: 5)"
     )
-    critic_warmup: int = Field(20, ge=0, description="critic-only steps before the first student update")
+    critic_warmup: int = Field(
+        20,
+        ge=0,
+        description="critic-only steps before the first student update (at most a quarter of the run)",
+    )
     batch_size: int = Field(16, ge=1, description="images per step")
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
     critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the critic (reference: 1e-4)")

@@ -8,7 +8,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,39 @@ class LoopResult:
     seconds: float
     final_losses: dict[str, float]
     teacher_loads: int
+    #: wall seconds of this session's steps by role (see :class:`RoleTimer`)
+    seconds_by_role: dict[str, float] = field(default_factory=dict)
+
+
+class RoleTimer:
+    """Wall time per role of a step: ``simulation`` (student few-step rollout), ``teacher`` and
+    ``critic_score`` (no-grad calls inside the generator's losses), ``generator`` (the rest of the
+    generator turn: student forwards with grad, backward, optimizer) and ``critic`` (critic turn)."""
+
+    ROLES = ("simulation", "teacher", "critic_score", "generator", "critic")
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds = dict.fromkeys(self.ROLES, 0.0)
+        self.sync = device.type == "cuda"
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def __call__(self, role: str) -> Iterator[None]:
+        t0 = self._now()
+        try:
+            yield
+        finally:
+            self.seconds[role] += self._now() - t0
+
+    def report(self) -> dict[str, float]:
+        """Seconds by role; ``generator`` excludes the teacher and critic calls made inside it."""
+        out = dict(self.seconds)
+        out["generator"] = max(out["generator"] - out["teacher"] - out["critic_score"], 0.0)
+        return {k: round(v, 2) for k, v in out.items()}
 
 
 class Distiller:
@@ -87,6 +121,7 @@ class Distiller:
         self.opt_critic = torch.optim.AdamW(adapters.params[CRITIC], lr=cfg.critic_lr, betas=cfg.betas)
         self.state = LoopState(counts={e.name: 0 for e in plan.effects})
         self.effects = {e.name: e for e in plan.effects}
+        self.timer = RoleTimer(torch.device(backbone.device))
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -95,6 +130,7 @@ class Distiller:
     ) -> LoopResult:
         cfg, total = self.cfg, self.cfg.steps
         start, t0, last = self.state.step, time.monotonic(), 0.0
+        warmup = min(cfg.critic_warmup, total // 4)
         final: dict[str, float] = {}
         with progress_bar(show_progress) as bar, open(self.run_dir / LOG, "a") as log:
             task = bar.add_task("distill", total=total, completed=start, info="")
@@ -106,26 +142,19 @@ class Distiller:
                 # 2. batch
                 batch = self.make_batch(stream, effect)
                 # 3. backward simulation; the last simulated step keeps its graph on generator turns
-                gen_turn = step >= cfg.critic_warmup and (step - cfg.critic_warmup) % cfg.gen_every == 0
-                sample = self.simulate(batch, with_grad=gen_turn)
+                gen_turn = step >= warmup and (step - warmup) % cfg.gen_every == 0
+                with self.timer("simulation"):
+                    sample = self.simulate(batch, with_grad=gen_turn)
                 ctx = self.loss_context(batch, sample)
                 logged: dict[str, float] = {}
                 # 4. generator turn
                 if gen_turn:
-                    loss = self.weighted(ctx, "generator", step, logged)
-                    if loss is not None:
-                        self.opt_student.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(self.adapters.params[STUDENT], cfg.grad_clip)
-                        self.opt_student.step()
+                    with self.timer("generator"):
+                        self.turn(ctx, "generator", step, logged)
                 # 5. critic turn, on the same (now detached) student sample
                 ctx.sample = sample.detach()
-                loss = self.weighted(ctx, "critic", step, logged)
-                if loss is not None:
-                    self.opt_critic.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.adapters.params[CRITIC], cfg.grad_clip)
-                    self.opt_critic.step()
+                with self.timer("critic"):
+                    self.turn(ctx, "critic", step, logged)
                 # 6. log and checkpoint
                 self.state.step = step + 1
                 final.update(logged)
@@ -143,7 +172,9 @@ class Distiller:
                     self.save_checkpoint()
                     if on_checkpoint:
                         on_checkpoint(step + 1)
-        return LoopResult(total - start, time.monotonic() - t0, final, self.adapters.teacher_loads)
+        return LoopResult(
+            total - start, time.monotonic() - t0, final, self.adapters.teacher_loads, self.timer.report()
+        )
 
     # ---- helpers, in the order the loop uses them ----------------------------------------------
 
@@ -219,9 +250,10 @@ class Distiller:
         guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
 
         def teacher_x0(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            ad.use_teacher(batch.teacher_lora)
-            v = guided_velocity(bb, noisy, t, batch.source, batch.teacher_prompt, batch.uncond, guidance)
-            return x0_from_velocity(noisy, v, t)
+            with self.timer("teacher"):
+                ad.use_teacher(batch.teacher_lora)
+                v = guided_velocity(bb, noisy, t, batch.source, batch.teacher_prompt, batch.uncond, guidance)
+                return x0_from_velocity(noisy, v, t)
 
         def velocity(adapter: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             def call(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -236,6 +268,12 @@ class Distiller:
 
             return call
 
+        critic_x0 = x0_of(CRITIC)
+
+        def critic_score(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self.timer("critic_score"):
+                return critic_x0(noisy, t)
+
         return LossContext(
             sample=sample,
             stream=batch.stream,
@@ -244,11 +282,22 @@ class Distiller:
             config=cfg,
             generator=self.generator,
             teacher_x0=teacher_x0,
-            critic_x0=x0_of(CRITIC),
+            critic_x0=critic_score,
             student_x0=x0_of(STUDENT),
             student_velocity=velocity(STUDENT),
             critic_velocity=velocity(CRITIC),
         )
+
+    def turn(self, ctx: LossContext, role: str, step: int, logged: dict[str, float]) -> None:
+        """One optimizer step of ``role`` (generator: the student, critic: the critic) on its terms."""
+        loss = self.weighted(ctx, role, step, logged)
+        if loss is None:
+            return
+        adapter, opt = (STUDENT, self.opt_student) if role == "generator" else (CRITIC, self.opt_critic)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.adapters.params[adapter], self.cfg.grad_clip)
+        opt.step()
 
     def weighted(
         self, ctx: LossContext, role: str, step: int, logged: dict[str, float]

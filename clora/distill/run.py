@@ -331,6 +331,7 @@ def _execute(
             "seconds_loop": round(result.seconds, 2),
             "final_losses": {k: v for k, v in result.final_losses.items() if k.startswith("loss/")},
             "teacher_loads": result.teacher_loads,
+            "seconds_by_role": result.seconds_by_role,
             "peak_rss_mb": round(peak_memory_mb(cfg.device), 1),
             "base_mb": round(base_bytes / 2**20, 2),
         }
