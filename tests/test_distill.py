@@ -19,6 +19,7 @@ from clora import hookimpl
 from clora.distill.config import DistillConfig, LossSpec
 from clora.distill.losses import LossContext, dmd_gradient, dmd_loss, flow_matching_loss
 from clora.generate import UnifiedModel
+from clora.paths import clora_home
 from clora.plugins import Components
 from clora.registry import Registry
 
@@ -88,10 +89,30 @@ def _final_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    cfg = _config_file(tmp_path, steps=8, batch_size=4, block_len=1, p_switch=1.0, effects_per_batch=2)
+    r = run(pm, "distill", "--config", cfg, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    log = clora_home() / "runs" / col["run_id"] / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 8
+    assert all(sorted(row["effect"].split(",")) == sorted(TINY_EFFECTS) for row in rows)
+    assert any("loss/dmd" in row for row in rows)
+
+
 def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_world
     cfg = _config_file(
-        tmp_path, checkpoint_every=4, steps=40, batch_size=4, block_len=3, critic_warmup=2, gen_every=2
+        tmp_path,
+        checkpoint_every=4,
+        steps=40,
+        batch_size=4,
+        block_len=3,
+        critic_warmup=2,
+        gen_every=2,
+        effects_per_batch=2,
     )
     r = run(pm, "distill", "--config", cfg, "--no-progress", "--json", "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output

@@ -65,6 +65,12 @@ class DistillConfig(BaseModel):
         0.5, ge=0, le=1, description="probability that a block of steps is an effect-stream block"
     )
     block_len: int = Field(20, ge=1, description="steps per routing block")
+    effects_per_batch: int = Field(
+        1,
+        ge=1,
+        description="effects sharing one effect-stream batch, each with its own teacher "
+        "(the reference trains one effect per block: 1)",
+    )
     router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
     new_effect_share: float = Field(
         0.75, ge=0, le=1, description="incremental runs: share of effect blocks given to the new effects"

@@ -37,11 +37,20 @@ class NonFiniteLossError(CloraError):
 
 
 @dataclass
+class Group:
+    """Rows ``start:stop`` of a batch share one teacher (``lora`` None: the base model)."""
+
+    effect: str | None
+    lora: str | None
+    start: int
+    stop: int
+
+
+@dataclass
 class Batch:
     stream: Literal["effect", "general"]
-    effect: str | None
+    groups: list[Group]
     source: torch.Tensor
-    teacher_lora: str | None  # None: the base model is the teacher
     teacher_prompt: PromptEmbeds
     student_prompt: PromptEmbeds
     uncond: PromptEmbeds
@@ -53,7 +62,7 @@ class LoopState:
     """What a checkpoint restores besides the adapters and optimizers."""
 
     step: int = 0
-    route: tuple[Literal["effect", "general"], str | None] = ("general", None)
+    route: tuple[Literal["effect", "general"], tuple[str, ...]] = ("general", ())
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -135,12 +144,13 @@ class Distiller:
         with progress_bar(show_progress) as bar, open(self.run_dir / LOG, "a") as log:
             task = bar.add_task("distill", total=total, completed=start, info="")
             for step in range(start, total):
-                # 1. route: a coin flip per block picks the stream; the router picks the effect
+                # 1. route: a coin flip per block picks the stream; the router picks the effects
                 if step % cfg.block_len == 0:
                     self.state.route = self.choose_route()
-                stream, effect = self.state.route
+                stream, effects = self.state.route
+                effect = ",".join(effects) or None
                 # 2. batch
-                batch = self.make_batch(stream, effect)
+                batch = self.make_batch(stream, effects)
                 # 3. backward simulation; the last simulated step keeps its graph on generator turns
                 gen_turn = step >= warmup and (step - warmup) % cfg.gen_every == 0
                 with self.timer("simulation"):
@@ -181,48 +191,58 @@ class Distiller:
     def _rng(self) -> random.Random:
         return random.Random(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
 
-    def choose_route(self) -> tuple[Literal["effect", "general"], str | None]:
+    def choose_route(self) -> tuple[Literal["effect", "general"], tuple[str, ...]]:
+        """The next block: general, or effect with ``effects_per_batch`` distinct effects from the router."""
         rng = self._rng()
         if not self.plan.effects or (rng.random() >= self.cfg.p_switch and len(self.data.general_prompts)):
-            return ("general", None)
-        names = [e.name for e in self.plan.effects]
-        effect = self.router.choose(names, self.plan.new_effects, self.state.counts, self.cfg, rng)
-        if effect not in self.effects:
-            raise CloraError(f"router '{self.cfg.router}' chose unknown effect '{effect}'")
-        self.state.counts[effect] = self.state.counts.get(effect, 0) + 1
-        return ("effect", effect)
+            return ("general", ())
+        chosen: list[str] = []
+        for _ in range(min(self.cfg.effects_per_batch, len(self.plan.effects), self.cfg.batch_size)):
+            names = [e.name for e in self.plan.effects if e.name not in chosen]
+            new = [n for n in self.plan.new_effects if n not in chosen]
+            effect = self.router.choose(names, new, self.state.counts, self.cfg, rng)
+            if effect not in names:
+                raise CloraError(f"router '{self.cfg.router}' chose unknown or repeated effect '{effect}'")
+            self.state.counts[effect] = self.state.counts.get(effect, 0) + 1
+            chosen.append(effect)
+        return ("effect", tuple(chosen))
 
-    def make_batch(self, stream: Literal["effect", "general"], effect: str | None) -> Batch:
+    def make_batch(self, stream: Literal["effect", "general"], effects: tuple[str, ...]) -> Batch:
         b, p = self.cfg.batch_size, self.data.prompts
-        uncond = p[""]
-        if stream == "effect" and effect is not None:
-            e = self.effects[effect]
-            n = len(self.data.sources[effect])
-            idx = torch.randint(n, (b,), generator=self.generator)
-            student_text = e.student_prompt if self.cfg.asymmetric_prompts else e.teacher_prompt
+        uncond = PromptEmbeds.cat([p[""]] * b)
+        if stream == "effect" and effects:
+            groups, sources, targets, teacher, student = [], [], [], [], []
+            for i, name in enumerate(effects):  # rows split as evenly as possible, one group per effect
+                start, stop = b * i // len(effects), b * (i + 1) // len(effects)
+                e = self.effects[name]
+                idx = torch.randint(len(self.data.sources[name]), (stop - start,), generator=self.generator)
+                groups.append(Group(name, e.lora_path, start, stop))
+                sources.append(self.data.sources[name][idx])
+                targets.append(self.data.targets[name][idx])
+                student_text = e.student_prompt if self.cfg.asymmetric_prompts else e.teacher_prompt
+                teacher += [p[e.teacher_prompt]] * (stop - start)
+                student += [p[student_text]] * (stop - start)
             return Batch(
                 stream,
-                effect,
-                source=self.data.sources[effect][idx],
-                teacher_lora=e.lora_path,
-                teacher_prompt=PromptEmbeds.cat([p[e.teacher_prompt]] * b),
-                student_prompt=PromptEmbeds.cat([p[student_text]] * b),
-                uncond=PromptEmbeds.cat([uncond] * b),
-                targets=self.data.targets[effect][idx],
+                groups,
+                source=torch.cat(sources),
+                teacher_prompt=PromptEmbeds.cat(teacher),
+                student_prompt=PromptEmbeds.cat(student),
+                uncond=uncond,
+                targets=torch.cat(targets),
             )
         idx = torch.randint(len(self.data.general_prompts), (b,), generator=self.generator)
         texts = [self.data.general_prompts[int(i)] for i in idx]
         prompts = PromptEmbeds.cat([p[t] for t in texts])
-        targets = self.data.general_targets
+        general = self.data.general_targets
         return Batch(
             stream,
-            None,
+            [Group(None, None, 0, b)],
             self.data.general_sources[idx],
-            None,
             prompts,
             prompts,
-            PromptEmbeds.cat([uncond] * b),
-            targets[idx] if targets is not None else None,
+            uncond,
+            general[idx] if general is not None else None,
         )
 
     def randn(self, like: torch.Tensor) -> torch.Tensor:
@@ -250,10 +270,23 @@ class Distiller:
         guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
 
         def teacher_x0(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t, dtype=noisy.dtype, device=noisy.device).expand(noisy.shape[0])
             with self.timer("teacher"):
-                ad.use_teacher(batch.teacher_lora)
-                v = guided_velocity(bb, noisy, t, batch.source, batch.teacher_prompt, batch.uncond, guidance)
-                return x0_from_velocity(noisy, v, t)
+                parts = []
+                for g in batch.groups:  # one teacher per group of rows
+                    rows = slice(g.start, g.stop)
+                    ad.use_teacher(g.lora)
+                    v = guided_velocity(
+                        bb,
+                        noisy[rows],
+                        t[rows],
+                        batch.source[rows],
+                        batch.teacher_prompt.index(rows),
+                        batch.uncond.index(rows),
+                        guidance,
+                    )
+                    parts.append(x0_from_velocity(noisy[rows], v, t[rows]))
+                return torch.cat(parts)
 
         def velocity(adapter: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             def call(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -335,7 +368,7 @@ class Distiller:
         save_torch(
             {
                 "step": self.state.step,
-                "route": list(self.state.route),
+                "route": [self.state.route[0], list(self.state.route[1])],
                 "counts": dict(self.state.counts),
                 "generator": self.generator.get_state(),
                 "student": self.adapters.state_dict(STUDENT),
@@ -358,8 +391,8 @@ class Distiller:
         self.opt_student.load_state_dict(ck["opt_student"])
         self.opt_critic.load_state_dict(ck["opt_critic"])
         self.generator.set_state(ck["generator"])
-        route = ck["route"]
-        self.state = LoopState(step=int(ck["step"]), route=(route[0], route[1]), counts=dict(ck["counts"]))
+        stream, effects = ck["route"]
+        self.state = LoopState(step=int(ck["step"]), route=(stream, tuple(effects)), counts=dict(ck["counts"]))
         self._truncate_log(self.state.step)
         return True
 

@@ -1,7 +1,8 @@
 """Routers: which effect each effect-stream block of distillation steps trains.
 
 A router has a ``router_id`` and ``choose(effects, new_effects, counts, config, rng) -> str``:
-the effect of the next effect block, given every effect's block count so far. Whether a block is
+an effect of the next effect block, given every effect's pick count so far. With
+``effects_per_batch`` k > 1 the loop asks k times, leaving out the effects already picked. Whether a block is
 an effect or a general block is the loop's coin flip (``p_switch``), not the router's.
 """
 
