@@ -100,6 +100,8 @@ def main() -> None:
         results[label] = {
             "seconds": round(seconds, 1),
             "peak_rss_mb": outcome.metrics["train"]["peak_rss_mb"],
+            "steps": outcome.metrics["train"]["steps"],
+            "seconds_by_role": outcome.metrics["train"]["seconds_by_role"],
             "base_mb": outcome.metrics["train"]["base_mb"],
             "per_effect": {
                 n: {
@@ -121,6 +123,12 @@ def main() -> None:
 
 def print_variant(label: str, r: dict[str, Any]) -> None:
     print(f"\n== {label}: {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB (base weights {r['base_mb']} MB)")
+    roles = r["seconds_by_role"]
+    total = sum(roles.values()) or 1.0
+    print(
+        f"{r['steps']} steps, {total / r['steps']:.2f} s/step; by role: "
+        + ", ".join(f"{k} {v / total:.0%}" for k, v in roles.items())
+    )
     print(f"{'effect':14} {'student 4-step':>15} {'teacher 20+CFG':>15} {'gap':>7}")
     gaps = []
     for n, v in r["per_effect"].items():

@@ -28,7 +28,10 @@ def add_commands(app: typer.Typer) -> None:
         ] = None,
         steps: Annotated[
             int | None,
-            typer.Option("--steps", help="Training steps (default 600; incremental: 150 per new effect)."),
+            typer.Option(
+                "--steps",
+                help="Training steps (default: max(600, 100 per effect); incremental: 150 per new effect).",
+            ),
         ] = None,
         rank: Annotated[
             int | None, typer.Option("--rank", help="LoRA rank of the unified LoRA (default 16).")

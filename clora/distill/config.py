@@ -50,7 +50,13 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(
-        600, ge=1, description="training steps (each trains the critic; every gen_every also the student)"
+        600,
+        ge=1,
+        description="training steps (each trains the critic; every gen_every also the student); "
+        "a full run without --steps trains at least steps_per_effect per effect",
+    )
+    steps_per_effect: int = Field(
+        100, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
     )
     steps_per_new_effect: int = Field(
         150, ge=1, description="incremental runs without --steps train this many steps per new effect"
@@ -62,11 +68,14 @@ class DistillConfig(BaseModel):
         3.0, gt=0, description="timestep shift of every schedule: s = shift*u / (1 + (shift-1)*u)"
     )
     p_switch: float = Field(
-        0.5, ge=0, le=1, description="probability that a block of steps is an effect-stream block"
+        0.75,
+        ge=0,
+        le=1,
+        description="probability that a block of steps is an effect-stream block (reference: 0.5)",
     )
-    block_len: int = Field(20, ge=1, description="steps per routing block")
+    block_len: int = Field(5, ge=1, description="steps per routing block (reference: 20)")
     effects_per_batch: int = Field(
-        1,
+        4,
         ge=1,
         description="effects sharing one effect-stream batch, each with its own teacher "
         "(the reference trains one effect per block: 1)",
@@ -84,8 +93,13 @@ class DistillConfig(BaseModel):
         description="critic-only steps before the first student update (at most a quarter of the run)",
     )
     batch_size: int = Field(16, ge=1, description="images per step")
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
     critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the critic (reference: 1e-4)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine",
+        description="student learning rate over the run: constant, or cosine decay to lr_final_ratio",
+    )
+    lr_final_ratio: float = Field(0.1, ge=0, le=1, description="final / initial student lr (cosine)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (both optimizers)")
     grad_clip: float = Field(10.0, gt=0, description="max gradient norm (both optimizers)")
     guidance: float | None = Field(
@@ -107,7 +121,7 @@ class DistillConfig(BaseModel):
     losses: dict[str, LossSpec] = Field(
         default_factory=default_losses, description="loss term id -> weight spec"
     )
-    max_resident_teachers: int = Field(4, ge=1, description="teacher adapters kept on the base at once")
+    max_resident_teachers: int = Field(8, ge=1, description="teacher adapters kept on the base at once")
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N steps")
     captioner: str = Field("template", description="captioner plugin id for effects without a caption")
     seed: int = Field(0, description="seed of routing, noise and data order")

@@ -158,6 +158,7 @@ class Distiller:
                 ctx = self.loss_context(batch, sample)
                 logged: dict[str, float] = {}
                 # 4. generator turn
+                self.set_student_lr(step)
                 if gen_turn:
                     with self.timer("generator"):
                         self.turn(ctx, "generator", step, logged)
@@ -321,6 +322,18 @@ class Distiller:
             critic_velocity=velocity(CRITIC),
         )
 
+    def set_student_lr(self, step: int) -> None:
+        """The student's learning rate at ``step`` (``lr_schedule``), set on its optimizer."""
+        cfg = self.cfg
+        lr = cfg.lr
+        if cfg.lr_schedule == "cosine" and cfg.steps > 1:
+            frac = min(step / (cfg.steps - 1), 1.0)
+            lr = cfg.lr * (
+                cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+            )
+        for group in self.opt_student.param_groups:
+            group["lr"] = lr
+
     def turn(self, ctx: LossContext, role: str, step: int, logged: dict[str, float]) -> None:
         """One optimizer step of ``role`` (generator: the student, critic: the critic) on its terms."""
         loss = self.weighted(ctx, role, step, logged)
@@ -392,7 +405,9 @@ class Distiller:
         self.opt_critic.load_state_dict(ck["opt_critic"])
         self.generator.set_state(ck["generator"])
         stream, effects = ck["route"]
-        self.state = LoopState(step=int(ck["step"]), route=(stream, tuple(effects)), counts=dict(ck["counts"]))
+        self.state = LoopState(
+            step=int(ck["step"]), route=(stream, tuple(effects)), counts=dict(ck["counts"])
+        )
         self._truncate_log(self.state.step)
         return True
 

@@ -195,7 +195,8 @@ def run_distill(
 ) -> DistillOutcome:
     """Plan (or reload) a run, prepare, loop, and record a new collection version.
 
-    ``auto_steps``: an incremental run trains ``steps_per_new_effect`` per new effect instead of ``steps``.
+    ``auto_steps`` (no explicit step count): an incremental run trains ``steps_per_new_effect`` per new
+    effect instead of ``steps``; a full run trains ``max(steps, steps_per_effect x effects)``.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if resume:
@@ -232,6 +233,8 @@ def run_distill(
             cfg = cfg.model_copy(update={"p_switch": 0.0})
         if plan.kind == "incremental" and auto_steps:
             cfg = cfg.model_copy(update={"steps": cfg.steps_per_new_effect * len(plan.new_effects)})
+        elif plan.kind == "full" and auto_steps:
+            cfg = cfg.model_copy(update={"steps": max(cfg.steps, cfg.steps_per_effect * len(plan.effects))})
         if plan.parent_state:
             parent_cfg = json.loads(registry.get_collection(plan.parent_version).config_json)  # type: ignore[union-attr]
             if parent_cfg.get("rank") != cfg.rank or parent_cfg.get("few_steps") != cfg.few_steps:

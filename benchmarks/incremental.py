@@ -1,0 +1,145 @@
+"""Incremental vs full distillation: wall time, and fidelity of the new and the old effects.
+
+    python benchmarks/incremental.py                     # 8 effects, +2 incrementally, vs all 10 from scratch
+    python benchmarks/incremental.py --tiny              # the test-size world, a smoke run
+
+Runs, in one fresh registry: (1) a full distill of the first effects (default step count),
+(2) `--incremental` with the added effects (default: steps_per_new_effect per new effect),
+(3) a full distill of all effects from scratch. Prints wall-time ratio (2)/(3), each new effect's
+student-vs-truth gap to its teacher, and each old effect's change from (1) to (2).
+Uses CLORA_HOME for the toy base and teachers (built if missing). Numbers are from this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from clora_toy.build import build_base, build_teacher
+from clora_toy.effects import get_effect
+
+from clora.distill.config import load_config
+from clora.distill.run import run_distill
+from clora.effects import add_effect
+from clora.evaluate import EvalOptions, evaluate
+from clora.plugins import Components
+from clora.registry import Collection, Registry
+
+FIRST = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
+MORE = ["cool", "solarize"]
+
+
+def scores(reg: Registry, comps: Components, col: Collection, n_images: int) -> dict[str, Any]:
+    """Per effect: student and teacher PSNR vs truth (dB); trigger accuracy and retention overall."""
+    ev = evaluate(reg, comps, col, options=EvalOptions(n_images=n_images, merges=()), show_progress=False)
+    ev.pop("_outputs")
+    out: dict[str, Any] = {
+        n: {"student": r["student_vs_truth"]["psnr"], "teacher": r["teacher_vs_truth"]["psnr"]}
+        for n, r in ev["effects"].items()
+    }
+    m = ev["bleeding"]["matrix"]
+    out["_overall"] = {
+        "trigger_accuracy": sum(m[i][i] for i in range(len(m))) / max(sum(map(sum, m)), 1),
+        "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
+    }
+    return out
+
+
+def table(label: str, result: dict[str, Any]) -> None:
+    print(f"\n{label}\n{'effect':14} {'student':>8} {'teacher':>8} {'gap':>6}")
+    rows = {n: r for n, r in result.items() if not n.startswith("_")}
+    for n, r in rows.items():
+        print(f"{n:14} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}")
+    s = sum(r["student"] for r in rows.values()) / len(rows)
+    t = sum(r["teacher"] for r in rows.values()) / len(rows)
+    o = result["_overall"]
+    print(f"{'mean':14} {s:8.2f} {t:8.2f} {t - s:6.2f}")
+    print(
+        f"trigger accuracy {o['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
+        f"(full sampler): {o['student_vs_base_general_psnr']} dB PSNR"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first", nargs="*", default=FIRST)
+    parser.add_argument("--more", nargs="*", default=MORE)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--n-images", type=int, default=16)
+    parser.add_argument("--config", type=Path, help="DistillConfig JSON for every run (no 'steps' in it)")
+    parser.add_argument("--json", dest="json_out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from clora.plugins import get_plugin_manager
+
+    build_base(tiny=args.tiny, show_progress=False)
+    comps = Components.collect(get_plugin_manager())
+    work = Path(tempfile.mkdtemp(prefix="clora-incr-"))
+    reg = Registry(work / "registry.db")
+    base_id = "toy-tiny" if args.tiny else "toy"
+    for name in args.first + args.more:
+        build_teacher(get_effect(name), tiny=args.tiny, show_progress=False)
+    overrides: dict[str, object] = {"batch_size": 4} if args.tiny else {}
+
+    def register(names: list[str]) -> None:
+        for name in names:
+            t = build_teacher(get_effect(name), tiny=args.tiny, show_progress=False)
+            add_effect(reg, comps, name=name, lora_path=t.path, prompt=get_effect(name).prompt, base=base_id)
+
+    def distill(**kw: Any) -> tuple[Collection, float, int]:
+        cfg = load_config(args.config, overrides)
+        t0 = time.perf_counter()
+        out = run_distill(
+            reg, comps, cfg, show_progress=False, out_dir=work / "collections", auto_steps=True, **kw
+        )
+        assert out.collection is not None, out.message
+        return out.collection, time.perf_counter() - t0, out.metrics["train"]["steps"]
+
+    register(args.first)
+    v1, t1, s1 = distill()
+    before = scores(reg, comps, v1, args.n_images)
+    register(args.more)
+    v2, t2, s2 = distill(incremental=True)
+    after = scores(reg, comps, v2, args.n_images)
+    v3, t3, s3 = distill(effects=args.first + args.more)
+    scratch = scores(reg, comps, v3, args.n_images)
+
+    print(f"full {len(args.first)}: {s1} steps, {t1:.0f} s")
+    print(f"incremental +{len(args.more)}: {s2} steps, {t2:.0f} s")
+    print(f"full {len(args.first) + len(args.more)} from scratch: {s3} steps, {t3:.0f} s")
+    print(f"incremental / full-from-scratch wall time: {t2 / t3:.1%}")
+    table(f"full {len(args.first)} (v1)", before)
+    table(f"incremental +{len(args.more)} (v2)", after)
+    table(f"full {len(args.first) + len(args.more)} from scratch (v3)", scratch)
+    print(f"\n{'new effect':14} {'incremental':>12} {'scratch':>9} {'teacher':>9} {'gap':>6}")
+    for n in args.more:
+        a, s = after[n], scratch[n]
+        gap = a["teacher"] - a["student"]
+        print(f"{n:14} {a['student']:12.2f} {s['student']:9.2f} {a['teacher']:9.2f} {gap:6.2f}")
+    print(f"\n{'old effect':14} {'before':>9} {'after':>9} {'change':>8}")
+    for n in args.first:
+        b, a = before[n]["student"], after[n]["student"]
+        print(f"{n:14} {b:9.2f} {a:9.2f} {a - b:8.2f}")
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "seconds": {"full_first": t1, "incremental": t2, "full_all": t3},
+                    "steps": {"full_first": s1, "incremental": s2, "full_all": s3},
+                    "before": before,
+                    "after": after,
+                    "scratch": scratch,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
