@@ -18,6 +18,27 @@ def _names(values: list[str] | None) -> list[str] | None:
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
+def _eval_summary(ev: dict[str, Any] | None) -> str:
+    """One cell: mean PSNR vs truth of student / teacher / merged (TIES), bleed rate, speed-up."""
+    if not ev:
+        return "-"
+    o = ev["overall"]
+    parts = []
+    for label, key in (("student", "student_vs_truth"), ("teacher", "teacher_vs_truth")):
+        if key in o:
+            parts.append(f"{label} {o[key]['psnr']:.1f} dB")
+    ties = o.get("merged_vs_truth", {}).get("ties")
+    if ties:
+        parts.append(f"merged {ties['psnr']:.1f} dB")
+    if ev["bleeding"]["bleed_rate"] is not None:
+        parts.append(f"bleed {ev['bleeding']['bleed_rate']:.0%}")
+    cost = ev["cost"]
+    if cost["unified"]["ms_per_image"]:
+        speedup = cost["per_effect_loras"]["ms_per_image"] / cost["unified"]["ms_per_image"]
+        parts.append(f"{speedup:.1f}x faster")
+    return ", ".join(parts)
+
+
 def add_commands(app: typer.Typer) -> None:
     @app.command("distill")
     def distill(
@@ -171,13 +192,14 @@ def add_commands(app: typer.Typer) -> None:
         if not rows:
             typer.echo("no collections yet; run `clora distill`")
             return
-        table = Table("version", "parent", "base", "effects", "file")
+        table = Table("version", "parent", "base", "effects", "last eval", "file")
         for r in rows:
             table.add_row(
                 f"v{r['version']}",
                 f"v{r['parent_version']}" if r["parent_version"] else "-",
                 r["base"],
                 ", ".join(f"{m['effect']} ({m['trigger']})" for m in r["members"]) or "-",
+                _eval_summary(r["metrics"].get("eval")),
                 r["file"],
             )
         console.print(table)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole clora story on the embedded toy base model, in a workspace of its own.
 #   DEMO_DIR   workspace (default .clora/demo; its registry.db and outputs live there)
-#   DEMO_TINY  1: the test-size base and fewer steps (a one-minute smoke run)
+#   DEMO_SIZE  toy world: small (default, the demo-size base), full (the benchmarks' base), tiny
+#   DEMO_TINY  1: same as DEMO_SIZE=tiny with fewer steps (a one-minute smoke run)
+# A second run reuses the built base, the teachers and the collections, so it only generates and evaluates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-.clora/demo}
@@ -9,28 +11,37 @@ mkdir -p "$DEMO_DIR"
 export CLORA_REGISTRY="$DEMO_DIR/registry.db"
 export CLORA_HOME=${CLORA_HOME:-$PWD/.clora/home}
 
-if [ "${DEMO_TINY:-0}" = "1" ]; then
-  TINY=--tiny; FIRST="sepia invert warm cool"; MORE="posterize hue-120"; STEPS=60; BATCH=4
+if [ "${DEMO_TINY:-0}" = "1" ]; then DEMO_SIZE=tiny; fi
+DEMO_SIZE=${DEMO_SIZE:-small}
+if [ "$DEMO_SIZE" = "tiny" ]; then
+  SIZE="--size tiny"; FIRST="sepia invert warm cool"; MORE="posterize hue-120"; STEPS="--steps 60"; BATCH=4
 else
-  TINY=; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"; MORE="cool solarize"
-  STEPS=${DEMO_STEPS:-600}; BATCH=16
+  SIZE="--size $DEMO_SIZE"; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"
+  MORE="cool solarize"; STEPS=${DEMO_STEPS:+--steps $DEMO_STEPS}; BATCH=16
 fi
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 start=$(date +%s)
 
 step "1. the toy base model (built once, then reused from $CLORA_HOME)"
-clora toy build-base $TINY
+# shellcheck disable=SC2086
+clora toy build-base $SIZE
 
 step "2. one teacher LoRA per effect, registered with a trigger word"
 # shellcheck disable=SC2086
-clora toy teachers $FIRST $TINY
+clora toy teachers $FIRST $SIZE
 clora effect list
 
 step "3. distill every effect and few-step sampling into one LoRA"
-clora distill --steps "$STEPS" --batch-size "$BATCH"
+if clora collections --json | grep -q '"version"'; then
+  echo "collection v1 exists in $DEMO_DIR; reusing it (delete $DEMO_DIR to start over)"
+else
+  # shellcheck disable=SC2086
+  clora distill $STEPS --batch-size "$BATCH"
+fi
 
 step "4. edit held-out images with each effect from the one file (4 steps, no CFG)"
-clora toy sources --out "$DEMO_DIR/inputs" -n 4 $TINY
+# shellcheck disable=SC2086
+clora toy sources --out "$DEMO_DIR/inputs" -n 4 $SIZE
 for e in $FIRST; do
   clora generate --effect "$e" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --no-progress > /dev/null
 done
@@ -38,14 +49,16 @@ set -- $FIRST
 clora generate --effect "$1" --effect "$2" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --grid --no-progress
 
 step "5. evaluate: student vs teachers vs truth, bleeding, cost"
-clora eval --report "$DEMO_DIR/report-v1" --no-progress
+clora eval --collection 1 --report "$DEMO_DIR/report-v1" --no-progress
 
 step "6. add two effects and grow the collection incrementally"
 # shellcheck disable=SC2086
-clora toy teachers $MORE $TINY
-clora distill --incremental --batch-size "$BATCH"
+clora toy teachers $MORE $SIZE
+clora distill --incremental --batch-size "$BATCH"   # says "nothing new" on a second run
+clora eval --collection 2 --report "$DEMO_DIR/report-v2" --no-progress
+
+step "summary: one file per collection, mean PSNR vs the true effect, bleed rate, speed-up"
 clora collections
-clora eval --report "$DEMO_DIR/report-v2" --no-progress
 
 step "done in $(( $(date +%s) - start )) s"
 echo "reports: $DEMO_DIR/report-v1/index.html and $DEMO_DIR/report-v2/index.html; images: $DEMO_DIR/out"

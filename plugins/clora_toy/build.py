@@ -71,10 +71,14 @@ def _read_report(path: Path) -> dict[str, object]:
 
 
 def build_base(
-    tiny: bool = False, device: str = "cpu", force: bool = False, show_progress: bool = True
+    tiny: bool = False,
+    device: str = "cpu",
+    force: bool = False,
+    show_progress: bool = True,
+    size: str | None = None,
 ) -> BuildResult:
-    """Train, score and save the toy base, unless the cache already holds this recipe."""
-    factory = get_factory(tiny)
+    """Train, score and save the toy base of ``size`` (or tiny), unless the cache holds this recipe."""
+    factory = get_factory(tiny, size)
     folder = store.base_dir(factory.backbone_id, factory.config)
     weights, sheet, report_path = (
         folder / store.BASE_WEIGHTS,
@@ -152,10 +156,11 @@ def build_teacher(
     force: bool = False,
     backbone: ToyBackbone | None = None,
     show_progress: bool = True,
+    size: str | None = None,
 ) -> BuildResult:
     """Train, score and save one effect's teacher LoRA on the built base (cached by recipe)."""
     effect = get_effect(effect) if isinstance(effect, str) else effect
-    factory = get_factory(tiny)
+    factory = get_factory(tiny, size)
     cfg = factory.config
     folder = store.teacher_dir(factory.backbone_id, cfg, effect.name)
     weights, sheet, report_path = (

@@ -10,17 +10,34 @@ import typer
 
 from clora.errors import DuplicateEffectError
 
-TinyOpt = Annotated[bool, typer.Option("--tiny", help="Use the test-size base 'toy-tiny' (16x16, seconds).")]
+TinyOpt = Annotated[
+    bool, typer.Option("--tiny", help="Use the test-size base 'toy-tiny' (16x16, seconds); = --size tiny.")
+]
+SizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--size",
+        help="Which toy world: full ('toy', the benchmarks' base), small ('toy-small', the demo's) "
+        "or tiny ('toy-tiny', the tests').",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device to train on.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild even if the cache holds this recipe.")]
 
 
-def _threads(tiny: bool) -> None:
+def _size(tiny: bool, size: str) -> str:
+    """``--tiny`` or ``--size``; a bad size is a one-line error."""
+    from clora_toy.factory import get_factory
+
+    return get_factory(tiny, size).backbone_id
+
+
+def _threads(backbone_id: str) -> None:
     import torch
 
     # two threads is what was measured for the toy; the tiny model gains nothing from a second
     # thread, and on a busy machine two threads stall each other
-    torch.set_num_threads(1 if tiny else min(2, torch.get_num_threads()))
+    torch.set_num_threads(1 if backbone_id == "toy-tiny" else min(2, torch.get_num_threads()))
 
 
 def toy_app() -> typer.Typer:
@@ -28,12 +45,15 @@ def toy_app() -> typer.Typer:
     app = typer.Typer(no_args_is_help=True)
 
     @app.command("build-base")
-    def build_base_cmd(tiny: TinyOpt = False, device: DeviceOpt = "cpu", force: ForceOpt = False) -> None:
+    def build_base_cmd(
+        tiny: TinyOpt = False, size: SizeOpt = "full", device: DeviceOpt = "cpu", force: ForceOpt = False
+    ) -> None:
         """Train the toy base editor (cached: a second run reuses it) and write a contact sheet."""
         from clora_toy.build import build_base
 
-        _threads(tiny)
-        result = build_base(tiny=tiny, device=device, force=force)
+        size = "tiny" if tiny else size
+        _threads(_size(False, size))
+        result = build_base(device=device, force=force, size=size)
         verb = "reused cached" if result.cached else "built"
         typer.echo(f"{verb} base {result.report.get('backbone_id', '')}: {result.path}")
         psnr = result.report.get("psnr") or {}
@@ -46,6 +66,7 @@ def toy_app() -> typer.Typer:
         ctx: typer.Context,
         effects: Annotated[list[str], typer.Argument(help="Effect names (see `clora toy effects`).")],
         tiny: TinyOpt = False,
+        size: SizeOpt = "full",
         device: DeviceOpt = "cpu",
         force: ForceOpt = False,
         register: Annotated[
@@ -58,11 +79,12 @@ def toy_app() -> typer.Typer:
         from clora_toy.factory import get_factory
 
         chosen = [get_effect(name) for name in effects]
-        _threads(tiny)
-        factory = get_factory(tiny)
+        size = "tiny" if tiny else size
+        factory = get_factory(size=size)
+        _threads(factory.backbone_id)
         backbone = factory.load(device)
         for effect in chosen:
-            result = build_teacher(effect, tiny=tiny, device=device, force=force, backbone=backbone)
+            result = build_teacher(effect, device=device, force=force, backbone=backbone, size=size)
             r = result.report
             verb = "reused cached" if result.cached else "trained"
             typer.echo(
@@ -94,16 +116,17 @@ def toy_app() -> typer.Typer:
         n: Annotated[int, typer.Option("-n", help="How many images.")] = 8,
         seed: Annotated[int, typer.Option("--seed", help="Which held-out set (no trainer sees these).")] = 0,
         tiny: TinyOpt = False,
+        size: SizeOpt = "full",
     ) -> None:
         """Write held-out procedural source images, e.g. as input for `clora generate`."""
         from clora.images import write_png
         from clora_toy.data import held_out_sources
         from clora_toy.factory import get_factory
 
-        size = get_factory(tiny).config.model.image_size
-        for i, image in enumerate(held_out_sources(n, size, seed)):
+        side = get_factory(tiny, size).config.model.image_size
+        for i, image in enumerate(held_out_sources(n, side, seed)):
             write_png(image, out / f"source{i:02d}.png")
-        typer.echo(f"wrote {n} image(s) of {size}x{size} to {out}")
+        typer.echo(f"wrote {n} image(s) of {side}x{side} to {out}")
 
     return app
 
