@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,13 @@ from clora.fileio import sha256_file
 
 if TYPE_CHECKING:
     import torch
+
+# clora keeps several adapters on one base on purpose (student, critic, teachers); peft warns about
+# exactly that on every add and delete. Only these two messages are silenced, for everyone importing clora.
+warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=r"Adapter \S+ was active which is now deleted", category=UserWarning
+)
 
 
 @dataclass
