@@ -130,6 +130,31 @@ def _effect_app() -> typer.Typer:
                 f"rank {eff.rank}, {bound})"
             )
 
+    @effect.command("update")
+    def update(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Name of a registered effect.")],
+        lora: Annotated[Path, typer.Option("--lora", help="The effect's new LoRA file (.safetensors).")],
+        base: Annotated[
+            str | None,
+            typer.Option("--base", help="Base model id (default: the effect's current base)."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the effect as JSON.")] = False,
+    ) -> None:
+        """Give an effect a new (e.g. retrained) LoRA file; its trigger, prompt and caption stay."""
+        from clora.effects import update_lora
+
+        st = state(ctx)
+        with st.open_registry(create=False) as reg:
+            eff = update_lora(reg, st.components, name, lora, base)
+        if as_json:
+            print_json(eff.to_dict())
+        else:
+            typer.echo(
+                f"updated effect '{eff.name}' (trigger '{eff.trigger}' kept): {eff.lora_path} "
+                f"({eff.lora_format}, rank {eff.rank}); the next `clora distill` uses it"
+            )
+
     @effect.command("list")
     def list_(
         ctx: typer.Context,

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from clora.errors import CloraError, InvalidNameError
 from clora.lora import check_fits, read_lora
@@ -58,11 +59,6 @@ def add_effect(
     validate_name(name)
     if not prompt.strip():
         raise CloraError("the teacher prompt is empty; pass the prompt the LoRA was trained with (--prompt)")
-    base_id = resolve_base(registry, base)
-    shapes = components.get_backbone(base_id).module_shapes() if base_id else None
-    lora = read_lora(lora_path, components.teacher_providers(), module_names=shapes)
-    if base_id and shapes is not None:
-        check_fits(lora.modules, shapes, base_id)
     examples_dir = None
     if examples is not None:
         list_images(examples)
@@ -70,16 +66,44 @@ def add_effect(
     return registry.add_effect(
         name=name,
         trigger=trigger,
-        lora_path=str(lora.path),
-        lora_sha256=lora.sha256,
-        lora_size=lora.size,
-        lora_format=lora.format_id,
-        rank=lora.rank,
-        alpha=lora.alpha,
-        target_modules_json=json.dumps(lora.target_modules),
-        base_id=base_id,
         teacher_prompt=prompt.strip(),
         caption=caption,
         examples_dir=examples_dir,
-        status="registered" if base_id else "unbound",
+        **_lora_fields(registry, components, lora_path, base),
+    )
+
+
+def _lora_fields(
+    registry: Registry, components: Components, lora_path: str | os.PathLike[str], base: str | None
+) -> dict[str, Any]:
+    """Read and check a LoRA file against the base; the registry columns that describe it."""
+    base_id = resolve_base(registry, base)
+    shapes = components.get_backbone(base_id).module_shapes() if base_id else None
+    lora = read_lora(lora_path, components.teacher_providers(), module_names=shapes)
+    if base_id and shapes is not None:
+        check_fits(lora.modules, shapes, base_id)
+    return {
+        "lora_path": str(lora.path),
+        "lora_sha256": lora.sha256,
+        "lora_size": lora.size,
+        "lora_format": lora.format_id,
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "target_modules_json": json.dumps(lora.target_modules),
+        "base_id": base_id,
+        "status": "registered" if base_id else "unbound",
+    }
+
+
+def update_lora(
+    registry: Registry,
+    components: Components,
+    name: str,
+    lora_path: str | os.PathLike[str],
+    base: str | None = None,
+) -> Effect:
+    """Give effect ``name`` a new (e.g. retrained) LoRA file; its trigger, prompt and caption stay."""
+    current = registry.get_effect(name)
+    return registry.replace_lora(
+        name, **_lora_fields(registry, components, lora_path, base or current.base_id)
     )

@@ -290,3 +290,41 @@ def test_every_command_has_help(pm) -> None:  # type: ignore[no-untyped-def]
         r = run(pm, *args)
         assert r.exit_code == 0, args
         assert "Usage" in r.stdout
+
+
+def test_update_points_at_a_new_file_and_keeps_the_trigger(pm, make_lora, registry_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    old = make_lora("sepia", rank=4)
+    r = run(
+        pm,
+        "effect",
+        "add",
+        "sepia",
+        "--lora",
+        old,
+        "--prompt",
+        "apply sepia",
+        "--base",
+        "shapes-only",
+        "--json",
+    )
+    before = json.loads(r.stdout)
+    new = make_lora("sepia-v2", fmt="kohya", rank=8, seed=3)
+    r = run(pm, "effect", "update", "sepia", "--lora", new, "--json")
+    assert r.exit_code == 0, r.output
+    after = json.loads(r.stdout)
+    assert after["trigger"] == before["trigger"] and after["teacher_prompt"] == "apply sepia"
+    assert after["lora"]["path"] == str(new.resolve()) and after["lora"]["rank"] == 8
+    assert after["lora"]["format"] == "kohya" and after["lora"]["sha256"] != before["lora"]["sha256"]
+    # bad input: one line, exit 1, registry untouched
+    digest = file_digest(registry_file)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    for args in (
+        ["sepia", "--lora", bad],
+        ["sepai", "--lora", new],
+        ["sepia", "--lora", tmp_path / "missing"],
+    ):
+        r = run(pm, "effect", "update", *args)
+        assert r.exit_code == 1 and r.output.startswith("Error:") and r.output.count("\n") == 1, r.output
+    assert "did you mean 'sepia'" in run(pm, "effect", "update", "sepai", "--lora", new).output
+    assert file_digest(registry_file) == digest

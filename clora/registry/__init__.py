@@ -218,6 +218,35 @@ class Registry:
             effect.updated_at = now()
             return effect
 
+    def replace_lora(self, name: str, **fields: Any) -> Effect:
+        """Point effect ``name`` at a new LoRA file (``lora_*``, rank, alpha, target modules, base, status).
+
+        The trigger, prompt and caption stay; collections made from the old file keep its sha256 in
+        their member rows, so an incremental run can tell the effect changed.
+        """
+        allowed = {
+            "lora_path",
+            "lora_sha256",
+            "lora_size",
+            "lora_format",
+            "rank",
+            "alpha",
+            "target_modules_json",
+            "base_id",
+            "status",
+        }
+        if set(fields) - allowed:
+            raise ValueError(f"not LoRA fields: {sorted(set(fields) - allowed)}")
+        with self.session() as s:
+            effect = s.scalar(select(Effect).where(Effect.name == name))
+            if effect is None:
+                names = list(s.scalars(select(Effect.name)))
+                raise UnknownEffectError(self._unknown_effect_message(name, names))
+            for key, value in fields.items():
+                setattr(effect, key, value)
+            effect.updated_at = now()
+            return effect
+
     def remove_effect(self, name: str) -> None:
         """Delete an effect; its trigger stays reserved forever."""
         with self.session() as s:

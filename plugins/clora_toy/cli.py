@@ -92,7 +92,9 @@ def toy_app() -> typer.Typer:
                 f"{r.get('base_psnr')} dB) -> {result.path}"
             )
             if register:
-                _register(ctx, effect.name, str(result.path), effect.prompt, factory.backbone_id)
+                _register(
+                    ctx, effect.name, str(result.path), effect.prompt, factory.backbone_id, result.cached
+                )
 
     @app.command("effects")
     def effects_cmd(
@@ -131,8 +133,8 @@ def toy_app() -> typer.Typer:
     return app
 
 
-def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_id: str) -> None:
-    from clora.effects import add_effect
+def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_id: str, cached: bool) -> None:
+    from clora.effects import add_effect, update_lora
 
     state: Any = ctx.find_root().obj
     with state.open_registry() as reg:
@@ -141,6 +143,11 @@ def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_i
                 reg, state.components, name=name, lora_path=lora_path, prompt=prompt, base=base_id
             )
         except DuplicateEffectError:
-            typer.echo(f"  effect '{name}' is already registered; left as it is")
+            old = reg.get_effect(name)
+            if not cached and old.lora_path == str(Path(lora_path).resolve()):
+                update_lora(reg, state.components, name, lora_path, base_id)
+                typer.echo(f"  effect '{name}' was registered; now points at the retrained file")
+            else:
+                typer.echo(f"  effect '{name}' is already registered; left as it is")
             return
     typer.echo(f"  registered effect '{eff.name}' with trigger '{eff.trigger}'")
