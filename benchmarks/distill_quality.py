@@ -21,6 +21,7 @@ import torch
 from clora_toy.build import build_base, build_teacher
 from clora_toy.data import general_batch
 from clora_toy.effects import get_effect
+from clora_toy.factory import get_factory
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -63,7 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--effects", nargs="*", default=EFFECTS)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--ablations", action="store_true", help="also run each ablation (same steps)")
     parser.add_argument("--n-images", type=int, default=16)
     parser.add_argument("--config", type=Path, help="DistillConfig JSON applied to every variant")
@@ -71,20 +73,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    build_base(tiny=args.tiny, show_progress=False)
+    build_base(size=args.size, show_progress=False)
     comps = Components.collect(get_plugin_manager())
     work = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     reg = Registry(work / "registry.db")
-    base_id = "toy-tiny" if args.tiny else "toy"
+    base_id = get_factory(size=args.size).backbone_id
     for name in args.effects:
-        t = build_teacher(get_effect(name), tiny=args.tiny, show_progress=False)
+        t = build_teacher(get_effect(name), size=args.size, show_progress=False)
         add_effect(reg, comps, name=name, lora_path=t.path, prompt=get_effect(name).prompt, base=base_id)
 
     variants = ABLATIONS if args.ablations else {"full": {}}
     results: dict[str, Any] = {}
     for label, overrides in variants.items():
         cfg = load_config(
-            args.config, {"steps": args.steps, **({"batch_size": 4} if args.tiny else {}), **overrides}
+            args.config,
+            {"steps": args.steps, **({"batch_size": 4} if args.size == "tiny" else {}), **overrides},
         )
         t0 = time.perf_counter()
         outcome = run_distill(reg, comps, cfg, show_progress=False, out_dir=work / "collections")

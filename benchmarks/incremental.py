@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from clora_toy.build import build_base, build_teacher
 from clora_toy.effects import get_effect
+from clora_toy.factory import get_factory
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -69,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first", nargs="*", default=FIRST)
     parser.add_argument("--more", nargs="*", default=MORE)
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--n-images", type=int, default=16)
     parser.add_argument("--config", type=Path, help="DistillConfig JSON for every run (no 'steps' in it)")
     parser.add_argument("--json", dest="json_out", type=Path)
@@ -78,18 +80,18 @@ def main() -> None:
 
     from clora.plugins import get_plugin_manager
 
-    build_base(tiny=args.tiny, show_progress=False)
+    build_base(size=args.size, show_progress=False)
     comps = Components.collect(get_plugin_manager())
     work = Path(tempfile.mkdtemp(prefix="clora-incr-"))
     reg = Registry(work / "registry.db")
-    base_id = "toy-tiny" if args.tiny else "toy"
+    base_id = get_factory(size=args.size).backbone_id
     for name in args.first + args.more:
-        build_teacher(get_effect(name), tiny=args.tiny, show_progress=False)
-    overrides: dict[str, object] = {"batch_size": 4} if args.tiny else {}
+        build_teacher(get_effect(name), size=args.size, show_progress=False)
+    overrides: dict[str, object] = {"batch_size": 4} if args.size == "tiny" else {}
 
     def register(names: list[str]) -> None:
         for name in names:
-            t = build_teacher(get_effect(name), tiny=args.tiny, show_progress=False)
+            t = build_teacher(get_effect(name), size=args.size, show_progress=False)
             add_effect(reg, comps, name=name, lora_path=t.path, prompt=get_effect(name).prompt, base=base_id)
 
     def distill(**kw: Any) -> tuple[Collection, float, int]:

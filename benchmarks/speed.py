@@ -41,7 +41,8 @@ def timed(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--teacher-steps", type=int, default=20)
     parser.add_argument("--few-steps", type=int, default=4)
@@ -49,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    bb = get_factory(args.tiny).fresh()
+    bb = get_factory(size=args.size).fresh()
     tr = bb.transformer.requires_grad_(False).eval()
     shapes = linear_shapes(tr)
     work = Path(tempfile.mkdtemp(prefix="clora-speed-"))

@@ -35,7 +35,8 @@ DEFAULT_EFFECTS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="use the toy-tiny configuration")
+    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--effects", nargs="*", default=DEFAULT_EFFECTS, help="teachers to build and score")
     parser.add_argument("--force", action="store_true", help="retrain even if cached")
     parser.add_argument("--sweep-guidance", action="store_true", help="score the base at several CFG scales")
@@ -43,10 +44,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --tiny)")
     args = parser.parse_args()
     # two threads on a busy two-core machine stall each other; the tiny model gains nothing from them
-    torch.set_num_threads(args.threads or (1 if args.tiny else 2))
+    torch.set_num_threads(args.threads or (1 if args.size == "tiny" else 2))
 
     start = time.perf_counter()
-    base = build_base(tiny=args.tiny, force=args.force)
+    base = build_base(size=args.size, force=args.force)
     base_seconds = base.report.get("train_seconds")
     print(f"\nbase {'(cached) ' if base.cached else ''}{base.path}")
     print(f"base training seconds: {base_seconds:.0f}" if base_seconds else "")
@@ -54,7 +55,7 @@ def main() -> None:
     for name, value in (base.report.get("psnr") or {}).items():
         print(f"{name:12} {value:8.2f}")
 
-    factory = get_factory(args.tiny)
+    factory = get_factory(size=args.size)
     backbone = factory.load()
     sweep = {}
     if args.sweep_guidance:
@@ -65,7 +66,7 @@ def main() -> None:
     rows = []
     print(f"\n{'effect':16} {'teacher dB':>10} {'base dB':>8} {'train s':>8}")
     for name in args.effects:
-        r = build_teacher(name, tiny=args.tiny, force=args.force, backbone=backbone).report
+        r = build_teacher(name, size=args.size, force=args.force, backbone=backbone).report
         rows.append(r)
         print(f"{name:16} {r['psnr']:10.2f} {r['base_psnr']:8.2f} {r['train_seconds']:8.1f}")
     print(f"\ntotal wall seconds: {time.perf_counter() - start:.0f}")
