@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--effects", nargs="*", default=EFFECTS)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--ablations", action="store_true", help="also run each ablation (same steps)")
     parser.add_argument("--n-images", type=int, default=16)

@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first", nargs="*", default=FIRST)
     parser.add_argument("--more", nargs="*", default=MORE)
-    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--n-images", type=int, default=16)
     parser.add_argument("--config", type=Path, help="DistillConfig JSON for every run (no 'steps' in it)")

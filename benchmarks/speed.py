@@ -41,7 +41,7 @@ def timed(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--teacher-steps", type=int, default=20)

@@ -35,7 +35,7 @@ DEFAULT_EFFECTS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="full", choices=["full", "small", "tiny"], help="toy world size")
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--effects", nargs="*", default=DEFAULT_EFFECTS, help="teachers to build and score")
     parser.add_argument("--force", action="store_true", help="retrain even if cached")

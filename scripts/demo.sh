@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The whole clora story on the embedded toy base model, in a workspace of its own.
 #   DEMO_DIR   workspace (default .clora/demo; its registry.db and outputs live there)
-#   DEMO_SIZE  toy world: small (default, the demo-size base), full (the benchmarks' base), tiny
-#   DEMO_TINY  1: same as DEMO_SIZE=tiny with fewer steps (a one-minute smoke run)
+#   DEMO_TINY  1: the test-size world and fewer steps (a one-minute smoke run)
 # A second run reuses the built base, the teachers and the collections, so it only generates and evaluates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +10,10 @@ mkdir -p "$DEMO_DIR"
 export CLORA_REGISTRY="$DEMO_DIR/registry.db"
 export CLORA_HOME=${CLORA_HOME:-$PWD/.clora/home}
 
-if [ "${DEMO_TINY:-0}" = "1" ]; then DEMO_SIZE=tiny; fi
-DEMO_SIZE=${DEMO_SIZE:-small}
-if [ "$DEMO_SIZE" = "tiny" ]; then
+if [ "${DEMO_TINY:-0}" = "1" ]; then
   SIZE="--size tiny"; FIRST="sepia invert warm cool"; MORE="posterize hue-120"; STEPS="--steps 60"; BATCH=4
 else
-  SIZE="--size $DEMO_SIZE"; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"
+  SIZE="--size full"; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"
   MORE="cool solarize"; STEPS=${DEMO_STEPS:+--steps $DEMO_STEPS}; BATCH=16
 fi
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

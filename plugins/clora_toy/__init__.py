@@ -1,6 +1,6 @@
 """The embedded default base model: a tiny Qwen-Image-Edit world built from nothing on a CPU.
 
-Registers the backbones ``toy``, ``toy-small`` and ``toy-tiny`` and the ``clora toy`` commands. Importing this
+Registers the backbones ``toy`` and ``toy-tiny`` and the ``clora toy`` commands. Importing this
 package stays cheap (no torch); models, data and training load on first use.
 """
 

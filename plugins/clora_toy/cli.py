@@ -17,8 +17,7 @@ SizeOpt = Annotated[
     str,
     typer.Option(
         "--size",
-        help="Which toy world: full ('toy', the benchmarks' base), small ('toy-small', the demo's) "
-        "or tiny ('toy-tiny', the tests').",
+        help="Which toy world: full ('toy', the default base) or tiny ('toy-tiny', the tests').",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device to train on.")]

@@ -100,12 +100,6 @@ def _digest(obj: object) -> str:
 
 TOY = ToyConfig()
 
-#: the demo-size world: the full toy's images and recipes on a narrower, shallower transformer
-TOY_SMALL = ToyConfig(
-    model=ModelConfig(width=64, num_layers=2, num_heads=4, text_hidden=64, text_layers=1),
-    teacher=TeacherTrainConfig(steps=250),
-)
-
 TOY_TINY = ToyConfig(
     model=ModelConfig(image_size=16, width=32, num_layers=1, num_heads=2, text_hidden=32, text_layers=1),
     base=BaseTrainConfig(steps=1500, batch_size=4, lr=3e-3, warmup=50),

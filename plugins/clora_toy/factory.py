@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from clora.backbone import BackboneFactory
 from clora.errors import BaseNotBuiltError, CloraError
 from clora_toy import store
-from clora_toy.config import TOY, TOY_SMALL, TOY_TINY, ToyConfig
+from clora_toy.config import TOY, TOY_TINY, ToyConfig
 
 if TYPE_CHECKING:
     import torch
@@ -123,12 +123,6 @@ FACTORIES = [
         "embedded toy Qwen-Image-Edit: 32x32 RGB, width 128, 4 layers (build: `clora toy build-base`)",
     ),
     ToyBackboneFactory(
-        "toy-small",
-        TOY_SMALL,
-        "clora toy build-base --size small",
-        "demo-size toy: 32x32 RGB, width 64, 2 layers (build: `clora toy build-base --size small`)",
-    ),
-    ToyBackboneFactory(
         "toy-tiny",
         TOY_TINY,
         "clora toy build-base --tiny",
@@ -137,11 +131,11 @@ FACTORIES = [
 ]
 
 
-SIZES = {"full": "toy", "small": "toy-small", "tiny": "toy-tiny"}
+SIZES = {"full": "toy", "tiny": "toy-tiny"}
 
 
 def get_factory(tiny: bool = False, size: str | None = None) -> ToyBackboneFactory:
-    """The factory of ``size`` (full, small or tiny); ``tiny=True`` is ``size="tiny"``."""
+    """The factory of ``size`` (full or tiny); ``tiny=True`` is ``size="tiny"``."""
     size = "tiny" if tiny else (size or "full")
     if size not in SIZES:
         raise CloraError(f"unknown toy size '{size}'; choose from {', '.join(SIZES)}")
