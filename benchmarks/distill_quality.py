@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from clora_toy.build import build_base, build_teacher
 from clora_toy.data import general_batch
-from clora_toy.effects import get_effect
-from clora_toy.factory import get_factory
+from toyworld import World, add_world_args
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
-from clora.effects import add_effect
 from clora.evaluate import EvalOptions, evaluate
 from clora.generate import UnifiedModel
 from clora.metrics import psnr
-from clora.plugins import Components, get_plugin_manager
-from clora.registry import Registry
 from clora.sampling import euler_sample, few_step_sample
 
 EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
@@ -63,38 +56,29 @@ def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--effects", nargs="*", default=EFFECTS)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
-    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--ablations", action="store_true", help="also run each ablation (same steps)")
-    parser.add_argument("--n-images", type=int, default=16)
-    parser.add_argument("--config", type=Path, help="DistillConfig JSON applied to every variant")
-    parser.add_argument("--json", dest="json_out", type=Path)
+    add_world_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(2)
 
-    build_base(size=args.size, show_progress=False)
-    comps = Components.collect(get_plugin_manager())
-    work = Path(tempfile.mkdtemp(prefix="clora-bench-"))
-    reg = Registry(work / "registry.db")
-    base_id = get_factory(size=args.size).backbone_id
-    for name in args.effects:
-        t = build_teacher(get_effect(name), size=args.size, show_progress=False)
-        add_effect(reg, comps, name=name, lora_path=t.path, prompt=get_effect(name).prompt, base=base_id)
+    world = World.open(args.size, "clora-bench-")
+    world.register(args.effects)
+    reg, comps, work = world.registry, world.components, world.work
 
     variants = ABLATIONS if args.ablations else {"full": {}}
     results: dict[str, Any] = {}
     for label, overrides in variants.items():
         cfg = load_config(
             args.config,
-            {"steps": args.steps, **({"batch_size": 4} if args.size == "tiny" else {}), **overrides},
+            {"steps": args.steps, **world.overrides, **overrides},
         )
         t0 = time.perf_counter()
         outcome = run_distill(reg, comps, cfg, show_progress=False, out_dir=work / "collections")
         seconds = time.perf_counter() - t0
         col = outcome.collection
         assert col is not None
-        ev = evaluate(reg, comps, col, options=EvalOptions(n_images=args.n_images), show_progress=False)
+        opts = EvalOptions(n_images=args.n_images, merges=("linear", "ties") if label == "full" else ())
+        ev = evaluate(reg, comps, col, options=opts, show_progress=False)
         outputs = ev.pop("_outputs")
         model = UnifiedModel.load(comps, col.file, backbone=None)
         ret = retention(model, 32, cfg.teacher_steps)
@@ -110,6 +94,11 @@ def main() -> None:
                 n: {
                     "student": ev["effects"][n]["student_vs_truth"]["psnr"],
                     "teacher": ev["effects"][n]["teacher_vs_truth"]["psnr"],
+                    **{
+                        f"merged-{m}": v["psnr"]
+                        for m, v in (ev["effects"][n]["merged_vs_truth"] or {}).items()
+                        if v
+                    },
                 }
                 for n in labels
             },
@@ -132,11 +121,18 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
         f"{r['steps']} steps, {total / r['steps']:.2f} s/step; by role: "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in roles.items())
     )
-    print(f"{'effect':14} {'student 4-step':>15} {'teacher 20+CFG':>15} {'gap':>7}")
+    merges = [k for k in next(iter(r["per_effect"].values())) if k.startswith("merged-")]
+    print(
+        f"{'effect':14} {'student 4-step':>15} {'teacher 20+CFG':>15} {'gap':>7}"
+        + "".join(f" {m:>14}" for m in merges)
+    )
     gaps = []
     for n, v in r["per_effect"].items():
         gaps.append(v["teacher"] - v["student"])
-        print(f"{n:14} {v['student']:15.2f} {v['teacher']:15.2f} {gaps[-1]:7.2f}")
+        print(
+            f"{n:14} {v['student']:15.2f} {v['teacher']:15.2f} {gaps[-1]:7.2f}"
+            + "".join(f" {v[m]:14.2f}" for m in merges)
+        )
     s = sum(v["student"] for v in r["per_effect"].values()) / len(gaps)
     t = sum(v["teacher"] for v in r["per_effect"].values()) / len(gaps)
     print(

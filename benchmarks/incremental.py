@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from clora_toy.build import build_base, build_teacher
-from clora_toy.effects import get_effect
-from clora_toy.factory import get_factory
+from toyworld import World, add_world_args
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
-from clora.effects import add_effect
 from clora.evaluate import EvalOptions, evaluate
 from clora.plugins import Components
 from clora.registry import Collection, Registry
@@ -70,32 +64,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first", nargs="*", default=FIRST)
     parser.add_argument("--more", nargs="*", default=MORE)
-    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
-    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
-    parser.add_argument("--n-images", type=int, default=16)
-    parser.add_argument("--config", type=Path, help="DistillConfig JSON for every run (no 'steps' in it)")
-    parser.add_argument("--json", dest="json_out", type=Path)
+    add_world_args(parser)  # --config: no "steps" in it, the runs use their default step counts
     args = parser.parse_args()
-    torch.set_num_threads(2)
 
-    from clora.plugins import get_plugin_manager
-
-    build_base(size=args.size, show_progress=False)
-    comps = Components.collect(get_plugin_manager())
-    work = Path(tempfile.mkdtemp(prefix="clora-incr-"))
-    reg = Registry(work / "registry.db")
-    base_id = get_factory(size=args.size).backbone_id
-    for name in args.first + args.more:
-        build_teacher(get_effect(name), size=args.size, show_progress=False)
-    overrides: dict[str, object] = {"batch_size": 4} if args.size == "tiny" else {}
-
-    def register(names: list[str]) -> None:
-        for name in names:
-            t = build_teacher(get_effect(name), size=args.size, show_progress=False)
-            add_effect(reg, comps, name=name, lora_path=t.path, prompt=get_effect(name).prompt, base=base_id)
+    world = World.open(args.size, "clora-incr-")
+    world.build(args.first + args.more)
+    reg, comps, work, register = world.registry, world.components, world.work, world.register
 
     def distill(**kw: Any) -> tuple[Collection, float, int]:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, world.overrides)
         t0 = time.perf_counter()
         out = run_distill(
             reg, comps, cfg, show_progress=False, out_dir=work / "collections", auto_steps=True, **kw

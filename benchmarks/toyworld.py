@@ -1,0 +1,74 @@
+"""What the distill benchmarks share: the toy world's options and a fresh registry of its teachers."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from clora_toy.build import build_base, build_teacher
+from clora_toy.effects import get_effect
+from clora_toy.factory import get_factory
+
+from clora.effects import add_effect
+from clora.plugins import Components, get_plugin_manager
+from clora.registry import Registry
+
+
+def add_world_args(parser: argparse.ArgumentParser) -> None:
+    """``--size/--tiny``, ``--n-images``, ``--config`` and ``--json``."""
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
+    parser.add_argument("--n-images", type=int, default=16, help="held-out images per effect")
+    parser.add_argument("--config", type=Path, help="DistillConfig JSON applied to every run")
+    parser.add_argument("--json", dest="json_out", type=Path, help="also write the results here")
+
+
+@dataclass
+class World:
+    """The built toy base of one size, its plugins, and a registry in a fresh temp folder."""
+
+    size: str
+    base_id: str
+    components: Components
+    registry: Registry
+    work: Path
+
+    @classmethod
+    def open(cls, size: str, prefix: str) -> World:
+        torch.set_num_threads(1 if size == "tiny" else 2)  # the tiny model gains nothing from two
+        build_base(size=size, show_progress=False)
+        work = Path(tempfile.mkdtemp(prefix=prefix))
+        return cls(
+            size,
+            get_factory(size=size).backbone_id,
+            Components.collect(get_plugin_manager()),
+            Registry(work / "registry.db"),
+            work,
+        )
+
+    def build(self, names: list[str]) -> None:
+        """Train (or reuse) the teachers of ``names``."""
+        for name in names:
+            build_teacher(get_effect(name), size=self.size, show_progress=False)
+
+    def register(self, names: list[str]) -> None:
+        """Train (or reuse) and register the teachers of ``names``."""
+        for name in names:
+            t = build_teacher(get_effect(name), size=self.size, show_progress=False)
+            effect = get_effect(name)
+            add_effect(
+                self.registry,
+                self.components,
+                name=name,
+                lora_path=t.path,
+                prompt=effect.prompt,
+                base=self.base_id,
+            )
+
+    @property
+    def overrides(self) -> dict[str, object]:
+        """Config overrides for this size (the tiny world trains on batches of 4)."""
+        return {"batch_size": 4} if self.size == "tiny" else {}
