@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -285,6 +286,15 @@ def test_each_builtin_term_by_hand() -> None:
     )
     # x0 = [3, 3]; grad = 1 / mean|3 - 0| = 1/3; loss = 0.5 * (1/3)^2
     assert float(out["target_sim"]) == pytest.approx(0.5 / 9)
+
+
+def test_student_lr_schedule() -> None:
+    cfg = DistillConfig(steps=11, lr=2e-3, lr_final_ratio=0.1)
+    lrs = [cfg.lr_at(i) for i in range(11)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4)
+    assert lrs[5] == pytest.approx(1.1e-3) and all(a > b for a, b in itertools.pairwise(lrs))
+    flat = DistillConfig(steps=11, lr=2e-3, lr_schedule="constant")
+    assert {flat.lr_at(i) for i in range(11)} == {2e-3}
 
 
 def test_loss_weight_schedules() -> None:

@@ -147,6 +147,16 @@ class DistillConfig(BaseModel):
     def lora_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
 
+    def lr_at(self, step: int) -> float:
+        """The student's learning rate at ``step`` of this run (``lr_schedule``)."""
+        if self.lr_schedule == "constant" or self.steps <= 1:
+            return self.lr
+        import math
+
+        frac = min(max(step / (self.steps - 1), 0.0), 1.0)
+        r = self.lr_final_ratio
+        return self.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * frac)))
+
     def to_json(self) -> dict[str, object]:
         return json.loads(self.model_dump_json())
 
