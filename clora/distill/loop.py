@@ -40,7 +40,6 @@ class NonFiniteLossError(CloraError):
 class Group:
     """Rows ``start:stop`` of a batch share one teacher (``lora`` None: the base model)."""
 
-    effect: str | None
     lora: str | None
     start: int
     stop: int
@@ -217,7 +216,7 @@ class Distiller:
                 start, stop = b * i // len(effects), b * (i + 1) // len(effects)
                 e = self.effects[name]
                 idx = torch.randint(len(self.data.sources[name]), (stop - start,), generator=self.generator)
-                groups.append(Group(name, e.lora_path, start, stop))
+                groups.append(Group(e.lora_path, start, stop))
                 sources.append(self.data.sources[name][idx])
                 targets.append(self.data.targets[name][idx])
                 student_text = e.student_prompt if self.cfg.asymmetric_prompts else e.teacher_prompt
@@ -238,7 +237,7 @@ class Distiller:
         general = self.data.general_targets
         return Batch(
             stream,
-            [Group(None, None, 0, b)],
+            [Group(None, 0, b)],
             self.data.general_sources[idx],
             prompts,
             prompts,
