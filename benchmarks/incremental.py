@@ -56,7 +56,8 @@ def table(label: str, result: dict[str, Any]) -> None:
     print(f"{'mean':14} {s:8.2f} {t:8.2f} {t - s:6.2f}")
     print(
         f"trigger accuracy {o['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
-        f"(full sampler): {o['student_vs_base_general_psnr']} dB PSNR"
+        f"(full sampler): {o['student_vs_base_general_psnr']} dB PSNR",
+        flush=True,
     )
 
 
@@ -80,22 +81,20 @@ def main() -> None:
         assert out.collection is not None, out.message
         return out.collection, time.perf_counter() - t0, out.metrics["train"]["steps"]
 
+    print(f"registry and collections: {work}", flush=True)
     register(args.first)
     v1, t1, s1 = distill()
     before = scores(reg, comps, v1, args.n_images)
+    table(f"full {len(args.first)} (v1): {s1} steps, {t1:.0f} s", before)
     register(args.more)
     v2, t2, s2 = distill(incremental=True)
     after = scores(reg, comps, v2, args.n_images)
+    table(f"incremental +{len(args.more)} (v2): {s2} steps, {t2:.0f} s", after)
     v3, t3, s3 = distill(effects=args.first + args.more)
     scratch = scores(reg, comps, v3, args.n_images)
+    table(f"full {len(args.first) + len(args.more)} from scratch (v3): {s3} steps, {t3:.0f} s", scratch)
 
-    print(f"full {len(args.first)}: {s1} steps, {t1:.0f} s")
-    print(f"incremental +{len(args.more)}: {s2} steps, {t2:.0f} s")
-    print(f"full {len(args.first) + len(args.more)} from scratch: {s3} steps, {t3:.0f} s")
-    print(f"incremental / full-from-scratch wall time: {t2 / t3:.1%}")
-    table(f"full {len(args.first)} (v1)", before)
-    table(f"incremental +{len(args.more)} (v2)", after)
-    table(f"full {len(args.first) + len(args.more)} from scratch (v3)", scratch)
+    print(f"\nincremental / full-from-scratch wall time: {t2 / t3:.1%} ({t2:.0f} s / {t3:.0f} s)")
     print(f"\n{'new effect':14} {'incremental':>12} {'scratch':>9} {'teacher':>9} {'gap':>6}")
     for n in args.more:
         a, s = after[n], scratch[n]

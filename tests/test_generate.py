@@ -152,6 +152,8 @@ def test_incremental_grows_the_collection(distilled, registry_file: Path) -> Non
     assert v2["version"] == 2 and v2["parent_version"] == 1
     assert {m["effect"] for m in v2["members"]} == {"sepia", "invert", "posterize"}
     assert v2["config"]["steps"] == v2["config"]["steps_per_new_effect"] * 1
+    v1_lr = json.loads(v1.config_json)["lr"]
+    assert v2["config"]["lr"] == pytest.approx(v1_lr * v2["config"]["incremental_lr_ratio"])
     for m in v2["members"]:
         if m["effect"] in triggers_before:
             assert m["trigger"] == triggers_before[m["effect"]]

@@ -100,6 +100,13 @@ class DistillConfig(BaseModel):
         description="student learning rate over the run: constant, or cosine decay to lr_final_ratio",
     )
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="final / initial student lr (cosine)")
+    incremental_lr_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="incremental runs train the student at lr x this (it starts from a trained state; "
+        "a full-size restart makes it forget old effects)",
+    )
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (both optimizers)")
     grad_clip: float = Field(10.0, gt=0, description="max gradient norm (both optimizers)")
     guidance: float | None = Field(

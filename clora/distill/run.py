@@ -231,6 +231,8 @@ def run_distill(
         plan = planned
         if general_only:
             cfg = cfg.model_copy(update={"p_switch": 0.0})
+        if plan.kind == "incremental":
+            cfg = cfg.model_copy(update={"lr": cfg.lr * cfg.incremental_lr_ratio})
         if plan.kind == "incremental" and auto_steps:
             cfg = cfg.model_copy(update={"steps": cfg.steps_per_new_effect * len(plan.new_effects)})
         elif plan.kind == "full" and auto_steps:

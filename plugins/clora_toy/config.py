@@ -52,10 +52,10 @@ class TeacherTrainConfig(_Strict):
 
     rank: int = Field(8, description="LoRA rank")
     alpha: float = Field(8.0, description="LoRA alpha (scale = alpha / rank)")
-    steps: int = Field(350, description="optimizer steps")
+    steps: int = Field(300, description="optimizer steps")
     batch_size: int = Field(16, description="pairs per step")
     num_pairs: int = Field(48, description="distinct source images the LoRA sees")
-    lr: float = Field(2e-3, description="peak AdamW learning rate (cosine decay after warmup)")
+    lr: float = Field(6e-3, description="peak AdamW learning rate (cosine decay after warmup)")
     warmup: int = Field(20, description="linear warmup steps")
     prompt_dropout: float = Field(0.1, description="probability of training on the empty prompt (for CFG)")
     shifted_sigma_frac: float = Field(0.5, description="fraction of sigmas drawn from shift3(U)")
