@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -344,6 +345,30 @@ def test_cli_build_reuses_and_teachers_register(built: dict[str, object], tmp_pa
     assert all(any(m.endswith("." + t) for m in modules) for t in _targets()), modules
     again = runner.invoke(app, ["--registry", str(registry), "toy", "teachers", "invert", "--tiny"])
     assert again.exit_code == 0 and "already registered" in again.output
+
+
+def test_cli_teachers_repoint_an_effect_built_with_an_older_recipe(
+    built: dict[str, object], tmp_path: Path
+) -> None:
+    current = Path(built["invert"].path)  # type: ignore[attr-defined]
+    older = current.parent.parent / "invert-olderrecipe" / current.name
+    older.parent.mkdir(exist_ok=True)
+    shutil.copyfile(current, older)
+    mine = tmp_path / "my_invert.safetensors"  # a user's own file under the same name is left alone
+    shutil.copyfile(current, mine)
+    app, runner = _app(), CliRunner()
+    try:
+        for registered, kept in ((older, False), (mine, True)):
+            args = ["--registry", str(tmp_path / f"reg-{kept}.db")]
+            add = ["effect", "add", "invert", "--lora", str(registered), "--prompt", "x"]
+            r = runner.invoke(app, [*args, *add])
+            assert r.exit_code == 0, r.output
+            r = runner.invoke(app, [*args, "toy", "teachers", "invert", "--tiny"])
+            assert r.exit_code == 0, r.output
+            shown = json.loads(runner.invoke(app, [*args, "effect", "show", "invert", "--json"]).output)
+            assert shown["lora"]["path"] == str((registered if kept else current).resolve())
+    finally:
+        shutil.rmtree(older.parent)
 
 
 def test_cli_unknown_effect_is_a_one_line_error() -> None:

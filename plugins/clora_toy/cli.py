@@ -142,10 +142,14 @@ def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_i
                 reg, state.components, name=name, lora_path=lora_path, prompt=prompt, base=base_id
             )
         except DuplicateEffectError:
-            old = reg.get_effect(name)
-            if not cached and old.lora_path == str(Path(lora_path).resolve()):
+            old_path, new_path = Path(reg.get_effect(name).lora_path), Path(lora_path).resolve()
+            if old_path == new_path and not cached:
                 update_lora(reg, state.components, name, lora_path, base_id)
                 typer.echo(f"  effect '{name}' was registered; now points at the retrained file")
+            elif old_path != new_path and old_path.parent.parent == new_path.parent.parent:
+                # a teacher this plugin built on the same base with an older teacher recipe
+                update_lora(reg, state.components, name, lora_path, base_id)
+                typer.echo(f"  effect '{name}' was registered; now points at the current recipe's teacher")
             else:
                 typer.echo(f"  effect '{name}' is already registered; left as it is")
             return
