@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--effects", nargs="*", default=EFFECTS)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--ablations", action="store_true", help="also run each ablation (same steps)")
+    parser.add_argument(
+        "--merge", default="linear,ties", help="merged-LoRA baselines for the full run (none: skip them)"
+    )
     add_world_args(parser)
     args = parser.parse_args()
 
@@ -77,7 +80,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         col = outcome.collection
         assert col is not None
-        opts = EvalOptions(n_images=args.n_images, merges=("linear", "ties") if label == "full" else ())
+        merges = () if args.merge == "none" else tuple(args.merge.split(","))
+        opts = EvalOptions(n_images=args.n_images, merges=merges if label == "full" else ())
         ev = evaluate(reg, comps, col, options=opts, show_progress=False)
         outputs = ev.pop("_outputs")
         model = UnifiedModel.load(comps, col.file, backbone=None)

@@ -66,8 +66,11 @@ def register_routers(register: Callable[[Any], None]) -> None:
 def register_loss_terms(register: Callable[[Any], None]) -> None:
     """Register named generator or critic loss terms.
 
-    :param register: call with an object that has a ``loss_id``; the distiller's config picks
-        terms by id and gives each a weight. A term returns ``dict[str, Tensor]`` of named losses.
+    :param register: call with an object that has a ``loss_id``, a ``role`` (``"generator"``,
+        the default, or ``"critic"``) and optionally ``off_policy = True`` (a generator term that
+        needs no student sample, so it also trains in the anchoring phase); it is called with a
+        :class:`clora.distill.losses.LossContext`. The distiller's config picks terms by id and
+        gives each a weight. A term returns ``dict[str, Tensor]`` of named losses.
     """
 
 

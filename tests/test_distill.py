@@ -103,6 +103,24 @@ def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path
     assert any("loss/dmd" in row for row in rows)
 
 
+def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    cfg = _config_file(
+        tmp_path, steps=12, batch_size=4, anchor_share=0.5, critic_warmup=1, p_switch=1.0, block_len=1
+    )
+    r = run(pm, "distill", "--config", cfg, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    rows = [json.loads(ln) for ln in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]
+    losses = [{k for k in row if k.startswith("loss/")} for row in rows]
+    # steps 0-5: anchoring alone; step 6: the critic warms up on student samples; then everything
+    assert losses[:6] == [{"loss/anchor"}] * 6
+    assert losses[6] == {"loss/critic_fm"}
+    assert all(x == {"loss/anchor", "loss/dmd", "loss/target_sim", "loss/critic_fm"} for x in losses[7:])
+    roles = col["metrics"]["train"]["seconds_by_role"]
+    assert roles["generator"] > 0 and roles["teacher"] > 0
+
+
 def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_world
     cfg = _config_file(
@@ -114,6 +132,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path
         critic_warmup=2,
         gen_every=2,
         effects_per_batch=2,
+        anchor_share=0.25,
     )
     r = run(pm, "distill", "--config", cfg, "--no-progress", "--json", "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output

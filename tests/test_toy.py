@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from clora_toy import data, effects
+from clora_toy import data, effects, store
+from clora_toy.config import TOY
 from clora_toy.build import BuildResult, build_base, build_teacher, sample_edit
 from clora_toy.factory import get_factory
 from clora_toy.text import EOS_ID, HashTokenizer
@@ -160,7 +161,8 @@ def test_schedules() -> None:
 
 
 def test_unbuilt_base_says_how_to_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLORA_HOME", str(tmp_path))
+    monkeypatch.setenv("CLORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(store, "SHIPPED", tmp_path / "nothing-shipped")
     with pytest.raises(BaseNotBuiltError, match=r"clora toy build-base --tiny"):
         get_factory(tiny=True).load()
     with pytest.raises(BaseNotBuiltError, match=r"`clora toy build-base`"):
@@ -324,6 +326,45 @@ def test_cli_effects_lists_the_library() -> None:
         "family": "core",
         "prompt": "apply a sepia tone",
     }
+
+
+def test_shipped_files_install_into_an_empty_cache(
+    built: dict[str, BuildResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ship the session's tiny base and invert teacher into a stand-in package folder
+    monkeypatch.setattr(store, "SHIPPED", tmp_path / "prebuilt")
+    base, teacher = built["base"], built["invert"]
+    store.ship(base.path.parent, store.BASE_FILES)
+    store.ship(teacher.path.parent, store.TEACHER_FILES)
+    monkeypatch.setenv("CLORA_HOME", str(tmp_path / "fresh"))
+    app, runner = _app(), CliRunner()
+    r = runner.invoke(app, ["toy", "build-base", "--tiny"])
+    assert r.exit_code == 0 and "installed shipped base toy-tiny" in r.output, r.output
+    r = runner.invoke(app, ["--registry", str(tmp_path / "r.db"), "toy", "teachers", "invert", "--tiny"])
+    assert r.exit_code == 0 and "installed shipped teacher 'invert'" in r.output, r.output
+    installed = store.base_dir("toy-tiny", get_factory(tiny=True).config)
+    assert installed.is_relative_to(tmp_path / "fresh")
+    assert (installed / store.BASE_WEIGHTS).read_bytes() == base.path.read_bytes()
+    again = build_base(tiny=True, show_progress=False)
+    assert again.cached and not again.shipped and again.report["psnr"] == base.report["psnr"]
+    # a teacher that is not shipped is trained as before; a recipe with nothing shipped is not built
+    assert not store.install_shipped(tmp_path / "fresh" / "toy" / "toy-0", store.BASE_FILES)
+
+
+def test_shipped_full_world_matches_the_current_recipe() -> None:
+    """The files in clora_toy/prebuilt are this recipe's (else users would silently retrain)."""
+    folder = store.SHIPPED / f"toy-{TOY.base_hash()}"
+    with safe_open(str(folder / store.BASE_WEIGHTS), framework="pt") as f:
+        assert json.loads(f.metadata()["clora.toy_config"]) == json.loads(TOY.model_dump_json())
+    teachers = sorted((folder / "teachers").iterdir())
+    assert len(teachers) >= 10
+    for t in teachers:
+        name = t.name.rsplit("-", 1)[0]
+        assert t.name == f"{name}-{TOY.teacher_hash(name)}"
+        with safe_open(str(t / store.TEACHER_WEIGHTS), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["clora.effect"] == name and json.loads(meta["clora.info"])["base_hash"] == TOY.base_hash()
+        assert json.loads((t / store.TEACHER_REPORT).read_text())["psnr"] > 20
 
 
 def test_cli_build_reuses_and_teachers_register(built: dict[str, object], tmp_path: Path) -> None:

@@ -87,6 +87,14 @@ class DistillConfig(BaseModel):
     gen_every: int = Field(
         1, ge=1, description="one student update every gen_every steps (critic every step; reference: 5)"
     )
+    anchor_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the steps, at the start, that train the student by trajectory anchoring "
+        "alone (off-policy terms only: no simulation, teacher or critic calls, a few times cheaper a "
+        "step); the critic warm-up and the on-policy phase follow",
+    )
     critic_warmup: int = Field(
         20,
         ge=0,
@@ -153,6 +161,11 @@ class DistillConfig(BaseModel):
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def anchor_steps(self) -> int:
+        """Steps of the anchoring phase at the start of the run."""
+        return int(self.steps * self.anchor_share)
 
     def lr_at(self, step: int) -> float:
         """The student's learning rate at ``step`` of this run (``lr_schedule``)."""

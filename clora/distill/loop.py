@@ -138,7 +138,9 @@ class Distiller:
     ) -> LoopResult:
         cfg, total = self.cfg, self.cfg.steps
         start, t0, last = self.state.step, time.monotonic(), 0.0
-        warmup = min(cfg.critic_warmup, total // 4)
+        # phases: anchoring alone (cheap) -> critic warm-up on student samples -> on-policy DMD
+        anchor_end = cfg.anchor_steps
+        warm_end = anchor_end + min(cfg.critic_warmup, (total - anchor_end) // 4)
         final: dict[str, float] = {}
         with progress_bar(show_progress) as bar, open(self.run_dir / LOG, "a") as log:
             task = bar.add_task("distill", total=total, completed=start, info="")
@@ -150,21 +152,27 @@ class Distiller:
                 effect = ",".join(effects) or None
                 # 2. batch
                 batch = self.make_batch(stream, effects)
-                # 3. backward simulation; the last simulated step keeps its graph on generator turns
-                gen_turn = step >= warmup and (step - warmup) % cfg.gen_every == 0
-                with self.timer("simulation"):
-                    sample = self.simulate(batch, with_grad=gen_turn)
-                ctx = self.loss_context(batch, sample)
-                logged: dict[str, float] = {}
-                # 4. generator turn
                 self.set_student_lr(step)
-                if gen_turn:
-                    with self.timer("generator"):
-                        self.turn(ctx, "generator", step, logged)
-                # 5. critic turn, on the same (now detached) student sample
-                ctx.sample = sample.detach()
-                with self.timer("critic"):
-                    self.turn(ctx, "critic", step, logged)
+                logged: dict[str, float] = {}
+                if step < anchor_end:
+                    # the anchoring phase: regression onto the teacher targets, no simulation
+                    if batch.targets is not None:
+                        with self.timer("generator"):
+                            self.turn(self.loss_context(batch, None), "generator", step, logged)
+                else:
+                    # 3. backward simulation; the last simulated step keeps its graph on generator turns
+                    gen_turn = step >= warm_end and (step - warm_end) % cfg.gen_every == 0
+                    with self.timer("simulation"):
+                        sample = self.simulate(batch, with_grad=gen_turn)
+                    ctx = self.loss_context(batch, sample)
+                    # 4. generator turn
+                    if gen_turn:
+                        with self.timer("generator"):
+                            self.turn(ctx, "generator", step, logged)
+                    # 5. critic turn, on the same (now detached) student sample
+                    ctx.sample = sample.detach()
+                    with self.timer("critic"):
+                        self.turn(ctx, "critic", step, logged)
                 # 6. log and checkpoint
                 self.state.step = step + 1
                 final.update(logged)
@@ -265,7 +273,7 @@ class Distiller:
             v = self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt)
             return x0_from_velocity(x, v, s)
 
-    def loss_context(self, batch: Batch, sample: torch.Tensor) -> LossContext:
+    def loss_context(self, batch: Batch, sample: torch.Tensor | None) -> LossContext:
         bb, ad, cfg = self.backbone, self.adapters, self.cfg
         guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
 
@@ -323,15 +331,8 @@ class Distiller:
 
     def set_student_lr(self, step: int) -> None:
         """The student's learning rate at ``step`` (``lr_schedule``), set on its optimizer."""
-        cfg = self.cfg
-        lr = cfg.lr
-        if cfg.lr_schedule == "cosine" and cfg.steps > 1:
-            frac = min(step / (cfg.steps - 1), 1.0)
-            lr = cfg.lr * (
-                cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-            )
         for group in self.opt_student.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.cfg.lr_at(step)
 
     def turn(self, ctx: LossContext, role: str, step: int, logged: dict[str, float]) -> None:
         """One optimizer step of ``role`` (generator: the student, critic: the critic) on its terms."""
@@ -351,6 +352,8 @@ class Distiller:
         total: torch.Tensor | None = None
         for loss_id, term in self.terms.items():
             if getattr(term, "role", "generator") != role:
+                continue
+            if ctx.sample is None and not getattr(term, "off_policy", False):
                 continue
             weight = self.cfg.losses[loss_id].at(step, self.cfg.steps)
             if weight == 0:

@@ -3,7 +3,9 @@
 A loss term (registered through ``register_loss_terms``) has a ``loss_id``, a ``role``
 (``"generator"`` or ``"critic"``) and is called with a :class:`LossContext`; it returns named
 tensors (``dict[str, Tensor]``, empty when it does not apply to the batch). The loop weighs each
-term by the config and logs every name as ``loss/<name>``.
+term by the config and logs every name as ``loss/<name>``. A generator term with ``off_policy =
+True`` reads no student sample (only the teacher targets), so it also trains in the run's cheap
+anchoring phase, where the loop runs no simulation and no teacher or critic.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ Role = Literal["generator", "critic"]
 class LossContext:
     """One step's sample, batch and model calls, as the loss terms see them.
 
-    ``sample`` is the student's x0 from backward simulation (with grad on generator turns). The
-    model calls take noisy latents and per-sample noise levels ``[B]``:
+    ``sample`` is the student's x0 from backward simulation (with grad on generator turns); it is
+    None in the anchoring phase, where every batch has ``targets``. The model calls take noisy
+    latents and per-sample noise levels ``[B]``:
 
     * ``teacher_x0`` - the effect's teacher (or the base) with CFG, no grad;
     * ``critic_x0`` - the critic (fake score) on the student prompt, no grad;
@@ -35,7 +38,7 @@ class LossContext:
     * ``critic_velocity`` - the critic, with grad (critic turn).
     """
 
-    sample: torch.Tensor
+    sample: torch.Tensor | None
     stream: Literal["effect", "general"]
     targets: torch.Tensor | None  # teacher outputs y_T of the batch's sources (effect stream)
     few_step_sigmas: torch.Tensor
@@ -50,8 +53,23 @@ class LossContext:
     shared: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def like(self) -> torch.Tensor:
+        """A tensor with the batch's shape, device and dtype (the sample, else the targets)."""
+        ref = self.sample if self.sample is not None else self.targets
+        if ref is None:
+            raise RuntimeError("a loss context needs a student sample or teacher targets")
+        return ref
+
+    @property
+    def student_sample(self) -> torch.Tensor:
+        """The simulated student sample; on-policy terms only."""
+        if self.sample is None:
+            raise RuntimeError("no student sample in the anchoring phase; only off_policy terms run there")
+        return self.sample
+
+    @property
     def batch_size(self) -> int:
-        return int(self.sample.shape[0])
+        return int(self.like.shape[0])
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x)
@@ -59,7 +77,7 @@ class LossContext:
     def uniform(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
         """Per-sample ``U[low, high]`` on the sample's device and dtype."""
         u = torch.rand(self.batch_size, generator=self.generator, dtype=torch.float32)
-        return (low + (high - low) * u).to(self.sample)
+        return (low + (high - low) * u).to(self.like)
 
     def shifted(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
         """Per-sample ``shift(U[low, high])`` noise levels, kept inside (0.02, 0.98)."""

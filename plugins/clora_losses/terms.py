@@ -15,7 +15,7 @@ class DMDTerm:
     role = "generator"
 
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"dmd": dmd_on(ctx, ctx.sample, ctx.dmd_levels())}
+        return {"dmd": dmd_on(ctx, ctx.student_sample, ctx.dmd_levels())}
 
 
 class TargetSimulationTerm:
@@ -27,7 +27,7 @@ class TargetSimulationTerm:
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         if ctx.targets is None:
             return {}
-        levels = ctx.few_step_sigmas[-ctx.config.target_levels :].to(ctx.sample)
+        levels = ctx.few_step_sigmas[-ctx.config.target_levels :].to(ctx.like)
         pick = torch.randint(len(levels), (ctx.batch_size,), generator=ctx.generator)
         s = levels[pick.to(levels.device)]
         noisy = add_noise(ctx.targets, ctx.randn_like(ctx.targets), s)
@@ -40,6 +40,7 @@ class AnchorTerm:
 
     loss_id = "anchor"
     role = "generator"
+    off_policy = True  # needs only the teacher targets: it also trains in the anchoring phase
 
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         if ctx.targets is None:
@@ -58,7 +59,7 @@ class CriticFlowMatchingTerm:
     role = "critic"
 
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
-        x0 = ctx.sample.detach()
+        x0 = ctx.student_sample.detach()
         s = ctx.shifted()
         noise = ctx.randn_like(x0)
         v = ctx.critic_velocity(add_noise(x0, noise, s), s)

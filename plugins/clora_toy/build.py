@@ -30,6 +30,8 @@ class BuildResult:
     sheet: Path
     report: dict[str, object]
     cached: bool
+    #: installed from the files shipped with the package (see ``store.install_shipped``)
+    shipped: bool = False
 
 
 @torch.no_grad()
@@ -85,8 +87,10 @@ def build_base(
         folder / store.BASE_SHEET,
         folder / store.BASE_REPORT,
     )
-    if weights.exists() and not force:
-        return BuildResult(weights, sheet, _read_report(report_path), cached=True)
+    if not force:
+        shipped = not weights.exists() and store.install_shipped(folder, store.BASE_FILES)
+        if weights.exists():
+            return BuildResult(weights, sheet, _read_report(report_path), cached=True, shipped=shipped)
     cfg = factory.config
     backbone = factory.fresh(device)
     stats = train_base(backbone, cfg.base, show_progress)
@@ -168,8 +172,10 @@ def build_teacher(
         folder / store.TEACHER_SHEET,
         folder / store.TEACHER_REPORT,
     )
-    if weights.exists() and not force:
-        return BuildResult(weights, sheet, _read_report(report_path), cached=True)
+    if not force:
+        shipped = not weights.exists() and store.install_shipped(folder, store.TEACHER_FILES)
+        if weights.exists():
+            return BuildResult(weights, sheet, _read_report(report_path), cached=True, shipped=shipped)
     backbone = backbone or factory.load(device)
     sources = held_out_sources(cfg.eval.num_images, backbone.image_size[0], seed=1)
     guidance = cfg.eval.teacher_guidance

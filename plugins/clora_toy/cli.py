@@ -53,7 +53,7 @@ def toy_app() -> typer.Typer:
         size = "tiny" if tiny else size
         _threads(_size(False, size))
         result = build_base(device=device, force=force, size=size)
-        verb = "reused cached" if result.cached else "built"
+        verb = _verb(result, "built")
         typer.echo(f"{verb} base {result.report.get('backbone_id', '')}: {result.path}")
         psnr = result.report.get("psnr") or {}
         if psnr:
@@ -85,7 +85,7 @@ def toy_app() -> typer.Typer:
         for effect in chosen:
             result = build_teacher(effect, device=device, force=force, backbone=backbone, size=size)
             r = result.report
-            verb = "reused cached" if result.cached else "trained"
+            verb = _verb(result, "trained")
             typer.echo(
                 f"{verb} teacher '{effect.name}': PSNR {r.get('psnr')} dB (base without LoRA "
                 f"{r.get('base_psnr')} dB) -> {result.path}"
@@ -130,6 +130,12 @@ def toy_app() -> typer.Typer:
         typer.echo(f"wrote {n} image(s) of {side}x{side} to {out}")
 
     return app
+
+
+def _verb(result: Any, fresh: str) -> str:
+    if result.shipped:
+        return "installed shipped"
+    return "reused cached" if result.cached else fresh
 
 
 def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_id: str, cached: bool) -> None:

@@ -35,12 +35,13 @@ class ToyBackboneFactory(BackboneFactory):
         return f"{self.backbone_id}-{self.config.base_hash()}"
 
     def is_built(self) -> bool:
-        """Whether the base weights exist in the cache."""
-        return self.weights_path.exists()
+        """Whether the base weights exist in the cache (installing the shipped ones if there are)."""
+        path = self.weights_path
+        return path.exists() or store.install_shipped(path.parent, store.BASE_FILES)
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> ToyBackbone:
         path = self.weights_path
-        if not path.exists():
+        if not self.is_built():
             raise BaseNotBuiltError(
                 f"the toy base '{self.backbone_id}' is not built yet (no {path}); run `{self.build_hint}`"
             )
