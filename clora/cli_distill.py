@@ -51,7 +51,8 @@ def add_commands(app: typer.Typer) -> None:
             int | None,
             typer.Option(
                 "--steps",
-                help="Training steps (default: max(600, 100 per effect); incremental: 150 per new effect).",
+                help="Training steps (default: max(1500, 300 per effect); incremental: 450 per new effect); "
+                "the first anchor_share (0.9) of them are the cheap anchoring phase.",
             ),
         ] = None,
         rank: Annotated[

@@ -204,6 +204,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_world, tmp_pa
         steps=10,
         batch_size=4,
         checkpoint_every=2,
+        anchor_share=0.0,  # on-policy from the start, so the NaN term (a critic term) runs every step
         losses={"dmd": {}, "critic_fm": {}, "nan_after_1": {}},
     )
     r = run(pm, "distill", "--config", cfg, "--no-progress")
