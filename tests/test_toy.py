@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from clora_toy import data, effects, store
-from clora_toy.config import TOY
 from clora_toy.build import BuildResult, build_base, build_teacher, sample_edit
+from clora_toy.config import TOY
 from clora_toy.factory import get_factory
 from clora_toy.text import EOS_ID, HashTokenizer
 from helpers import plugin_manager, run
