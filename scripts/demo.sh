@@ -41,24 +41,21 @@ else
   clora distill $STEPS --batch-size "$BATCH"
 fi
 
-step "4. edit held-out images with each effect from the one file (4 steps, no CFG)"
+step "4. edit held-out images from the one file: two effects, each alone and composed (4 steps, no CFG)"
 # shellcheck disable=SC2086
 clora toy sources --out "$DEMO_DIR/inputs" -n 4 $SIZE
-for e in $FIRST; do
-  clora generate --effect "$e" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --no-progress > /dev/null
-done
 set -- $FIRST
 clora generate --effect "$1" --effect "$2" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --grid --no-progress
 
 step "5. evaluate: student vs teachers vs truth, bleeding, cost"
-clora eval --collection 1 --report "$DEMO_DIR/report-v1" --no-progress
+clora eval --collection 1 --n-images 8 --merge none --report "$DEMO_DIR/report-v1" --no-progress
 
 step "6. add two effects and grow the collection incrementally"
 # shellcheck disable=SC2086
 clora toy teachers $MORE $SIZE
 # shellcheck disable=SC2086
 clora distill --incremental $MORE_STEPS --batch-size "$BATCH"   # says "nothing new" on a second run
-clora eval --collection 2 --report "$DEMO_DIR/report-v2" --no-progress
+clora eval --collection 2 --n-images 8 --report "$DEMO_DIR/report-v2" --no-progress   # + merged baselines
 
 step "summary: one file per collection, mean PSNR vs the true effect, bleed rate, speed-up"
 clora collections
