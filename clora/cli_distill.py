@@ -65,7 +65,8 @@ def add_commands(app: typer.Typer) -> None:
         p_switch: Annotated[
             float | None,
             typer.Option(
-                "--p-switch", help="Probability a block trains an effect instead of general edits (0.5)."
+                "--p-switch",
+                help="Probability a block trains an effect instead of general edits (default 0.75).",
             ),
         ] = None,
         batch_size: Annotated[

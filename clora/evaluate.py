@@ -16,10 +16,12 @@ import torch
 
 from clora.backbone import Backbone
 from clora.distill.config import DistillConfig
-from clora.distill.prepare import effect_seed, load_images
+from clora.distill.prepare import digest, effect_seed, load_images, tensor_digest
+from clora.fileio import save_safetensors, sha256_file
 from clora.generate import ADAPTER, UnifiedModel, cascade_edit, drop_adapters, full_edit, teacher_edit
 from clora.merge import MERGE_TYPES, merge_teachers
 from clora.metrics import nearest
+from clora.paths import clora_home
 from clora.plugins import Components
 from clora.progress import progress_bar
 from clora.registry import Collection, Registry
@@ -50,6 +52,44 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+class OutputCache:
+    """Full-sampler outputs (teacher, merged baselines) are fixed by their inputs, so a re-evaluation
+    reuses them from ``CLORA_HOME/cache/eval``, with the wall seconds they took when computed."""
+
+    def __init__(self, bb: Backbone, cfg: DistillConfig, sources: torch.Tensor, seed: int) -> None:
+        self.root = clora_home() / "cache" / "eval"
+        self.common = {
+            "base": bb.fingerprint,
+            "images": tensor_digest(sources),
+            "steps": cfg.teacher_steps,
+            "guidance": cfg.guidance if cfg.guidance is not None else bb.default_guidance,
+            "shift": cfg.shift,
+            "seed": seed,
+            "device": str(bb.device),
+            "dtype": str(bb.dtype),
+        }
+
+    def path(self, **key: Any) -> Path:
+        return self.root / f"{digest({**self.common, **key})}.safetensors"
+
+    def load(self, path: Path) -> tuple[torch.Tensor, float] | None:
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("images"), float((f.metadata() or {}).get("seconds", "nan"))
+
+    def get(self, path: Path, compute: Any) -> tuple[torch.Tensor, float]:
+        """The cached ``(images, seconds)`` at ``path``, or ``compute()`` timed and stored there."""
+        hit = self.load(path)
+        if hit is not None:
+            return hit
+        images, seconds = _timed(compute)
+        save_safetensors({"images": images}, path, metadata={"seconds": repr(seconds)})
+        return images, seconds
+
+
 def evaluate(
     registry: Registry,
     components: Components,
@@ -78,6 +118,7 @@ def evaluate(
     def score(a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
         return None if b is None else {m: _mean(fn(a, b)) for m, fn in metrics.items()}
 
+    cache = OutputCache(bb, cfg, sources, opt.seed)
     per: dict[str, Any] = {}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
     t_student = t_teacher = t_cascade = 0.0
@@ -89,7 +130,8 @@ def evaluate(
             t_student += dt
             out = {"student": student}
             if e is not None:
-                out["teacher"], dt = _timed(
+                out["teacher"], dt = cache.get(
+                    cache.path(teacher=sha256_file(e.lora_path), prompt=e.teacher_prompt),
                     lambda e=e: teacher_edit(
                         bb,
                         components,
@@ -100,8 +142,9 @@ def evaluate(
                         guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
                         shift=cfg.shift,
                         seed=opt.seed,
-                    )
+                    ),
                 )
+                out["teacher"] = out["teacher"].to(student)
                 t_teacher += dt
                 if opt.accel:
                     out["cascade"], dt = _timed(
@@ -127,7 +170,7 @@ def evaluate(
                 row["bad_case_rate"] = _mean((gap > opt.margin_db).float())
             per[name] = row
             bar.update(task, advance=1, info=name)
-        merged = _merged(bb, components, cfg, opt, model.effects, registered, names, sources, bar)
+        merged = _merged(bb, components, cfg, opt, model.effects, registered, names, sources, cache, bar)
     for name, by_merge in merged.items():
         for merge, images in by_merge.items():
             outputs[name][f"merged-{merge}"] = images
@@ -171,6 +214,7 @@ def _merged(
     registered: dict[str, Any],
     names: list[str],
     sources: torch.Tensor,
+    cache: OutputCache,
     bar: Any,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each effect's outputs with every member's LoRA merged into one (its own prompt, full sampler)."""
@@ -180,16 +224,30 @@ def _merged(
     if not opt.merges or not paths or not todo:
         return {}
     guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
+    members_key = [sha256_file(p) for p in paths]
     task = bar.add_task("merged baselines", total=len(opt.merges) * len(todo), info="")
     for merge in opt.merges:
         adapter = f"merged_{merge}"
+        where = {
+            n: cache.path(merge=merge, members=members_key, prompt=registered[n].teacher_prompt) for n in todo
+        }
+        hits = {n: hit[0] for n, p in where.items() if (hit := cache.load(p)) is not None}
+        if len(hits) == len(todo):  # nothing to sample: skip building the merged adapter
+            for n, images in hits.items():
+                out[n][merge] = images.to(sources)
+            bar.update(task, advance=len(todo), info=f"{merge}: cached")
+            continue
         merge_teachers(bb.transformer, components, paths, merge, adapter)
         try:
             for n in todo:
                 e = registered[n]
-                out[n][merge] = full_edit(
-                    bb, adapter, e.teacher_prompt, sources, cfg.teacher_steps, guidance, cfg.shift, opt.seed
+                out[n][merge], _ = cache.get(
+                    where[n],
+                    lambda e=e, a=adapter: full_edit(
+                        bb, a, e.teacher_prompt, sources, cfg.teacher_steps, guidance, cfg.shift, opt.seed
+                    ),
                 )
+                out[n][merge] = out[n][merge].to(sources)
                 bar.update(task, advance=1, info=f"{merge}: {n}")
         finally:
             drop_adapters(bb.transformer, [adapter])

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import plugin_manager, run
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from clora.distill.config import DistillConfig
 from clora.evaluate import _bleeding
 from clora.metrics import nearest, psnr, ssim
+from clora.paths import clora_home
 from clora.plugins import Components
 
 
@@ -115,6 +118,31 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
     assert cols[0]["metrics"]["eval"]["bleeding"]["matrix"] == b["matrix"]
     r = run(pm, "eval", "--merge", "svd", "--n-images", "2", "--no-progress")
     assert r.exit_code == 1 and "unknown --merge 'svd'" in r.output
+
+
+def test_eval_reuses_teacher_and_merged_outputs(tiny_collection) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_collection
+    cache = clora_home() / "cache" / "eval"
+    before = set(cache.glob("*.safetensors"))
+    args = ("eval", "--json", "--n-images", "2", "--seed", "7", "--no-progress")
+    first = json.loads(run(pm, *args).stdout)
+    new = set(cache.glob("*.safetensors")) - before
+    assert len(new) == 2 + 2 * 2  # each teacher's outputs, and each merge's outputs per effect
+    # a second run reads them instead of sampling again: poisoned files show up in its baselines only
+    for path in new:
+        with safe_open(str(path), framework="pt") as f:
+            images, meta = f.get_tensor("images"), f.metadata()
+        save_file({"images": torch.zeros_like(images)}, str(path), metadata=meta)
+    second = json.loads(run(pm, *args).stdout)
+    for name, row in second["effects"].items():
+        was = first["effects"][name]
+        assert row["student_vs_truth"] == was["student_vs_truth"]
+        assert row["teacher_vs_truth"]["psnr"] < was["teacher_vs_truth"]["psnr"] - 3
+        for merge, scores in row["merged_vs_truth"].items():
+            assert scores["psnr"] != was["merged_vs_truth"][merge]["psnr"]
+    # the teachers' time per image is the one measured when their outputs were computed
+    teacher_ms = [run_["cost"]["per_effect_loras"]["ms_per_image"] for run_ in (first, second)]
+    assert teacher_ms[0] == teacher_ms[1]
 
 
 @pytest.mark.parametrize("combination", ["linear", "ties"])

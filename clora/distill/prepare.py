@@ -40,11 +40,13 @@ class Prepared:
     prompts: dict[str, PromptEmbeds]  # text -> embeds of one row
 
 
-def _digest(obj: object) -> str:
+def digest(obj: object) -> str:
+    """A short content key of a JSON-able object (cache file names)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short content key of a tensor's bytes."""
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:24]
 
 
@@ -80,7 +82,7 @@ def prepare(
     todo = []
     for e in plan.effects:
         images = source_images(backbone, examples.get(e.name), e.name, cfg)
-        key = _digest(
+        key = digest(
             {
                 "base": backbone.fingerprint,
                 "teacher": e.lora_sha256,
@@ -88,7 +90,7 @@ def prepare(
                 "steps": cfg.teacher_steps,
                 "guidance": cfg.guidance,
                 "shift": cfg.shift,
-                "images": _tensor_digest(images),
+                "images": tensor_digest(images),
                 "seed": cfg.seed,
                 "dtype": cfg.dtype,
             }
@@ -145,11 +147,11 @@ def _general_targets(
     show_progress: bool,
 ) -> torch.Tensor:
     """The base model's own full-sampler outputs on the general pool (cached like teacher targets)."""
-    key = _digest(
+    key = digest(
         {
             "base": backbone.fingerprint,
             "prompts": prompts,
-            "images": _tensor_digest(sources),
+            "images": tensor_digest(sources),
             "steps": cfg.teacher_steps,
             "guidance": cfg.guidance,
             "shift": cfg.shift,
@@ -171,7 +173,7 @@ def _general_targets(
 
 def encode_prompts_cached(backbone: Backbone, texts: list[str], cache: Path) -> dict[str, PromptEmbeds]:
     """Encode ``texts`` once per base, on disk, then release the text encoder."""
-    path = cache / "prompts" / f"{_digest({'base': backbone.fingerprint, 'texts': texts})}.safetensors"
+    path = cache / "prompts" / f"{digest({'base': backbone.fingerprint, 'texts': texts})}.safetensors"
     if path.exists():
         data = load_file(str(path), device=str(backbone.device))
     else:
