@@ -64,7 +64,7 @@ def main() -> None:
     add_world_args(parser)
     args = parser.parse_args()
 
-    world = World.open(args.size, "clora-bench-")
+    world = World.open(args.size, "clora-bench-", args.threads)
     world.register(args.effects)
     reg, comps, work = world.registry, world.components, world.work
 

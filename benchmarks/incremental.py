@@ -68,7 +68,7 @@ def main() -> None:
     add_world_args(parser)  # --config: no "steps" in it, the runs use their default step counts
     args = parser.parse_args()
 
-    world = World.open(args.size, "clora-incr-")
+    world = World.open(args.size, "clora-incr-", args.threads)
     world.build(args.first + args.more)
     reg, comps, work, register = world.registry, world.components, world.work, world.register
 

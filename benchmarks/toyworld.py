@@ -24,6 +24,9 @@ def add_world_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-images", type=int, default=16, help="held-out images per effect")
     parser.add_argument("--config", type=Path, help="DistillConfig JSON applied to every run")
     parser.add_argument("--json", dest="json_out", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: 1 on the tiny world, 2 on the full one)"
+    )
 
 
 @dataclass
@@ -37,8 +40,9 @@ class World:
     work: Path
 
     @classmethod
-    def open(cls, size: str, prefix: str) -> World:
-        torch.set_num_threads(1 if size == "tiny" else 2)  # the tiny model gains nothing from two
+    def open(cls, size: str, prefix: str, threads: int | None = None) -> World:
+        # the tiny model gains nothing from two threads
+        torch.set_num_threads(threads or (1 if size == "tiny" else 2))
         build_base(size=size, show_progress=False)
         work = Path(tempfile.mkdtemp(prefix=prefix))
         return cls(
