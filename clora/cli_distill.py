@@ -51,8 +51,15 @@ def add_commands(app: typer.Typer) -> None:
             int | None,
             typer.Option(
                 "--steps",
-                help="Training steps (default: max(1500, 300 per effect); incremental: 450 per new effect); "
-                "the first anchor_share (0.9) of them are the cheap anchoring phase.",
+                help="Training steps (default: max(600, 125 per effect); incremental: 200 per new effect).",
+            ),
+        ] = None,
+        anchor_share: Annotated[
+            float | None,
+            typer.Option(
+                "--anchor-share",
+                help="Share of the steps, at the start, spent on the cheap anchoring phase "
+                "(regression onto the teachers' outputs) before the on-policy phase (default 0.5).",
             ),
         ] = None,
         rank: Annotated[
@@ -124,6 +131,7 @@ def add_commands(app: typer.Typer) -> None:
         st = state(ctx)
         overrides: dict[str, Any] = {
             "steps": steps,
+            "anchor_share": anchor_share,
             "rank": rank,
             "few_steps": few_steps,
             "p_switch": p_switch,

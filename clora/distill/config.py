@@ -50,16 +50,16 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(
-        1500,
+        600,
         ge=1,
         description="training steps (each trains the critic; every gen_every also the student); "
         "a full run without --steps trains at least steps_per_effect per effect",
     )
     steps_per_effect: int = Field(
-        300, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
+        125, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
     )
     steps_per_new_effect: int = Field(
-        450, ge=1, description="incremental runs without --steps train this many steps per new effect"
+        200, ge=1, description="incremental runs without --steps train this many steps per new effect"
     )
     rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
@@ -88,7 +88,7 @@ class DistillConfig(BaseModel):
         1, ge=1, description="one student update every gen_every steps (critic every step; reference: 5)"
     )
     anchor_share: float = Field(
-        0.9,
+        0.5,
         ge=0,
         lt=1,
         description="share of the steps, at the start, that train the student by trajectory anchoring "
