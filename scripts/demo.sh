@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole clora story on the embedded toy base model, in a workspace of its own.
 #   DEMO_DIR   workspace (default .clora/demo; its registry.db and outputs live there)
-#   DEMO_TINY  1: the test-size world and fewer steps (a one-minute smoke run)
+#   DEMO_TINY  1: the test-size world and fewer steps (a smoke run of about 3 minutes)
 #   DEMO_STEPS, DEMO_MORE_STEPS  distill steps of the first collection and of the incremental run
 # The full world's base and teachers are shipped with clora (clora_toy/prebuilt), so they are installed,
 # not trained. A second run reuses the collections too, so it only generates and evaluates.
