@@ -58,11 +58,13 @@ class OutputCache:
 
     def __init__(self, bb: Backbone, cfg: DistillConfig, sources: torch.Tensor, seed: int) -> None:
         self.root = clora_home() / "cache" / "eval"
+        #: the CFG scale of every full-sampler baseline
+        self.guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
         self.common = {
             "base": bb.fingerprint,
             "images": tensor_digest(sources),
             "steps": cfg.teacher_steps,
-            "guidance": cfg.guidance if cfg.guidance is not None else bb.default_guidance,
+            "guidance": self.guidance,
             "shift": cfg.shift,
             "seed": seed,
             "device": str(bb.device),
@@ -139,7 +141,7 @@ def evaluate(
                         e.teacher_prompt,
                         sources,
                         steps=cfg.teacher_steps,
-                        guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
+                        guidance=cache.guidance,
                         shift=cfg.shift,
                         seed=opt.seed,
                     ),
@@ -223,7 +225,7 @@ def _merged(
     out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in todo}
     if not opt.merges or not paths or not todo:
         return {}
-    guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
+    guidance = cache.guidance
     members_key = [sha256_file(p) for p in paths]
     task = bar.add_task("merged baselines", total=len(opt.merges) * len(todo), info="")
     for merge in opt.merges:
@@ -232,22 +234,23 @@ def _merged(
             n: cache.path(merge=merge, members=members_key, prompt=registered[n].teacher_prompt) for n in todo
         }
         hits = {n: hit[0] for n, p in where.items() if (hit := cache.load(p)) is not None}
-        if len(hits) == len(todo):  # nothing to sample: skip building the merged adapter
-            for n, images in hits.items():
-                out[n][merge] = images.to(sources)
-            bar.update(task, advance=len(todo), info=f"{merge}: cached")
+        for n, images in hits.items():
+            out[n][merge] = images.to(sources)
+        missing = [n for n in todo if n not in hits]
+        bar.update(task, advance=len(hits), info=f"{merge}: cached")
+        if not missing:  # nothing to sample: skip building the merged adapter
             continue
         merge_teachers(bb.transformer, components, paths, merge, adapter)
         try:
-            for n in todo:
+            for n in missing:
                 e = registered[n]
-                out[n][merge], _ = cache.get(
+                images, _ = cache.get(
                     where[n],
                     lambda e=e, a=adapter: full_edit(
                         bb, a, e.teacher_prompt, sources, cfg.teacher_steps, guidance, cfg.shift, opt.seed
                     ),
                 )
-                out[n][merge] = out[n][merge].to(sources)
+                out[n][merge] = images.to(sources)
                 bar.update(task, advance=1, info=f"{merge}: {n}")
         finally:
             drop_adapters(bb.transformer, [adapter])
