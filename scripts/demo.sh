@@ -18,10 +18,11 @@ if [ "${DEMO_TINY:-0}" = "1" ]; then
 else
   SIZE="--size full"; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"
   MORE="cool solarize"; BATCH=16
-  # sized for the 15-minute story on 2 cores: short runs, mostly the cheap anchoring phase;
-  # `clora distill` without --steps trains longer (and better: benchmarks/README.md)
-  STEPS="--steps ${DEMO_STEPS:-400} --anchor-share 0.9"
-  MORE_STEPS="--steps ${DEMO_MORE_STEPS:-150} --anchor-share 0.9"
+  # sized for the 15-minute story on 2 cores: short runs, mostly the cheap anchoring phase, half the
+  # default source images per effect and general edits (scripts/demo_distill.json); `clora distill`
+  # with its defaults trains longer and better (benchmarks/README.md)
+  STEPS="--steps ${DEMO_STEPS:-400} --config scripts/demo_distill.json"
+  MORE_STEPS="--steps ${DEMO_MORE_STEPS:-150} --config scripts/demo_distill.json"
 fi
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 start=$(date +%s)

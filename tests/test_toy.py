@@ -416,3 +416,77 @@ def test_cli_unknown_effect_is_a_one_line_error() -> None:
     result = CliRunner().invoke(_app(), ["toy", "teachers", "not-an-effect", "--tiny", "--no-register"])
     assert result.exit_code == 1
     assert "no toy effect 'not-an-effect'" in result.output
+
+
+# -- absolute positions (the mirror edit) -----------------------------------------------------------
+
+
+def test_general_batch_draws_edits_by_weight() -> None:
+    sources, targets, prompts = data.general_batch(
+        32,
+        8,
+        seed=3,
+        weights={
+            "flip": 1.0,
+            **dict.fromkeys(("identity", "brighten", "darken", "grayscale", "contrast"), 0.0),
+        },
+    )
+    assert set(prompts) == {data.get_general_edit("flip").prompt}
+    torch.testing.assert_close(targets, sources.flip(-1))
+    _, _, uniform = data.general_batch(32, 8, seed=3)
+    assert len(set(uniform)) > 2
+
+
+def test_position_features_tell_a_patch_from_its_mirror() -> None:
+    from clora_toy.backbone import position_features
+
+    cfg = TOY.model.model_copy(update={"image_size": 16, "patch_size": 2, "position_frequencies": 3})
+    feats = position_features(cfg).view(8, 8, 12)  # rows, cols, [row sin|row cos|col sin|col cos]
+    assert len({tuple(f.tolist()) for f in feats.reshape(64, 12)}) == 64
+    mirrored = feats.flip(1)
+    torch.testing.assert_close(mirrored[..., :6], feats[..., :6])  # same row
+    torch.testing.assert_close(mirrored[..., 6:9], -feats[..., 6:9])  # sin(pi k u) is odd in u
+    torch.testing.assert_close(mirrored[..., 9:], feats[..., 9:])
+    # the score a mirror needs is a dot product: sum_k cos(pi k (u + u')) peaks where u' = -u
+    cos_sin = (
+        torch.cat([feats[0, :, 9:], -feats[0, :, 6:9]], -1)
+        @ torch.cat([feats[0, :, 9:], feats[0, :, 6:9]], -1).T
+    )
+    assert torch.equal(cos_sin.argmax(1), torch.arange(7, -1, -1))
+
+
+def test_positions_change_the_recipe_hash_only_when_used() -> None:
+    from clora_toy.config import ToyConfig
+
+    same = ToyConfig(model=TOY.model.model_copy(update={"position_frequencies": 0}))
+    assert same.base_hash() == TOY.base_hash()
+    used = ToyConfig(model=TOY.model.model_copy(update={"position_frequencies": 4}))
+    weighted = ToyConfig(base=TOY.base.model_copy(update={"edit_weights": {"flip": 2.0}}))
+    assert len({TOY.base_hash(), used.base_hash(), weighted.base_hash()}) == 3
+
+
+def test_position_features_let_a_tiny_model_learn_the_mirror() -> None:
+    """RoPE alone gives attention relative positions only; with position channels the flip is learnable."""
+    from clora_toy.build import score
+    from clora_toy.config import TOY_TINY, ToyConfig
+    from clora_toy.factory import ToyBackboneFactory
+    from clora_toy.train import train_base
+
+    only_flip = {e.name: float(e.name == "flip") for e in data.general_edits()}
+    flip = data.get_general_edit("flip")
+    sources = data.held_out_sources(16, 16)
+    scores = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in (0, 4):
+            cfg = ToyConfig(
+                model=TOY_TINY.model.model_copy(update={"position_frequencies": k}),
+                base=TOY_TINY.base.model_copy(update={"steps": 1000, "edit_weights": only_flip}),
+            )
+            backbone = ToyBackboneFactory("toy-tiny", cfg, "-", "-").fresh()
+            train_base(backbone, cfg.base, show_progress=False)
+            scores[k], _, _ = score(backbone, flip.apply, flip.prompt, sources, 8, 0.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert scores[4] >= 20 and scores[4] > scores[0] + 6, scores

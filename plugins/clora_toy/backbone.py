@@ -37,14 +37,30 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (head_dim - 2 * side, side, side)
 
 
+def position_features(cfg: ModelConfig) -> torch.Tensor:
+    """``[tokens, 4K]``: sin and cos of ``pi*k*u`` for k = 1..K of each patch's centred row and column.
+
+    ``u`` is in (-1, 1) and a mirror maps ``u`` to ``-u``, so attention between these features
+    (``cos(pi*k*(u + u'))`` summed over k) can pick out a token's mirror image.
+    """
+    n, k = cfg.image_size // cfg.patch_size, cfg.position_frequencies
+    u = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) / (n / 2)
+    angles = torch.pi * u[:, None] * torch.arange(1, k + 1, dtype=torch.float32)[None, :]
+    axis = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [n, 2K]
+    rows = axis[:, None, :].expand(n, n, 2 * k)
+    cols = axis[None, :, :].expand(n, n, 2 * k)
+    return torch.cat([rows, cols], dim=-1).reshape(n * n, 4 * k)
+
+
 def build_transformer(cfg: ModelConfig) -> QwenImageTransformer2DModel:
-    """A freshly initialised (seeded) transformer; noisy target and source are concatenated by channel."""
+    """A freshly initialised (seeded) transformer; noisy target, source and position features are
+    concatenated by channel."""
     packed = RGB * cfg.patch_size**2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return QwenImageTransformer2DModel(
             patch_size=cfg.patch_size,
-            in_channels=2 * packed,
+            in_channels=2 * packed + 4 * cfg.position_frequencies,
             out_channels=RGB,
             num_layers=cfg.num_layers,
             attention_head_dim=cfg.head_dim,
@@ -92,6 +108,7 @@ class ToyBackbone(Backbone):
         self.dtype = dtype
         self.image_size = (cfg.image_size, cfg.image_size)
         self._prompt_cache: dict[str, PromptEmbeds] = {}
+        self._positions = position_features(cfg).to(device, dtype)
 
     @property
     def lora_target_modules(self) -> list[str]:
@@ -157,9 +174,12 @@ class ToyBackbone(Backbone):
         b = noisy.shape[0]
         side = self.config.image_size // self.config.patch_size
         sigma = torch.as_tensor(sigma, device=self.device, dtype=self.dtype).expand(b)
+        inputs = [noisy, source]
+        if self.config.position_frequencies:
+            inputs.append(self._positions.to(noisy).expand(b, -1, -1))
         # timestep = sigma, as the Qwen-Image pipelines pass t/1000 and the embedder scales by 1000.
         out = self.transformer(
-            hidden_states=torch.cat([noisy, source], dim=-1),
+            hidden_states=torch.cat(inputs, dim=-1),
             encoder_hidden_states=prompts.embeds,
             encoder_hidden_states_mask=prompts.mask,
             timestep=sigma,

@@ -24,6 +24,11 @@ class ModelConfig(_Strict):
     text_layers: int = Field(2, description="text encoder layers")
     text_vocab: int = Field(8192, description="hashed word vocabulary size")
     text_max_words: int = Field(30, description="words kept per prompt (longer prompts are cut)")
+    position_frequencies: int = Field(
+        0,
+        description="sin/cos frequencies per axis of each patch's centred position fed as extra input "
+        "channels (0: none; RoPE alone gives only relative positions, which cannot express a mirror)",
+    )
     seed: int = Field(0, description="seed of the weight init and the frozen text encoder")
 
     @property
@@ -44,6 +49,10 @@ class BaseTrainConfig(_Strict):
         0.5, description="fraction of sigmas drawn from shift3(U) (high noise) instead of U[0,1]"
     )
     grad_clip: float = Field(1.0, description="max gradient norm")
+    edit_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="sampling weight per general edit (1 if not named); the mirror is the slowest to learn",
+    )
     seed: int = Field(1, description="data and noise seed")
 
 
@@ -85,13 +94,22 @@ class ToyConfig(_Strict):
 
     def base_hash(self) -> str:
         """Short hash of what determines the base weights (model + base training)."""
-        return _digest({"model": self.model.model_dump(), "base": self.base.model_dump()})
+        return _digest({"model": _recipe(self.model), "base": _recipe(self.base)})
 
     def teacher_hash(self, effect_name: str) -> str:
         """Short hash of what determines one teacher LoRA."""
         return _digest(
             {"base": self.base_hash(), "teacher": self.teacher.model_dump(), "effect": effect_name}
         )
+
+
+#: options added after bases were built and shipped, with the value that reproduces the older
+#: recipe; at that value they are left out of the hash, so those bases keep their cache key
+_NEUTRAL: dict[str, object] = {"position_frequencies": 0, "edit_weights": {}}
+
+
+def _recipe(part: BaseModel) -> dict[str, object]:
+    return {k: v for k, v in part.model_dump().items() if not (k in _NEUTRAL and v == _NEUTRAL[k])}
 
 
 def _digest(obj: object) -> str:

@@ -153,12 +153,21 @@ def get_general_edit(name: str) -> Edit:
 
 
 def general_batch(
-    n: int, size: int, seed: int, edits: list[Edit] | None = None
+    n: int,
+    size: int,
+    seed: int,
+    edits: list[Edit] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """``n`` training triplets (source, edited, instruction) with edits drawn uniformly."""
+    """``n`` training triplets (source, edited, instruction); edits drawn uniformly, or in proportion
+    to ``weights`` (edit name -> weight, 1 for edits not named)."""
     edits = edits or GENERAL_EDITS
     sources = make_sources(n, size, seed)
     g = torch.Generator().manual_seed(seed ^ 0x5EED)
-    picks = torch.randint(len(edits), (n,), generator=g).tolist()
+    if weights:
+        w = torch.tensor([float(weights.get(e.name, 1.0)) for e in edits])
+        picks = torch.multinomial(w, n, replacement=True, generator=g).tolist()
+    else:
+        picks = torch.randint(len(edits), (n,), generator=g).tolist()
     targets = torch.stack([edits[k].apply(sources[i : i + 1])[0] for i, k in enumerate(picks)])
     return sources, targets, [edits[k].prompt for k in picks]

@@ -106,7 +106,7 @@ def train_base(backbone: ToyBackbone, cfg: BaseTrainConfig, show_progress: bool 
 
     def loss_at(step: int) -> torch.Tensor:
         sources, targets, prompts = general_batch(
-            cfg.batch_size, size, name_seed("base", cfg.seed * 1_000_003 + step)
+            cfg.batch_size, size, name_seed("base", cfg.seed * 1_000_003 + step), weights=cfg.edit_weights
         )
         prompts = _drop_prompts(prompts, cfg.prompt_dropout, g)
         sigma = sample_sigmas(cfg.batch_size, cfg.shifted_sigma_frac, g)
