@@ -436,6 +436,8 @@ def test_general_batch_draws_edits_by_weight() -> None:
     torch.testing.assert_close(targets, sources.flip(-1))
     _, _, uniform = data.general_batch(32, 8, seed=3)
     assert len(set(uniform)) > 2
+    with pytest.raises(CloraError, match="flipp"):
+        data.general_batch(4, 8, seed=3, weights={"flipp": 2.0})
 
 
 def test_position_features_tell_a_patch_from_its_mirror() -> None:

@@ -174,9 +174,8 @@ class ToyBackbone(Backbone):
         b = noisy.shape[0]
         side = self.config.image_size // self.config.patch_size
         sigma = torch.as_tensor(sigma, device=self.device, dtype=self.dtype).expand(b)
-        inputs = [noisy, source]
-        if self.config.position_frequencies:
-            inputs.append(self._positions.to(noisy).expand(b, -1, -1))
+        # the position channels are empty when the recipe has none
+        inputs = [noisy, source, self._positions.expand(b, -1, -1)]
         # timestep = sigma, as the Qwen-Image pipelines pass t/1000 and the embedder scales by 1000.
         out = self.transformer(
             hidden_states=torch.cat(inputs, dim=-1),

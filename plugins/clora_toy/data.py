@@ -165,6 +165,11 @@ def general_batch(
     sources = make_sources(n, size, seed)
     g = torch.Generator().manual_seed(seed ^ 0x5EED)
     if weights:
+        unknown = sorted(set(weights) - {e.name for e in edits})
+        if unknown:
+            from clora.errors import CloraError
+
+            raise CloraError(f"edit_weights names unknown general edits {unknown}")
         w = torch.tensor([float(weights.get(e.name, 1.0)) for e in edits])
         picks = torch.multinomial(w, n, replacement=True, generator=g).tolist()
     else:
