@@ -1,6 +1,6 @@
 """Train toy base variants side by side and print each one's PSNR per general edit and its training time.
 
-    python benchmarks/base_recipes.py                       # the shipped recipe and two alternatives
+    python benchmarks/base_recipes.py                       # the shipped recipe and three alternatives
     python benchmarks/base_recipes.py --only positions      # one of them
     python benchmarks/base_recipes.py --variant mine '{"model": {"width": 96}, "base": {"steps": 900}}'
 
@@ -30,6 +30,16 @@ VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "patch4": {
         "model": {"patch_size": 4, "position_frequencies": 4},
         "base": {"steps": 1600, "lr": 2e-3, "edit_weights": {"flip": 2.0}},
+    },
+    # ... and the transformer outputs the edit (clean image minus source), fitted in image space
+    "patch4-edit": {
+        "model": {"patch_size": 4, "position_frequencies": 4, "prediction": "edit"},
+        "base": {
+            "steps": 1700,
+            "lr": 3e-3,
+            "shifted_sigma_frac": 0.2,
+            "edit_weights": {"flip": 2.0, "contrast": 2.0, "grayscale": 1.5},
+        },
     },
 }
 

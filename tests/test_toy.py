@@ -458,12 +458,51 @@ def test_position_features_tell_a_patch_from_its_mirror() -> None:
     assert torch.equal(cos_sin.argmax(1), torch.arange(7, -1, -1))
 
 
-def test_positions_change_the_recipe_hash_only_when_used() -> None:
-    same = ToyConfig(model=TOY.model.model_copy(update={"position_frequencies": 0}))
-    assert same.base_hash() == TOY.base_hash()
-    used = ToyConfig(model=TOY.model.model_copy(update={"position_frequencies": 4}))
-    weighted = ToyConfig(base=TOY.base.model_copy(update={"edit_weights": {"flip": 2.0}}))
-    assert len({TOY.base_hash(), used.base_hash(), weighted.base_hash()}) == 3
+@pytest.mark.parametrize("prediction", ["x0", "edit"])
+def test_a_clean_image_output_makes_the_sampler_carry_the_noise_through_exactly(prediction: str) -> None:
+    """Under 'x0' / 'edit' the transformer outputs the clean image (minus the source for 'edit'):
+    a model that outputs the right image yields exactly that image from any noise."""
+    from clora_toy.config import TOY_TINY
+    from clora_toy.factory import ToyBackboneFactory
+
+    from clora.sampling import euler_sample
+
+    cfg = ToyConfig(model=TOY_TINY.model.model_copy(update={"prediction": prediction}))
+    backbone = ToyBackboneFactory("toy-tiny", cfg, "-", "-").fresh()
+    sources = backbone.encode_images(data.held_out_sources(2, 16))
+    clean = backbone.encode_images(data.held_out_sources(2, 16, seed=1))
+    output = clean - sources if prediction == "edit" else clean
+
+    class Constant(torch.nn.Module):
+        def forward(self, **_: object) -> tuple[torch.Tensor]:
+            return (output,)
+
+    backbone.transformer = Constant()
+    for seed in (0, 1):
+        out = euler_sample(
+            backbone, sources, ["x"] * 2, steps=6, generator=torch.Generator().manual_seed(seed)
+        )
+        torch.testing.assert_close(out, clean)
+    noisy = torch.randn(clean.shape)
+    for sigma in (0.5, 0.01):  # below the floor the velocity is damped, not blown up
+        v = backbone.predict_velocity(noisy, torch.tensor(sigma), sources, backbone.encode_prompts(["x"] * 2))
+        torch.testing.assert_close(v, (noisy - clean) / max(sigma, cfg.model.sigma_floor))
+
+
+def test_new_options_change_the_recipe_hash_only_when_used() -> None:
+    """Options added after the shipped base was built keep its key at the values that reproduce it."""
+    same = [
+        ToyConfig(model=TOY.model.model_copy(update={"position_frequencies": 0, "prediction": "velocity"})),
+        ToyConfig(base=TOY.base.model_copy(update={"edit_weights": {}})),
+    ]
+    assert {c.base_hash() for c in same} == {TOY.base_hash()}
+    used = [
+        ToyConfig(model=TOY.model.model_copy(update={"position_frequencies": 4})),
+        ToyConfig(model=TOY.model.model_copy(update={"prediction": "x0"})),
+        ToyConfig(model=TOY.model.model_copy(update={"prediction": "edit"})),
+        ToyConfig(base=TOY.base.model_copy(update={"edit_weights": {"flip": 2.0}})),
+    ]
+    assert len({TOY.base_hash(), *(c.base_hash() for c in used)}) == 5
 
 
 def test_position_features_let_a_tiny_model_learn_the_mirror() -> None:

@@ -185,7 +185,11 @@ class ToyBackbone(Backbone):
             img_shapes=[[(1, side, side)]] * b,
             return_dict=False,
         )[0]
-        return out
+        if self.config.prediction == "velocity":
+            return out
+        clean = out + source if self.config.prediction == "edit" else out
+        floor = torch.clamp(sigma, min=self.config.sigma_floor).view(b, 1, 1).to(out)
+        return (noisy - clean) / floor
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

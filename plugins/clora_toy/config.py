@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +30,14 @@ class ModelConfig(_Strict):
         description="sin/cos frequencies per axis of each patch's centred position fed as extra input "
         "channels (0: none; RoPE alone gives only relative positions, which cannot express a mirror)",
     )
+    prediction: Literal["velocity", "x0", "edit"] = Field(
+        "velocity",
+        description="what the transformer outputs: the velocity itself ('velocity'), the clean image F "
+        "('x0'), or F minus the source image ('edit'); for the last two velocity = (x_t - F) / "
+        "max(sigma, sigma_floor), so the noise passes through exactly, and the toy trainers fit F in "
+        "image space",
+    )
+    sigma_floor: float = Field(0.05, description="smallest sigma divided by under 'x0' and 'edit'")
     seed: int = Field(0, description="seed of the weight init and the frozen text encoder")
 
     @property
@@ -105,7 +114,12 @@ class ToyConfig(_Strict):
 
 #: options added after bases were built and shipped, with the value that reproduces the older
 #: recipe; at that value they are left out of the hash, so those bases keep their cache key
-_NEUTRAL: dict[str, object] = {"position_frequencies": 0, "edit_weights": {}}
+_NEUTRAL: dict[str, object] = {
+    "position_frequencies": 0,
+    "edit_weights": {},
+    "prediction": "velocity",
+    "sigma_floor": 0.05,
+}
 
 
 def _recipe(part: BaseModel) -> dict[str, object]:

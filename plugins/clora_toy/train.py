@@ -15,7 +15,7 @@ from peft.utils import get_peft_model_state_dict
 
 from clora.fileio import save_safetensors
 from clora.progress import progress_bar as clora_progress_bar
-from clora.sampling import add_noise, shift_sigma
+from clora.sampling import add_noise, shift_sigma, x0_from_velocity
 from clora_toy.backbone import ToyBackbone
 from clora_toy.config import BaseTrainConfig, TeacherTrainConfig
 from clora_toy.data import general_batch, make_sources, name_seed
@@ -60,12 +60,17 @@ def flow_matching_loss(
     sigma: torch.Tensor,
     g: torch.Generator,
 ) -> torch.Tensor:
-    """MSE between predicted and true velocity ``eps - x0`` on images ``[B,3,H,W]``."""
+    """Flow-matching MSE on images ``[B,3,H,W]``: on the velocity ``eps - x0``, or, for a model that
+    predicts the clean image, on the image ``x_t - sigma * v`` it implies (the same error weighted
+    by sigma^2, so low noise does not dominate)."""
     x0 = backbone.encode_images(targets)
     src = backbone.encode_images(sources)
     eps = torch.randn(x0.shape, generator=g).to(x0)
     sigma = sigma.to(x0)
-    v = backbone.predict_velocity(add_noise(x0, eps, sigma), sigma, src, backbone.encode_prompts(prompts))
+    noisy = add_noise(x0, eps, sigma)
+    v = backbone.predict_velocity(noisy, sigma, src, backbone.encode_prompts(prompts))
+    if backbone.config.prediction != "velocity":
+        return torch.nn.functional.mse_loss(x0_from_velocity(noisy, v, sigma), x0)
     return torch.nn.functional.mse_loss(v, eps - x0)
 
 
