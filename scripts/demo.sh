@@ -24,8 +24,8 @@ else
   STEPS="--steps ${DEMO_STEPS:-400} --config scripts/demo_distill.json"
   MORE_STEPS="--steps ${DEMO_MORE_STEPS:-150} --config scripts/demo_distill.json"
 fi
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 start=$(date +%s)
+step() { printf '\n\033[1m== %s\033[0m (at %d s)\n' "$*" "$(( $(date +%s) - start ))"; }
 
 step "1. the toy base model (shipped with clora and installed into $CLORA_HOME; --force retrains it)"
 # shellcheck disable=SC2086
