@@ -63,8 +63,8 @@ def table(label: str, result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--first", nargs="*", default=FIRST)
-    parser.add_argument("--more", nargs="*", default=MORE)
+    parser.add_argument("--first", nargs="*", default=FIRST, help="effects of the first full distill")
+    parser.add_argument("--more", nargs="*", default=MORE, help="effects added with --incremental")
     add_world_args(parser)  # --config: no "steps" in it, the runs use their default step counts
     args = parser.parse_args()
 
