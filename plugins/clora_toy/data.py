@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clora.errors import CloraError
+
 #: seeds at or above this are never used for training, so images made from them are held out
 HELD_OUT_SEED = 1_000_000_007
 
@@ -147,8 +149,6 @@ def get_general_edit(name: str) -> Edit:
     for e in GENERAL_EDITS:
         if e.name == name:
             return e
-    from clora.errors import CloraError
-
     raise CloraError(f"no general edit '{name}'; choose one of {', '.join(e.name for e in GENERAL_EDITS)}")
 
 
@@ -167,8 +167,6 @@ def general_batch(
     if weights:
         unknown = sorted(set(weights) - {e.name for e in edits})
         if unknown:
-            from clora.errors import CloraError
-
             raise CloraError(f"edit_weights names unknown general edits {unknown}")
         w = torch.tensor([float(weights.get(e.name, 1.0)) for e in edits])
         picks = torch.multinomial(w, n, replacement=True, generator=g).tolist()
