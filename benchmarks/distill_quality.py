@@ -27,12 +27,17 @@ from clora.metrics import psnr
 from clora.sampling import euler_sample, few_step_sample
 
 EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
+ON_POLICY = {"dmd": {"weight": 0.1}, "target_sim": {"weight": 0.1}, "critic_fm": {}}
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "full": {},
+    "full (anchoring throughout, the default)": {},
+    "+ on-policy second half (DMD, target simulation)": {"anchor_share": 0.5},
     "no routing (effect stream only)": {"p_switch": 1.0},
     "no asymmetric prompts": {"asymmetric_prompts": False},
-    "no target simulation": {"losses": {"dmd": {}, "anchor": {}, "critic_fm": {}}},
-    "no anchoring": {"losses": {"dmd": {}, "target_sim": {}, "critic_fm": {}}},
+    "on-policy half without target simulation": {
+        "anchor_share": 0.5,
+        "losses": {"level_anchor": {}, "dmd": {"weight": 0.1}, "critic_fm": {}},
+    },
+    "no anchoring (on-policy throughout)": {"anchor_share": 0.0, "losses": ON_POLICY},
 }
 
 

@@ -51,7 +51,7 @@ def add_commands(app: typer.Typer) -> None:
             int | None,
             typer.Option(
                 "--steps",
-                help="Training steps (default: max(600, 125 per effect); incremental: 200 per new effect).",
+                help="Training steps (default: max(600, 375 per effect); incremental: 375 per new effect).",
             ),
         ] = None,
         anchor_share: Annotated[
@@ -59,7 +59,8 @@ def add_commands(app: typer.Typer) -> None:
             typer.Option(
                 "--anchor-share",
                 help="Share of the steps, at the start, spent on the cheap anchoring phase "
-                "(regression onto the teachers' outputs) before the on-policy phase (default 0.5).",
+                "(regression onto the teachers' outputs at the sampler's noise levels) before the "
+                "on-policy phase with DMD and target simulation (default 1: the whole run anchors).",
             ),
         ] = None,
         rank: Annotated[

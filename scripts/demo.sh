@@ -18,11 +18,11 @@ if [ "${DEMO_TINY:-0}" = "1" ]; then
 else
   SIZE="--size full"; FIRST="sepia invert hue-120 channel-swap warm tint-teal vignette blur"
   MORE="cool solarize"; BATCH=16
-  # sized for the 15-minute story on 2 cores: short runs, mostly the cheap anchoring phase, half the
-  # default source images per effect and general edits (scripts/demo_distill.json); `clora distill`
-  # with its defaults trains longer and better (benchmarks/README.md)
-  STEPS="--steps ${DEMO_STEPS:-400} --config scripts/demo_distill.json"
-  MORE_STEPS="--steps ${DEMO_MORE_STEPS:-150} --config scripts/demo_distill.json"
+  # sized for the 15-minute story on 2 cores: short runs (`clora distill` without --steps trains 375
+  # steps per effect), half the default source images per effect and general edits
+  # (scripts/demo_distill.json); benchmarks/README.md has what the defaults reach
+  STEPS="--steps ${DEMO_STEPS:-700} --config scripts/demo_distill.json"
+  MORE_STEPS="--steps ${DEMO_MORE_STEPS:-300} --config scripts/demo_distill.json"
 fi
 start=$(date +%s)
 step() { printf '\n\033[1m== %s\033[0m (at %d s)\n' "$*" "$(( $(date +%s) - start ))"; }

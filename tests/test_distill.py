@@ -56,7 +56,8 @@ def test_smoke_distill_writes_a_loadable_unified_lora(tiny_world, registry_file:
     assert col["metrics"]["train"]["peak_rss_mb"] > 0
     roles = col["metrics"]["train"]["seconds_by_role"]
     assert set(roles) == {"simulation", "teacher", "critic_score", "generator", "critic"}
-    assert all(v > 0 for v in roles.values()), roles
+    # the default run anchors throughout: only student updates (the on-policy roles: the anchoring test)
+    assert roles["generator"] > 0 and roles["simulation"] == roles["teacher"] == 0, roles
     assert sum(roles.values()) <= col["metrics"]["train"]["seconds_loop"] + 0.1
 
     path = Path(col["file"])
@@ -100,7 +101,7 @@ def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 8
     assert all(sorted(row["effect"].split(",")) == sorted(TINY_EFFECTS) for row in rows)
-    assert any("loss/dmd" in row for row in rows)
+    assert all("loss/level_anchor" in row for row in rows)
 
 
 def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -114,11 +115,27 @@ def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world
     rows = [json.loads(ln) for ln in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]
     losses = [{k for k in row if k.startswith("loss/")} for row in rows]
     # steps 0-5: anchoring alone; step 6: the critic warms up on student samples; then everything
-    assert losses[:6] == [{"loss/anchor"}] * 6
+    assert losses[:6] == [{"loss/level_anchor"}] * 6
     assert losses[6] == {"loss/critic_fm"}
-    assert all(x == {"loss/anchor", "loss/dmd", "loss/target_sim", "loss/critic_fm"} for x in losses[7:])
+    full = {"loss/level_anchor", "loss/dmd", "loss/target_sim", "loss/critic_fm"}
+    assert all(x == full for x in losses[7:])
     roles = col["metrics"]["train"]["seconds_by_role"]
     assert roles["generator"] > 0 and roles["teacher"] > 0
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_critic_starts_as_the_student_when_anchoring_ends(tiny_world, tmp_path: Path, copy: bool) -> None:  # type: ignore[no-untyped-def]
+    # learning rates so small that neither adapter moves: what is left is how each one started
+    cfg = _config_file(
+        tmp_path, steps=6, batch_size=4, anchor_share=0.5, critic_warmup=1, lr=1e-30, critic_lr=1e-30,
+        critic_from_student=copy,
+    )
+    r = run(tiny_world, "distill", "--config", cfg, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    state = torch.load(Path(json.loads(r.stdout)["file"]).with_suffix(".state.pt"), weights_only=True)
+    a_keys = [k for k in state["student"] if "lora_A" in k]
+    same = all(torch.allclose(state["student"][k], state["critic"][k], atol=1e-6) for k in a_keys)
+    assert same is copy
 
 
 def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -306,6 +323,31 @@ def test_each_builtin_term_by_hand() -> None:
     )
     # x0 = [3, 3]; grad = 1 / mean|3 - 0| = 1/3; loss = 0.5 * (1/3)^2
     assert float(out["target_sim"]) == pytest.approx(0.5 / 9)
+
+
+def test_level_anchor_regresses_at_the_samplers_own_levels() -> None:
+    comps = Components.collect(plugin_manager())
+    term = comps.get_loss_term("level_anchor")
+    assert term.off_policy and term.role == "generator"
+    x = torch.zeros(3, 2)
+    assert term(_ctx(x)) == {}  # no teacher targets (a general batch without base targets)
+    y = torch.tensor([[0.2, -0.4], [0.0, 1.0], [-1.0, 0.5]])
+    seen = []
+
+    def exact_velocity(noisy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        seen.append(s)
+        return (noisy - y) / s.view(-1, 1)
+
+    out = term(_ctx(x, targets=y, student_velocity=exact_velocity))
+    assert float(out["level_anchor"]) == pytest.approx(0.0, abs=1e-10)
+    # every level drawn is one the few-step sampler visits
+    assert all(torch.isclose(torch.tensor([1.0, 0.9, 0.75, 0.5]), s).any() for s in seen[0])
+    # a student velocity of 0 costs mean((eps - y)^2), with the level drawn before the noise
+    gen = torch.Generator().manual_seed(0)
+    torch.randint(4, (3,), generator=gen)
+    eps = torch.randn((3, 2), generator=gen)
+    out = term(_ctx(x, targets=y))
+    assert float(out["level_anchor"]) == pytest.approx(float(((eps - y) ** 2).mean()), rel=1e-5)
 
 
 def test_student_lr_schedule() -> None:

@@ -34,12 +34,15 @@ class LossSpec(BaseModel):
 
 
 def default_losses() -> dict[str, LossSpec]:
-    # The reference weighs every term 1.0; on the toy base, with a few hundred steps, the DMD terms at
-    # 1.0 are noisy enough to pull the student down (measured), so anchoring leads and DMD refines.
+    # Trajectory anchoring at the sampler's own levels leads. On the toy world the on-policy terms
+    # (DMD, target simulation) cost fidelity: the edits are deterministic, the student can match its
+    # teachers' outputs almost exactly, and DMD's normalised gradient stays O(1) however close it is
+    # (measured; see benchmarks/README.md). They are kept, with the reference's roles, for runs with
+    # anchor_share < 1.
     return {
+        "level_anchor": LossSpec(weight=1.0),
         "dmd": LossSpec(weight=0.1),
         "target_sim": LossSpec(weight=0.1),
-        "anchor": LossSpec(weight=1.0),
         "critic_fm": LossSpec(),
     }
 
@@ -56,10 +59,10 @@ class DistillConfig(BaseModel):
         "a full run without --steps trains at least steps_per_effect per effect",
     )
     steps_per_effect: int = Field(
-        125, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
+        375, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
     )
     steps_per_new_effect: int = Field(
-        200, ge=1, description="incremental runs without --steps train this many steps per new effect"
+        375, ge=1, description="incremental runs without --steps train this many steps per new effect"
     )
     rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
@@ -88,20 +91,27 @@ class DistillConfig(BaseModel):
         1, ge=1, description="one student update every gen_every steps (critic every step; reference: 5)"
     )
     anchor_share: float = Field(
-        0.5,
+        1.0,
         ge=0,
-        lt=1,
+        le=1,
         description="share of the steps, at the start, that train the student by trajectory anchoring "
         "alone (off-policy terms only: no simulation, teacher or critic calls, a few times cheaper a "
-        "step); the critic warm-up and the on-policy phase follow",
+        "step); the critic warm-up and the on-policy phase (DMD, target simulation) follow; 1: the "
+        "whole run anchors (the default: on the toy world the on-policy terms cost fidelity)",
     )
     critic_warmup: int = Field(
         20,
         ge=0,
         description="critic-only steps before the first student update (at most a quarter of the run)",
     )
+    critic_from_student: bool = Field(
+        True,
+        description="when the anchoring phase ends, the critic starts as a copy of the student (the "
+        "student is then the best model of its own samples; a critic that has to catch up from the base "
+        "makes the first DMD gradients point far past the teachers)",
+    )
     batch_size: int = Field(16, ge=1, description="images per step")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
+    lr: float = Field(6e-3, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
     critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the critic (reference: 1e-4)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine",

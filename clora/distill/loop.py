@@ -150,6 +150,8 @@ class Distiller:
                     self.state.route = self.choose_route()
                 stream, effects = self.state.route
                 effect = ",".join(effects) or None
+                if step == anchor_end and anchor_end > 0 and cfg.critic_from_student:
+                    self.critic_from_student()
                 # 2. batch
                 batch = self.make_batch(stream, effects)
                 self.set_student_lr(step)
@@ -272,6 +274,11 @@ class Distiller:
         with torch.set_grad_enabled(with_grad):
             v = self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt)
             return x0_from_velocity(x, v, s)
+
+    def critic_from_student(self) -> None:
+        """Copy the student into the critic and restart the critic's optimizer."""
+        self.adapters.load_state_dict(CRITIC, self.adapters.state_dict(STUDENT))
+        self.opt_critic.state.clear()
 
     def loss_context(self, batch: Batch, sample: torch.Tensor | None) -> LossContext:
         bb, ad, cfg = self.backbone, self.adapters, self.cfg

@@ -9,7 +9,14 @@ from clora import hookimpl
 
 @hookimpl
 def register_loss_terms(register: Any) -> None:
-    from clora_losses.terms import AnchorTerm, CriticFlowMatchingTerm, DMDTerm, TargetSimulationTerm
+    from clora_losses.terms import (
+        AnchorTerm,
+        CriticFlowMatchingTerm,
+        DMDTerm,
+        LevelAnchorTerm,
+        TargetSimulationTerm,
+    )
 
-    for term in (DMDTerm(), TargetSimulationTerm(), AnchorTerm(), CriticFlowMatchingTerm()):
+    terms = (DMDTerm(), TargetSimulationTerm(), AnchorTerm(), LevelAnchorTerm(), CriticFlowMatchingTerm())
+    for term in terms:
         register(term)

@@ -52,6 +52,24 @@ class AnchorTerm:
         return {"anchor": flow_matching_loss(v, ctx.targets, noise)}
 
 
+class LevelAnchorTerm:
+    """Flow-matching regression of the student onto the teacher output at the few-step sampler's levels."""
+
+    loss_id = "level_anchor"
+    role = "generator"
+    off_policy = True
+
+    def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
+        if ctx.targets is None:
+            return {}
+        levels = ctx.few_step_sigmas.to(ctx.like)
+        pick = torch.randint(len(levels), (ctx.batch_size,), generator=ctx.generator)
+        s = levels[pick.to(levels.device)]
+        noise = ctx.randn_like(ctx.targets)
+        v = ctx.student_velocity(add_noise(ctx.targets, noise, s), s)
+        return {"level_anchor": flow_matching_loss(v, ctx.targets, noise)}
+
+
 class CriticFlowMatchingTerm:
     """The critic tracks the student's output distribution: flow matching on fresh student samples."""
 
