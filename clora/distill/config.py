@@ -85,7 +85,7 @@ class DistillConfig(BaseModel):
     )
     router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
     new_effect_share: float = Field(
-        0.75, ge=0, le=1, description="incremental runs: share of effect blocks given to the new effects"
+        0.5, ge=0, le=1, description="incremental runs: share of effect slots given to the new effects"
     )
     gen_every: int = Field(
         1, ge=1, description="one student update every gen_every steps (critic every step; reference: 5)"
@@ -119,7 +119,7 @@ class DistillConfig(BaseModel):
     )
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="final / initial student lr (cosine)")
     incremental_lr_ratio: float = Field(
-        0.5,
+        0.25,
         gt=0,
         le=1,
         description="incremental runs train the student at lr x this (it starts from a trained state; "
