@@ -48,7 +48,7 @@ def default_losses() -> dict[str, LossSpec]:
 
 
 class DistillConfig(BaseModel):
-    """Everything that determines a distill run (defaults follow the CollectionLoRA reference)."""
+    """Everything that determines a distill run ("reference: X" notes the reference's own value)."""
 
     model_config = ConfigDict(extra="forbid")
 

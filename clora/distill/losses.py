@@ -83,6 +83,12 @@ class LossContext:
         """Per-sample ``shift(U[low, high])`` noise levels, kept inside (0.02, 0.98)."""
         return shift_sigma(self.uniform(low, high), self.config.shift).clamp(0.02, 0.98)
 
+    def sampler_levels(self, last: int | None = None) -> torch.Tensor:
+        """Per-sample noise levels drawn from the few-step sampler's own (its ``last`` ones, or all)."""
+        levels = self.few_step_sigmas[-(last or len(self.few_step_sigmas)) :].to(self.like)
+        pick = torch.randint(len(levels), (self.batch_size,), generator=self.generator)
+        return levels[pick.to(levels.device)]
+
     def dmd_levels(self) -> torch.Tensor:
         """This step's DMD noise levels ``t ~ shift(U[0,1])`` (drawn once, shared by the terms)."""
         if "dmd_t" not in self.shared:
@@ -113,6 +119,15 @@ def dmd_on(ctx: LossContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         real = ctx.teacher_x0(noisy, t)
         fake = ctx.critic_x0(noisy, t)
     return dmd_loss(x, real, fake)
+
+
+def anchor_on(ctx: LossContext, s: torch.Tensor) -> torch.Tensor:
+    """Flow matching of the student onto the teacher targets, noised to per-sample levels ``s``."""
+    if ctx.targets is None:
+        raise RuntimeError("anchoring needs teacher targets; check ctx.targets first")
+    noise = ctx.randn_like(ctx.targets)
+    v = ctx.student_velocity(add_noise(ctx.targets, noise, s), s)
+    return flow_matching_loss(v, ctx.targets, noise)
 
 
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

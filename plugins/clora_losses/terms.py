@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clora.distill.losses import LossContext, dmd_on, flow_matching_loss
+from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss
 from clora.sampling import add_noise
 
 
@@ -27,9 +27,7 @@ class TargetSimulationTerm:
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         if ctx.targets is None:
             return {}
-        levels = ctx.few_step_sigmas[-ctx.config.target_levels :].to(ctx.like)
-        pick = torch.randint(len(levels), (ctx.batch_size,), generator=ctx.generator)
-        s = levels[pick.to(levels.device)]
+        s = ctx.sampler_levels(ctx.config.target_levels)
         noisy = add_noise(ctx.targets, ctx.randn_like(ctx.targets), s)
         x0 = ctx.student_x0(noisy, s)
         return {"target_sim": dmd_on(ctx, x0, ctx.shifted(0.5, 1.0))}
@@ -46,14 +44,12 @@ class AnchorTerm:
         if ctx.targets is None:
             return {}
         t = ctx.dmd_levels()
-        s = t + (1 - t) * ctx.uniform()
-        noise = ctx.randn_like(ctx.targets)
-        v = ctx.student_velocity(add_noise(ctx.targets, noise, s), s)
-        return {"anchor": flow_matching_loss(v, ctx.targets, noise)}
+        return {"anchor": anchor_on(ctx, t + (1 - t) * ctx.uniform())}
 
 
 class LevelAnchorTerm:
-    """Flow-matching regression of the student onto the teacher output at the few-step sampler's levels."""
+    """Flow-matching regression of the student onto the teacher output at the few-step sampler's own
+    levels: the inputs its sampler will see (the default generator term; see DistillConfig.losses)."""
 
     loss_id = "level_anchor"
     role = "generator"
@@ -62,12 +58,7 @@ class LevelAnchorTerm:
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         if ctx.targets is None:
             return {}
-        levels = ctx.few_step_sigmas.to(ctx.like)
-        pick = torch.randint(len(levels), (ctx.batch_size,), generator=ctx.generator)
-        s = levels[pick.to(levels.device)]
-        noise = ctx.randn_like(ctx.targets)
-        v = ctx.student_velocity(add_noise(ctx.targets, noise, s), s)
-        return {"level_anchor": flow_matching_loss(v, ctx.targets, noise)}
+        return {"level_anchor": anchor_on(ctx, ctx.sampler_levels())}
 
 
 class CriticFlowMatchingTerm:
