@@ -22,7 +22,7 @@ from toyworld import World, add_world_args
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
 from clora.evaluate import EvalOptions, evaluate
-from clora.generate import UnifiedModel
+from clora.generate import UnifiedModel, unfuse
 from clora.metrics import psnr
 from clora.sampling import euler_sample, few_step_sample
 
@@ -47,12 +47,12 @@ def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
     sources, truth, prompts = general_batch(n, bb.image_size[0], seed=424242)
     src = bb.encode_images(sources)
     tr = bb.transformer
+    unfuse(tr)
     tr.disable_adapters()
     base = bb.decode_latents(
         euler_sample(bb, src, prompts, steps=steps, generator=torch.Generator().manual_seed(0))
     )
-    tr.enable_adapters()
-    tr.set_adapter("unified")
+    model.activate()
     sig = torch.tensor(model.header.few_step_sigmas)
     student = bb.decode_latents(few_step_sample(bb, src, prompts, sig, torch.Generator().manual_seed(0)))
     return {"base_psnr": float(psnr(base, truth).mean()), "student_psnr": float(psnr(student, truth).mean())}

@@ -17,48 +17,14 @@ import json
 import time
 from typing import Any
 
-from toyworld import World, add_world_args
+from toyworld import World, add_world_args, scores, table
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
-from clora.evaluate import EvalOptions, evaluate
-from clora.plugins import Components
-from clora.registry import Collection, Registry
+from clora.registry import Collection
 
 FIRST = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
 MORE = ["cool", "solarize"]
-
-
-def scores(reg: Registry, comps: Components, col: Collection, n_images: int) -> dict[str, Any]:
-    """Per effect: student and teacher PSNR vs truth (dB); trigger accuracy and retention overall."""
-    ev = evaluate(reg, comps, col, options=EvalOptions(n_images=n_images, merges=()), show_progress=False)
-    ev.pop("_outputs")
-    out: dict[str, Any] = {
-        n: {"student": r["student_vs_truth"]["psnr"], "teacher": r["teacher_vs_truth"]["psnr"]}
-        for n, r in ev["effects"].items()
-    }
-    m = ev["bleeding"]["matrix"]
-    out["_overall"] = {
-        "trigger_accuracy": sum(m[i][i] for i in range(len(m))) / max(sum(map(sum, m)), 1),
-        "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
-    }
-    return out
-
-
-def table(label: str, result: dict[str, Any]) -> None:
-    print(f"\n{label}\n{'effect':14} {'student':>8} {'teacher':>8} {'gap':>6}")
-    rows = {n: r for n, r in result.items() if not n.startswith("_")}
-    for n, r in rows.items():
-        print(f"{n:14} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}")
-    s = sum(r["student"] for r in rows.values()) / len(rows)
-    t = sum(r["teacher"] for r in rows.values()) / len(rows)
-    o = result["_overall"]
-    print(f"{'mean':14} {s:8.2f} {t:8.2f} {t - s:6.2f}")
-    print(
-        f"trigger accuracy {o['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
-        f"(full sampler): {o['student_vs_base_general_psnr']} dB PSNR",
-        flush=True,
-    )
 
 
 def main() -> None:

@@ -70,27 +70,38 @@ def main() -> None:
     tr.load_lora_adapter(str(files[1]), prefix="transformer", adapter_name="accel", use_safetensors=True)
     sig = few_step_sigmas(args.few_steps)
 
-    def student() -> None:
-        tr.set_adapter("unified")
+    def few() -> None:
         few_step_sample(bb, src, prompt, sig, torch.Generator().manual_seed(0))
 
-    def teacher() -> None:
-        tr.set_adapter("effect")
+    def full() -> None:
         euler_sample(bb, src, prompt, steps=args.teacher_steps, guidance=4.0, generator=torch.Generator())
 
-    def cascade() -> None:
-        tr.set_adapters(["effect", "accel"], [1.0, 1.0])
-        few_step_sample(bb, src, prompt, sig, torch.Generator().manual_seed(0))
+    def way(adapters: list[str], sample, fuse: bool = False):  # type: ignore[no-untyped-def]
+        def call() -> None:
+            tr.set_adapters(adapters, [1.0] * len(adapters))
+            if fuse:  # merge the LoRA into the base weights (and restore them after: counted)
+                tr.fuse_lora(adapter_names=adapters)
+            try:
+                sample()
+            finally:
+                if fuse:
+                    tr.unfuse_lora()
 
-    t_s, t_t, t_c = timed(student), timed(teacher), timed(cascade)
-    n = args.batch
-    print(f"{'way':10} {'NFE':>5} {'ms/image':>10} {'vs unified':>11}")
-    for label, t, nfe in (
-        ("unified", t_s, args.few_steps),
-        ("teacher", t_t, 2 * args.teacher_steps),
-        ("cascade", t_c, args.few_steps),
-    ):
-        print(f"{label:10} {nfe:5d} {t / n * 1e3:10.2f} {t / t_s:10.1f}x")
+        return call
+
+    rows = [
+        ("unified, fused (clora generate)", way(["unified"], few, fuse=True), args.few_steps),
+        ("unified, LoRA unfused", way(["unified"], few), args.few_steps),
+        ("teacher, LoRA unfused (--teacher)", way(["effect"], full), 2 * args.teacher_steps),
+        ("teacher, LoRA fused", way(["effect"], full, fuse=True), 2 * args.teacher_steps),
+        ("cascade (effect + accel), few steps", way(["effect", "accel"], few), args.few_steps),
+    ]
+    times = [(label, timed(fn), nfe) for label, fn, nfe in rows]
+    n, first = args.batch, times[0][1]
+    print(f"{'way':34} {'NFE':>5} {'ms/image':>10} {'vs unified, fused':>18}")
+    for label, t, nfe in times:
+        print(f"{label:34} {nfe:5d} {t / n * 1e3:10.2f} {t / first:17.1f}x")
+    print("(fused timings include merging the LoRA into the base weights and restoring them)")
 
     print(f"\n{'N effects':>10} {'unified switch ms':>18} {'load+activate ms':>17} {'ratio':>7}")
     for count in args.n:

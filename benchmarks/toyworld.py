@@ -6,6 +6,7 @@ import argparse
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from clora_toy.build import build_base, build_teacher
@@ -13,8 +14,9 @@ from clora_toy.effects import get_effect
 from clora_toy.factory import get_factory
 
 from clora.effects import add_effect
+from clora.evaluate import EvalOptions, evaluate
 from clora.plugins import Components, get_plugin_manager
-from clora.registry import Registry
+from clora.registry import Collection, Registry
 
 
 def add_world_args(parser: argparse.ArgumentParser) -> None:
@@ -76,3 +78,35 @@ class World:
     def overrides(self) -> dict[str, object]:
         """Config overrides for this size (the tiny world trains on batches of 4)."""
         return {"batch_size": 4} if self.size == "tiny" else {}
+
+
+def scores(reg: Registry, comps: Components, col: Collection, n_images: int) -> dict[str, Any]:
+    """Per effect: student and teacher PSNR vs truth (dB); trigger accuracy and retention overall."""
+    ev = evaluate(reg, comps, col, options=EvalOptions(n_images=n_images, merges=()), show_progress=False)
+    ev.pop("_outputs")
+    out: dict[str, Any] = {
+        n: {"student": r["student_vs_truth"]["psnr"], "teacher": r["teacher_vs_truth"]["psnr"]}
+        for n, r in ev["effects"].items()
+    }
+    m = ev["bleeding"]["matrix"]
+    out["_overall"] = {
+        "trigger_accuracy": sum(m[i][i] for i in range(len(m))) / max(sum(map(sum, m)), 1),
+        "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
+    }
+    return out
+
+
+def table(label: str, result: dict[str, Any]) -> None:
+    print(f"\n{label}\n{'effect':14} {'student':>8} {'teacher':>8} {'gap':>6}")
+    rows = {n: r for n, r in result.items() if not n.startswith("_")}
+    for n, r in rows.items():
+        print(f"{n:14} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}")
+    s = sum(r["student"] for r in rows.values()) / len(rows)
+    t = sum(r["teacher"] for r in rows.values()) / len(rows)
+    o = result["_overall"]
+    print(f"{'mean':14} {s:8.2f} {t:8.2f} {t - s:6.2f}")
+    print(
+        f"trigger accuracy {o['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
+        f"(full sampler): {o['student_vs_base_general_psnr']} dB PSNR",
+        flush=True,
+    )

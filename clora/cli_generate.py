@@ -62,6 +62,14 @@ def add_commands(app: typer.Typer) -> None:
             ),
         ] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 16,
+        fuse: Annotated[
+            bool,
+            typer.Option(
+                "--fuse/--no-fuse",
+                help="Merge the unified LoRA into the base weights before sampling (faster; the outputs "
+                "match the unfused LoRA within float rounding).",
+            ),
+        ] = True,
         device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, ...")] = "cpu",
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="Do not draw a progress bar.")
@@ -118,7 +126,7 @@ def add_commands(app: typer.Typer) -> None:
             model = None
         else:
             assert col is not None
-            model = UnifiedModel.load(st.components, col.file, device=device)
+            model = UnifiedModel.load(st.components, col.file, device=device, fuse=fuse)
             bb = model.backbone
         single_file = len(files) == 1 and out.suffix.lower() == ".png"
         if not single_file:

@@ -18,7 +18,7 @@ from clora.backbone import Backbone
 from clora.distill.config import DistillConfig
 from clora.distill.prepare import digest, effect_seed, load_images, tensor_digest
 from clora.fileio import save_safetensors, sha256_file
-from clora.generate import ADAPTER, UnifiedModel, cascade_edit, drop_adapters, full_edit, teacher_edit
+from clora.generate import UnifiedModel, cascade_edit, drop_adapters, full_edit, teacher_edit, unfuse
 from clora.merge import MERGE_TYPES, merge_teachers
 from clora.metrics import nearest
 from clora.paths import clora_home
@@ -125,11 +125,17 @@ def evaluate(
     outputs: dict[str, dict[str, torch.Tensor]] = {}
     t_student = t_teacher = t_cascade = 0.0
     with progress_bar(show_progress) as bar:
-        task = bar.add_task("eval", total=len(names), info="")
+        task = bar.add_task("eval", total=2 * len(names), info="")
+        # every student output first: the unified LoRA is fused into the base once, then the teacher and
+        # cascade runs below unfuse it once (in low precision each fuse/unfuse rounds the weights)
+        students: dict[str, torch.Tensor] = {}
+        for name in names:
+            students[name], dt = _timed(lambda name=name: model.edit(sources, [name], seed=opt.seed))
+            t_student += dt
+            bar.update(task, advance=1, info=f"student {name}")
         for name in names:
             e = registered.get(name)
-            student, dt = _timed(lambda name=name: model.edit(sources, [name], seed=opt.seed))
-            t_student += dt
+            student = students[name]
             out = {"student": student}
             if e is not None:
                 out["teacher"], dt = cache.get(
@@ -188,7 +194,7 @@ def evaluate(
         "effects": per,
         "overall": _overall(per),
         "bleeding": _bleeding(names, outputs),
-        "retention": _retention(bb, opt, cfg, len(model.header.few_step_sigmas)),
+        "retention": _retention(model, opt, cfg),
         "cost": _cost(
             bb,
             model,
@@ -240,6 +246,7 @@ def _merged(
         bar.update(task, advance=len(hits), info=f"{merge}: cached")
         if not missing:  # nothing to sample: skip building the merged adapter
             continue
+        unfuse(bb.transformer)
         merge_teachers(bb.transformer, components, paths, merge, adapter)
         try:
             for n in missing:
@@ -300,28 +307,26 @@ def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> 
     }
 
 
-def _retention(
-    bb: Backbone, opt: EvalOptions, cfg: DistillConfig, student_steps: int
-) -> dict[str, Any] | None:
+def _retention(model: UnifiedModel, opt: EvalOptions, cfg: DistillConfig) -> dict[str, Any] | None:
     """General edits with the unified LoRA (few steps) vs the base model alone (full sampler)."""
+    bb = model.backbone
     try:
         images, prompts = bb.general_edits(opt.general_prompts, effect_seed("clora-eval-general", opt.seed))
     except Exception:  # a base without built-in general edits: nothing to measure
         return None
     from clora.metrics import psnr
-    from clora.sampling import few_step_sigmas
 
     source = bb.encode_images(images)
     g = torch.Generator().manual_seed(opt.seed)
     tr = bb.transformer
+    unfuse(tr)
     tr.disable_adapters()
     base = bb.decode_latents(
         euler_sample(bb, source, prompts, steps=cfg.teacher_steps, guidance=0.0, generator=g, shift=cfg.shift)
     )
-    tr.enable_adapters()
-    tr.set_adapter(ADAPTER)
+    model.activate()
     g = torch.Generator().manual_seed(opt.seed)
-    sigmas = few_step_sigmas(student_steps, cfg.shift).to(bb.device, bb.dtype)
+    sigmas = model.sigmas(None).to(bb.device, bb.dtype)
     student = bb.decode_latents(few_step_sample(bb, source, prompts, sigmas, g))
     return {"prompts": len(prompts), "student_vs_base_psnr": _mean(psnr(student, base))}
 
@@ -341,6 +346,7 @@ def _cost(
 ) -> dict[str, Any]:
     """Files, bytes, effect-switch latency, NFE and wall time per image: unified vs one LoRA per effect."""
     tr = bb.transformer
+    unfuse(tr)
     teacher_files = [Path(registered[n].lora_path) for n in names if n in registered]
     # unified: switching effects is building and encoding a new prompt
     t0 = time.perf_counter()

@@ -25,11 +25,34 @@ def drop_adapters(transformer: Any, names: list[str]) -> None:
         transformer.delete_adapters(present)
 
 
-class UnifiedModel:
-    """The base model with one unified LoRA loaded (through diffusers' ``load_lora_adapter``)."""
+def fused_adapters(transformer: Any) -> set[str]:
+    """The adapters merged into ``transformer``'s base weights (diffusers ``fuse_lora``), if any."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    def __init__(self, backbone: Backbone, file: Path, header: UnifiedHeader) -> None:
-        self.backbone, self.file, self.header = backbone, file, header
+    out: set[str] = set()
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            out.update(module.merged_adapters)
+    return out
+
+
+def unfuse(transformer: Any) -> None:
+    """Restore the base weights if an adapter is fused into them; call before running any other adapter
+    (a merged layer ignores which adapter is active)."""
+    if fused_adapters(transformer):
+        transformer.unfuse_lora()
+
+
+class UnifiedModel:
+    """The base model with one unified LoRA loaded (through diffusers' ``load_lora_adapter``).
+
+    With ``fuse`` (the default) ``edit`` merges the LoRA into the base weights the first time it runs:
+    one LoRA serves every effect, so it never has to be swapped out, and a fused layer costs what the
+    base layer costs (about a quarter less time per image on the toy base). Functions here that run
+    another adapter on the same transformer unfuse first."""
+
+    def __init__(self, backbone: Backbone, file: Path, header: UnifiedHeader, fuse: bool = True) -> None:
+        self.backbone, self.file, self.header, self.fuse = backbone, file, header, fuse
 
     @classmethod
     def load(
@@ -39,8 +62,10 @@ class UnifiedModel:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         backbone: Backbone | None = None,
+        fuse: bool = True,
     ) -> UnifiedModel:
-        """Load the base named in ``file``'s header (or use ``backbone``) and attach the unified LoRA."""
+        """Load the base named in ``file``'s header (or use ``backbone``) and attach the unified LoRA
+        (``fuse``: merge it into the base weights when editing; see the class)."""
         path = Path(file)
         header = read_header(path)
         if backbone is None:
@@ -51,10 +76,22 @@ class UnifiedModel:
                 "distill again on this base"
             )
         tr = backbone.transformer
+        unfuse(tr)
         drop_adapters(tr, [ADAPTER])
         tr.load_lora_adapter(str(path), prefix="transformer", adapter_name=ADAPTER, use_safetensors=True)
         tr.requires_grad_(False)
-        return cls(backbone, path, header)
+        return cls(backbone, path, header, fuse)
+
+    def activate(self) -> None:
+        """Make the unified LoRA the one that runs: fused into the base weights, or as an adapter."""
+        tr = self.backbone.transformer
+        if self.fuse and fused_adapters(tr) == {ADAPTER}:
+            return
+        unfuse(tr)
+        tr.enable_adapters()
+        tr.set_adapter(ADAPTER)
+        if self.fuse:
+            tr.fuse_lora(adapter_names=[ADAPTER])
 
     @property
     def effects(self) -> list[str]:
@@ -98,9 +135,7 @@ class UnifiedModel:
     ) -> torch.Tensor:
         """Edit ``images [B,3,H,W]`` in [0,1] with ``effects`` (composed in order); images in [0,1] out."""
         bb = self.backbone
-        tr = bb.transformer
-        tr.enable_adapters()
-        tr.set_adapter(ADAPTER)
+        self.activate()
         text = self.prompt(effects, prompt)
         source = bb.encode_images(images)
         g = torch.Generator().manual_seed(seed)
@@ -123,6 +158,7 @@ def full_edit(
     from clora.sampling import euler_sample
 
     tr = backbone.transformer
+    unfuse(tr)
     tr.enable_adapters()
     tr.set_adapter(adapter)
     g = torch.Generator().manual_seed(seed)
@@ -149,6 +185,7 @@ def teacher_edit(
     from clora.lora import add_lora_adapter, linear_shapes, read_lora
 
     tr = backbone.transformer
+    unfuse(tr)
     lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
     name = "teacher_edit"
     drop_adapters(tr, [name])
@@ -175,6 +212,7 @@ def cascade_edit(
 
     header = read_header(accel_file)
     tr = backbone.transformer
+    unfuse(tr)
     lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
     drop_adapters(tr, ["cascade_effect", "cascade_accel"])
     add_lora_adapter(tr, lora.modules, "cascade_effect")

@@ -88,6 +88,36 @@ def test_generate_is_deterministic_and_trigger_dependent(distilled, tmp_path: Pa
     assert outs["a"] != outs["c"]
 
 
+def test_fused_unified_lora_matches_unfused_and_restores_the_base(distilled, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from clora.generate import UnifiedModel, fused_adapters, teacher_edit
+    from clora.plugins import Components
+
+    pm, _ = distilled
+    comps = Components.collect(pm)
+    with Registry(registry_file) as reg:
+        col = reg.require_collection()
+        effect = reg.get_effect("invert")
+    model = UnifiedModel.load(comps, col.file, fuse=False)
+    bb, tr = model.backbone, model.backbone.transformer
+    images = bb.sample_sources(3, 5)
+    weights = {n: p.clone() for n, p in tr.named_parameters() if "base_layer" in n}
+    plain = model.edit(images, ["sepia"], seed=2)
+    teacher = teacher_edit(bb, comps, effect.lora_path, effect.teacher_prompt, images, steps=3)
+    assert fused_adapters(tr) == set()
+    model.fuse = True
+    fused = model.edit(images, ["sepia"], seed=2)
+    assert fused_adapters(tr) == {"unified"}
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert not all(torch.equal(p, weights[n]) for n, p in tr.named_parameters() if n in weights)
+    # another adapter on the same transformer first restores the base weights
+    again = teacher_edit(bb, comps, effect.lora_path, effect.teacher_prompt, images, steps=3)
+    assert fused_adapters(tr) == set()
+    assert torch.allclose(again, teacher, atol=1e-5)
+    assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in tr.named_parameters() if n in weights)
+
+
 def test_teacher_mode(distilled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm, inputs = distilled
     r = run(

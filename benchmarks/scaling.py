@@ -1,0 +1,118 @@
+"""Scaling: one unified LoRA for N = 10, 20, 50 effects against their N teachers (the paper's table).
+
+    python benchmarks/scaling.py                                   # N = 10 20 50, default steps
+    python benchmarks/scaling.py --n 10 20 --steps-per-effect 150  # a cheaper table
+    python benchmarks/scaling.py --n 100 180                       # the large columns (hours here)
+
+For each N: the first N effects of the toy library (the 8 of distill_quality.py, cool and solarize
+first, then the library's order), their teachers trained or reused from CLORA_HOME (~80 s each on 2
+cores), one full distill of the N (max(steps, steps_per_effect x N) steps), then `clora eval`'s scores
+on held-out images: student (4 steps, no CFG) and teacher (20 steps + CFG) PSNR vs the exact truth,
+how many effects are within 2 dB of their teacher, trigger accuracy (nearest truth), and the general
+edits. Every number is from this run on this machine; compare columns, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from clora_toy.effects import effects_library
+from distill_quality import EFFECTS
+from toyworld import World, add_world_args, scores, table
+
+from clora.distill.config import load_config
+from clora.distill.run import run_distill
+
+FIRST = [*EFFECTS, "cool", "solarize"]
+
+
+def ordered(n: int) -> list[str]:
+    """The first ``n`` effects: FIRST, then the toy library's order."""
+    names = FIRST + [e.name for e in effects_library() if e.name not in FIRST]
+    if n > len(names):
+        raise SystemExit(f"the toy library has {len(names)} effects; pick N <= {len(names)}")
+    return names[:n]
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    rows = [r for n, r in result.items() if not n.startswith("_")]
+    student = sum(r["student"] for r in rows) / len(rows)
+    teacher = sum(r["teacher"] for r in rows) / len(rows)
+    return {
+        "student": round(student, 2),
+        "teacher": round(teacher, 2),
+        "gap": round(teacher - student, 2),
+        "within_2db": sum(r["teacher"] - r["student"] <= 2 for r in rows),
+        "trigger_accuracy": result["_overall"]["trigger_accuracy"],
+        "general_vs_base": round(result["_overall"]["student_vs_base_general_psnr"] or float("nan"), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="*", default=[10, 20, 50], help="effect counts (columns)")
+    parser.add_argument(
+        "--steps-per-effect", type=int, help="override DistillConfig.steps_per_effect (default: its value)"
+    )
+    add_world_args(parser)
+    args = parser.parse_args()
+
+    world = World.open(args.size, "clora-scale-", args.threads)
+    largest = ordered(max(args.n))
+    t0 = time.perf_counter()
+    world.register(largest)  # trains the missing teachers
+    ready = time.perf_counter() - t0
+    print(f"{len(largest)} teachers ready in {ready:.0f} s; registry: {world.work}", flush=True)
+    overrides: dict[str, object] = dict(world.overrides)
+    if args.steps_per_effect:
+        overrides["steps_per_effect"] = args.steps_per_effect
+    results: dict[str, Any] = {}
+    for n in sorted(args.n):
+        names = ordered(n)
+        cfg = load_config(args.config, overrides)
+        t0 = time.perf_counter()
+        out = run_distill(
+            world.registry,
+            world.components,
+            cfg,
+            effects=names,
+            auto_steps=True,
+            show_progress=False,
+            out_dir=world.work / "collections",
+        )
+        seconds = time.perf_counter() - t0
+        assert out.collection is not None, out.message
+        res = scores(world.registry, world.components, out.collection, args.n_images)
+        steps = out.metrics["train"]["steps"]
+        table(f"N = {n}: {steps} steps, {seconds:.0f} s", res)
+        results[str(n)] = {
+            "steps": steps,
+            "seconds": round(seconds, 1),
+            "peak_rss_mb": out.metrics["train"]["peak_rss_mb"],
+            "summary": summary(res),
+            "per_effect": res,
+        }
+
+    print(f"\n{'':28}" + "".join(f"{'N = ' + k:>12}" for k in results))
+    for label, key in (
+        ("student dB (4 steps)", "student"),
+        ("teachers dB (20 + CFG)", "teacher"),
+        ("gap dB", "gap"),
+        ("within 2 dB of teacher", "within_2db"),
+        ("trigger accuracy", "trigger_accuracy"),
+        ("general edits vs base dB", "general_vs_base"),
+    ):
+        cells = [r["summary"][key] for r in results.values()]
+        text = [f"{c:.1%}" if key == "trigger_accuracy" else str(c) for c in cells]
+        print(f"{label:28}" + "".join(f"{t:>12}" for t in text))
+    print(f"{'steps':28}" + "".join(f"{r['steps']:>12}" for r in results.values()))
+    print(f"{'train s':28}" + "".join(f"{r['seconds']:>12}" for r in results.values()))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
