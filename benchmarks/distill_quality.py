@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from clora_toy.data import general_batch
-from toyworld import World, add_world_args
+from toyworld import World, add_world_args, trigger_accuracy
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -111,7 +111,7 @@ def main() -> None:
                 }
                 for n in labels
             },
-            "trigger_accuracy": round(sum(m[i][i] for i in range(len(m))) / max(sum(map(sum, m)), 1), 4),
+            "trigger_accuracy": round(trigger_accuracy(m), 4),
             "retention": ret,
         }
         del outputs

@@ -21,7 +21,7 @@ from typing import Any
 
 from clora_toy.effects import effects_library
 from distill_quality import EFFECTS
-from toyworld import World, add_world_args, scores, table
+from toyworld import World, add_world_args, scores, summary, table
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -35,20 +35,6 @@ def ordered(n: int) -> list[str]:
     if n > len(names):
         raise SystemExit(f"the toy library has {len(names)} effects; pick N <= {len(names)}")
     return names[:n]
-
-
-def summary(result: dict[str, Any]) -> dict[str, Any]:
-    rows = [r for n, r in result.items() if not n.startswith("_")]
-    student = sum(r["student"] for r in rows) / len(rows)
-    teacher = sum(r["teacher"] for r in rows) / len(rows)
-    return {
-        "student": round(student, 2),
-        "teacher": round(teacher, 2),
-        "gap": round(teacher - student, 2),
-        "within_2db": sum(r["teacher"] - r["student"] <= 2 for r in rows),
-        "trigger_accuracy": result["_overall"]["trigger_accuracy"],
-        "general_vs_base": round(result["_overall"]["student_vs_base_general_psnr"] or float("nan"), 2),
-    }
 
 
 def main() -> None:

@@ -80,6 +80,11 @@ class World:
         return {"batch_size": 4} if self.size == "tiny" else {}
 
 
+def trigger_accuracy(matrix: list[list[int]]) -> float:
+    """Share of triggered outputs nearest their own effect's truth (the bleeding matrix's diagonal)."""
+    return sum(matrix[i][i] for i in range(len(matrix))) / max(sum(map(sum, matrix)), 1)
+
+
 def scores(reg: Registry, comps: Components, col: Collection, n_images: int) -> dict[str, Any]:
     """Per effect: student and teacher PSNR vs truth (dB); trigger accuracy and retention overall."""
     ev = evaluate(reg, comps, col, options=EvalOptions(n_images=n_images, merges=()), show_progress=False)
@@ -88,25 +93,38 @@ def scores(reg: Registry, comps: Components, col: Collection, n_images: int) -> 
         n: {"student": r["student_vs_truth"]["psnr"], "teacher": r["teacher_vs_truth"]["psnr"]}
         for n, r in ev["effects"].items()
     }
-    m = ev["bleeding"]["matrix"]
     out["_overall"] = {
-        "trigger_accuracy": sum(m[i][i] for i in range(len(m))) / max(sum(map(sum, m)), 1),
+        "trigger_accuracy": trigger_accuracy(ev["bleeding"]["matrix"]),
         "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
     }
     return out
 
 
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Means over the effects of a ``scores`` result, effects within 2 dB of their teacher, overall."""
+    rows = [r for n, r in result.items() if not n.startswith("_")]
+    student = sum(r["student"] for r in rows) / len(rows)
+    teacher = sum(r["teacher"] for r in rows) / len(rows)
+    general = result["_overall"]["student_vs_base_general_psnr"]
+    return {
+        "student": round(student, 2),
+        "teacher": round(teacher, 2),
+        "gap": round(teacher - student, 2),
+        "within_2db": sum(r["teacher"] - r["student"] <= 2 for r in rows),
+        "trigger_accuracy": result["_overall"]["trigger_accuracy"],
+        "general_vs_base": None if general is None else round(general, 2),
+    }
+
+
 def table(label: str, result: dict[str, Any]) -> None:
     print(f"\n{label}\n{'effect':14} {'student':>8} {'teacher':>8} {'gap':>6}")
-    rows = {n: r for n, r in result.items() if not n.startswith("_")}
-    for n, r in rows.items():
-        print(f"{n:14} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}")
-    s = sum(r["student"] for r in rows.values()) / len(rows)
-    t = sum(r["teacher"] for r in rows.values()) / len(rows)
-    o = result["_overall"]
-    print(f"{'mean':14} {s:8.2f} {t:8.2f} {t - s:6.2f}")
+    for n, r in result.items():
+        if not n.startswith("_"):
+            print(f"{n:14} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}")
+    m = summary(result)
+    print(f"{'mean':14} {m['student']:8.2f} {m['teacher']:8.2f} {m['gap']:6.2f}")
     print(
-        f"trigger accuracy {o['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
-        f"(full sampler): {o['student_vs_base_general_psnr']} dB PSNR",
+        f"trigger accuracy {m['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
+        f"(full sampler): {m['general_vs_base']} dB PSNR",
         flush=True,
     )
