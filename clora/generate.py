@@ -107,17 +107,21 @@ class UnifiedModel:
             )
 
     def prompt(self, effects: list[str], extra: str | None = None) -> str:
-        """The student prompt: ``<trigger> <caption>`` per effect, composed in order, plus ``extra``."""
+        """The student prompt: each effect's trained prompt (``<trigger> <caption>``), composed in
+        order, plus ``extra``."""
         for name in effects:
             self.check_effect(name)
-        parts = [
-            f"{self.header.effects[n]['trigger']} {self.header.effects[n]['caption']}".strip()
-            for n in effects
-        ]
+        parts = [self.effect_prompt(n) for n in effects]
         text = self.backbone.compose_prompt(parts) if parts else ""
         if extra:
             text = f"{text}, {extra}" if text else extra
         return text
+
+    def effect_prompt(self, name: str) -> str:
+        """The text the student learned ``name`` under (files from before the header kept it:
+        trigger + caption, the only way they were trained)."""
+        fields = self.header.effects[name]
+        return fields.get("prompt") or f"{fields['trigger']} {fields['caption']}".strip()
 
     def sigmas(self, steps: int | None) -> torch.Tensor:
         if steps is None or steps == len(self.header.few_step_sigmas):

@@ -32,7 +32,9 @@ class UnifiedHeader:
 
     base_id: str
     base_fingerprint: str
-    effects: dict[str, dict[str, str]]  # name -> {"trigger", "caption", "teacher_prompt"}
+    # name -> {"trigger", "caption", "teacher_prompt", "prompt"}; "prompt", the text the student was
+    # trained with, is absent from older files, whose students all learned trigger + caption
+    effects: dict[str, dict[str, str]]
     few_step_sigmas: list[float]
     shift: float
     rank: int

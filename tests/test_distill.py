@@ -77,12 +77,27 @@ def test_smoke_distill_writes_a_loadable_unified_lora(tiny_world, registry_file:
     # loads with diffusers' load_lora_adapter, and each trigger gives a different edit
     comps = Components.collect(pm)
     model = UnifiedModel.load(comps, path)
+    assert model.prompt(["sepia"]) == f"{triggers['sepia']} {header['effects']['sepia']['caption']}"
     images = model.backbone.sample_sources(4, 123)
     a = model.edit(images, ["sepia"], seed=1)
     b = model.edit(images, ["invert"], seed=1)
     model.backbone.transformer.disable_adapters()
     assert (a - b).abs().mean() > 1e-4
     assert a.shape == images.shape and float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def test_a_student_trained_without_asymmetric_prompts_is_prompted_as_trained(  # type: ignore[no-untyped-def]
+    tiny_world, tmp_path: Path
+) -> None:
+    # the ablation trains the student on each teacher's own prompt; generate and eval must use it,
+    # not a trigger the student never saw
+    cfg = _config_file(tmp_path, steps=2, batch_size=4, asymmetric_prompts=False)
+    r = run(tiny_world, "distill", "--config", cfg, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    model = UnifiedModel.load(Components.collect(tiny_world), Path(json.loads(r.stdout)["file"]))
+    teacher_prompts = {n: e["teacher_prompt"] for n, e in model.header.effects.items()}
+    assert model.prompt(["invert"]) == teacher_prompts["invert"]
+    assert model.prompt(["sepia"], extra="softly") == f"{teacher_prompts['sepia']}, softly"
 
 
 def _final_state(path: Path) -> dict[str, torch.Tensor]:

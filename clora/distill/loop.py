@@ -229,7 +229,7 @@ class Distiller:
                 groups.append(Group(e.lora_path, start, stop))
                 sources.append(self.data.sources[name][idx])
                 targets.append(self.data.targets[name][idx])
-                student_text = e.student_prompt if self.cfg.asymmetric_prompts else e.teacher_prompt
+                student_text = e.trained_prompt(self.cfg.asymmetric_prompts)
                 teacher += [p[e.teacher_prompt]] * (stop - start)
                 student += [p[student_text]] * (stop - start)
             return Batch(

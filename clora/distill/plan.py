@@ -27,6 +27,11 @@ class EffectPlan:
         """Asymmetric orthogonal prompting: the student sees ``<trigger> <caption>``."""
         return f"{self.trigger} {self.caption}"
 
+    def trained_prompt(self, asymmetric: bool) -> str:
+        """The text the student learns the effect under, and is prompted with afterwards: the
+        student prompt, or the teacher's own prompt when asymmetric prompting is off (an ablation)."""
+        return self.student_prompt if asymmetric else self.teacher_prompt
+
 
 @dataclass
 class Plan:

@@ -306,7 +306,12 @@ def _execute(
         base_id=plan.base_id,
         base_fingerprint=backbone.fingerprint,
         effects={
-            e.name: {"trigger": e.trigger, "caption": e.caption, "teacher_prompt": e.teacher_prompt}
+            e.name: {
+                "trigger": e.trigger,
+                "caption": e.caption,
+                "teacher_prompt": e.teacher_prompt,
+                "prompt": e.trained_prompt(cfg.asymmetric_prompts),
+            }
             for e in plan.effects
         },
         few_step_sigmas=few_step_sigmas(cfg.few_steps, cfg.shift).tolist(),
