@@ -78,10 +78,10 @@ class DistillConfig(BaseModel):
     )
     block_len: int = Field(5, ge=1, description="steps per routing block (reference: 20)")
     effects_per_batch: int = Field(
-        4,
+        8,
         ge=1,
-        description="effects sharing one effect-stream batch, each with its own teacher "
-        "(the reference trains one effect per block: 1)",
+        description="effects sharing one effect-stream batch, each with its own teacher (capped by the "
+        "number of effects and the batch size; the reference trains one effect per block: 1)",
     )
     router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
     new_effect_share: float = Field(
