@@ -118,8 +118,8 @@ class UnifiedModel:
         return text
 
     def effect_prompt(self, name: str) -> str:
-        """The text the student learned ``name`` under (files from before the header kept it:
-        trigger + caption, the only way they were trained)."""
+        """The text the student learned ``name`` under; files written before the header recorded it
+        get trigger + caption, what a default run trains."""
         fields = self.header.effects[name]
         return fields.get("prompt") or f"{fields['trigger']} {fields['caption']}".strip()
 

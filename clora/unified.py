@@ -33,7 +33,7 @@ class UnifiedHeader:
     base_id: str
     base_fingerprint: str
     # name -> {"trigger", "caption", "teacher_prompt", "prompt"}; "prompt", the text the student was
-    # trained with, is absent from older files, whose students all learned trigger + caption
+    # trained with, is absent from older files (read as trigger + caption, a default run's prompt)
     effects: dict[str, dict[str, str]]
     few_step_sigmas: list[float]
     shift: float
