@@ -70,7 +70,9 @@ def test_smoke_distill_writes_a_loadable_unified_lora(tiny_world, registry_file:
         triggers = {e.name: e.trigger for e in reg.list_effects()}
     assert {k: v["trigger"] for k, v in header["effects"].items()} == triggers
     assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
-    for target in ("attn.to_q", "attn.to_out.0", "attn.add_k_proj", "img_mlp.net.2"):
+    # the effect LoRAs' modules and the wider ones the toy base adds for a unified LoRA
+    targets = ("attn.to_q", "attn.to_out.0", "attn.add_k_proj", "img_mlp.net.2", "txt_mlp.net.2", "img_in")
+    for target in targets:
         assert any(f"{target}.lora_B.weight" in k for k in keys), target
     assert path.with_name(path.stem + ".state.pt").exists()
 
@@ -271,7 +273,7 @@ def test_bad_options_are_one_line_errors(tiny_world, tmp_path) -> None:  # type:
 # ---- loss terms against hand-computed values ---------------------------------------------------
 
 
-def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, **calls) -> LossContext:  # type: ignore[no-untyped-def]
+def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, seed: int = 0, **calls) -> LossContext:  # type: ignore[no-untyped-def]
     zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
     cfg = DistillConfig(few_steps=4)
     return LossContext(
@@ -280,7 +282,7 @@ def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, **calls) -> 
         targets=targets,
         few_step_sigmas=torch.tensor([1.0, 0.9, 0.75, 0.5]),
         config=cfg,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(seed),
         teacher_x0=calls.get("teacher_x0", zeros),
         critic_x0=calls.get("critic_x0", zeros),
         student_x0=calls.get("student_x0", zeros),
@@ -384,3 +386,48 @@ def test_loss_weight_schedules() -> None:
     assert LossSpec(weight=1.0, schedule="linear", final_weight=0.0).at(0, 11) == 1.0
     assert LossSpec(weight=1.0, schedule="linear", final_weight=0.0).at(5, 11) == pytest.approx(0.5)
     assert LossSpec(weight=1.0, schedule="cosine", final_weight=0.0).at(10, 11) == pytest.approx(0.0)
+
+
+def test_sim_anchor_regresses_the_step_after_the_students_own_sampler() -> None:
+    comps = Components.collect(plugin_manager())
+    term = comps.get_loss_term("sim_anchor")
+    assert term.off_policy and term.role == "generator"
+    x = torch.zeros(3, 2)
+    assert term(_ctx(x)) == {}
+    y = torch.tensor([[0.2, -0.4], [0.0, 1.0], [-1.0, 0.5]])
+    levels = torch.tensor([1.0, 0.9, 0.75, 0.5])
+    calls: list[tuple[float, bool]] = []
+
+    def student_x0(noisy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls.append((float(s[0]), torch.is_grad_enabled()))
+        return torch.full_like(noisy, 3.0)
+
+    def velocity(noisy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls.append((float(s[0]), torch.is_grad_enabled()))
+        return torch.zeros_like(noisy)
+
+    seen = set()
+    for seed in range(6):  # seeds 0..5 draw k = 0, 1, 0, 2, 2, 3
+        calls.clear()
+        out = term(_ctx(x, targets=y, seed=seed, student_x0=student_x0, student_velocity=velocity))
+        # the same draws by hand: the level, the starting noise, then fresh noise per simulated step
+        gen = torch.Generator().manual_seed(seed)
+        k = int(torch.randint(4, (1,), generator=gen))
+        seen.add(k)
+        xt = torch.randn((3, 2), generator=gen)
+        for i in range(k):
+            xt = (1 - levels[i + 1]) * 3.0 + levels[i + 1] * torch.randn((3, 2), generator=gen)
+        # k steps of the student's sampler without grad, then one step with grad at level k
+        assert calls == [(pytest.approx(float(levels[i])), False) for i in range(k)] + [
+            (pytest.approx(float(levels[k])), True)
+        ]
+        # a velocity of 0 misses the one that lands on the target, (x_k - y) / s_k
+        expected = float((((xt - y) / levels[k]) ** 2).mean())
+        assert float(out["sim_anchor"]) == pytest.approx(expected, rel=1e-5)
+    assert seen == {0, 1, 2, 3}
+
+    def exact(noisy: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (noisy - y) / s.view(-1, 1)
+
+    out = term(_ctx(x, targets=y, student_x0=student_x0, student_velocity=exact))
+    assert float(out["sim_anchor"]) == pytest.approx(0.0, abs=1e-10)

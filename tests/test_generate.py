@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from helpers import file_digest, plugin_manager, run
 from PIL import Image
+from safetensors import safe_open
 
 from clora.registry import Registry
+from clora.unified import read_header
 
 FAST = ["--steps", "6", "--batch-size", "4", "--no-progress"]
 
@@ -199,3 +201,28 @@ def _an_image(folder: Path) -> Path:
     path = folder / "in" / "img0.png"
     assert path.exists()
     return path
+
+
+def test_incremental_keeps_the_parents_lora_shape(registry_file: Path, tmp_path: Path) -> None:
+    """A parent adapting fewer modules (as collections made before the wider default do) is grown
+    with its own modules, rank and alpha, whatever the defaults are now."""
+    pm = plugin_manager()
+    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
+    assert run(pm, "toy", "teachers", "sepia", "--tiny").exit_code == 0
+    narrow = ["to_q", "to_k", "to_v", "to_out.0"]
+    cfg = tmp_path / "narrow.json"
+    cfg.write_text(json.dumps({"target_modules": narrow, "rank": 4}))
+    r = run(pm, "distill", "--config", cfg, *FAST)
+    assert r.exit_code == 0, r.output
+    assert run(pm, "toy", "teachers", "invert", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--incremental", *FAST, "--json")
+    assert r.exit_code == 0, r.output
+    v2 = json.loads(r.stdout)
+    assert v2["config"]["target_modules"] == narrow and v2["config"]["rank"] == 4
+    with Registry(registry_file) as reg:
+        v2_file = Path(reg.get_collection(2).file)  # type: ignore[union-attr]
+    assert read_header(v2_file).target_modules == narrow
+    with safe_open(str(v2_file), framework="pt") as f:
+        keys = list(f.keys())
+    modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in keys}
+    assert modules and all(m.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for m in modules)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from clora_toy import data, effects, store
+from clora_toy.backbone import EFFECT_LORA_MODULES
 from clora_toy.build import BuildResult, build_base, build_teacher, sample_edit
 from clora_toy.config import TOY, ToyConfig
 from clora_toy.factory import get_factory
@@ -208,7 +209,7 @@ def test_backbone_contract(tiny: Backbone) -> None:
 def test_lora_targets_and_module_shapes_match_the_model(tiny: Backbone) -> None:
     names = [n for n, m in tiny.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     for target in tiny.lora_target_modules:
-        assert any(n.endswith("." + target) for n in names), target
+        assert any(n == target or n.endswith("." + target) for n in names), target
     shapes = get_factory(tiny=True).module_shapes()
     assert set(shapes) == set(names)
     lin = tiny.transformer.get_submodule("transformer_blocks.0.attn.to_q")
@@ -255,13 +256,13 @@ def test_saved_lora_has_diffusers_keys_and_header(built: dict[str, object], tiny
     assert keys and all(k.startswith("transformer.") for k in keys)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in keys}
-    for target in tiny.lora_target_modules:
+    for target in EFFECT_LORA_MODULES:
         assert any(m.endswith("." + target) for m in modules), target
     assert meta["clora.effect"] == "sepia" and meta["clora.prompt"] == "apply a sepia tone"
     assert meta["clora.base"] == "toy-tiny"
     cfg = get_factory(tiny=True).config.teacher
     assert int(meta["clora.rank"]) == cfg.rank and float(meta["clora.alpha"]) == cfg.alpha
-    assert sorted(json.loads(meta["clora.target_modules"])) == sorted(tiny.lora_target_modules)
+    assert sorted(json.loads(meta["clora.target_modules"])) == sorted(EFFECT_LORA_MODULES)
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert adapter["transformer.r"] == cfg.rank
     with safe_open(str(path), framework="pt") as f:
@@ -305,9 +306,7 @@ def test_second_build_reuses_the_cache(built: dict[str, object]) -> None:
 
 
 def _targets() -> list[str]:
-    from clora_toy.backbone import LORA_TARGET_MODULES
-
-    return list(LORA_TARGET_MODULES)
+    return list(EFFECT_LORA_MODULES)
 
 
 def _app():  # type: ignore[no-untyped-def]

@@ -27,13 +27,19 @@ class AdapterSet:
     """Switches which adapter the base runs with; loads teacher LoRAs on demand (LRU-bounded)."""
 
     def __init__(
-        self, backbone: Backbone, rank: int, alpha: float, max_teachers: int, components: Components
+        self,
+        backbone: Backbone,
+        rank: int,
+        alpha: float,
+        target_modules: list[str],
+        max_teachers: int,
+        components: Components,
     ):
         self.backbone = backbone
         self.transformer: Any = backbone.transformer
         self.components = components
         self.max_teachers = max_teachers
-        self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=backbone.lora_target_modules)  # type: ignore[arg-type]
+        self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))  # type: ignore[arg-type]
         self.transformer.requires_grad_(False)
         for name in (STUDENT, CRITIC):
             self.transformer.add_adapter(self.config, adapter_name=name)

@@ -66,6 +66,11 @@ class DistillConfig(BaseModel):
     )
     rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
+    target_modules: list[str] | None = Field(
+        None,
+        description="module-name suffixes the student and critic LoRAs adapt (None: the base model's "
+        "choice, Backbone.lora_target_modules; an incremental run keeps its parent's)",
+    )
     few_steps: Literal[4, 8] = Field(4, description="sampling steps of the unified LoRA")
     shift: float = Field(
         3.0, gt=0, description="timestep shift of every schedule: s = shift*u / (1 + (shift-1)*u)"
@@ -117,7 +122,12 @@ class DistillConfig(BaseModel):
         "cosine",
         description="student learning rate over the run: constant, or cosine decay to lr_final_ratio",
     )
-    lr_final_ratio: float = Field(0.1, ge=0, le=1, description="final / initial student lr (cosine)")
+    lr_final_ratio: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="final / initial student lr (cosine; 0.01 scored 0.3 dB over 0.1 on 8 toy effects)",
+    )
     incremental_lr_ratio: float = Field(
         0.25,
         gt=0,

@@ -30,7 +30,7 @@ from clora.paths import clora_home
 from clora.plugins import Components
 from clora.registry import Collection, Effect, Registry
 from clora.sampling import few_step_sigmas
-from clora.unified import UnifiedHeader, write_unified
+from clora.unified import UnifiedHeader, read_header, write_unified
 
 __all__ = ["DistillConfig", "DistillOutcome", "run_distill"]
 
@@ -239,14 +239,17 @@ def run_distill(
             cfg = cfg.model_copy(update={"steps": max(cfg.steps, cfg.steps_per_effect * len(plan.effects))})
         if plan.parent_state:
             parent_cfg = json.loads(registry.get_collection(plan.parent_version).config_json)  # type: ignore[union-attr]
-            if parent_cfg.get("rank") != cfg.rank or parent_cfg.get("few_steps") != cfg.few_steps:
-                cfg = cfg.model_copy(
-                    update={
-                        "rank": parent_cfg["rank"],
-                        "alpha": parent_cfg.get("alpha"),
-                        "few_steps": parent_cfg["few_steps"],
-                    }
-                )
+            # the student keeps its parent's shape; files before target_modules was a config field
+            # record their modules in the header
+            parent_file = registry.get_collection(plan.parent_version).file  # type: ignore[union-attr]
+            cfg = cfg.model_copy(
+                update={
+                    "rank": parent_cfg["rank"],
+                    "alpha": parent_cfg.get("alpha"),
+                    "few_steps": parent_cfg["few_steps"],
+                    "target_modules": read_header(parent_file).target_modules,
+                }
+            )
         run_dir = clora_home() / "runs" / plan.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.save(run_dir / "plan.json")
@@ -282,11 +285,20 @@ def _execute(
     torch.manual_seed(cfg.seed)
     factory = components.get_backbone(plan.base_id)
     backbone = factory.load(cfg.device, DTYPES[cfg.dtype])
-    if cfg.guidance is None:  # the base model's own choice, fixed into the run's config from here on
-        cfg = cfg.model_copy(update={"guidance": backbone.default_guidance})
+    modules = cfg.target_modules or list(backbone.lora_target_modules)
+    if cfg.guidance is None or cfg.target_modules is None:
+        # the base model's own choices, fixed into the run's config from here on
+        cfg = cfg.model_copy(
+            update={
+                "guidance": backbone.default_guidance if cfg.guidance is None else cfg.guidance,
+                "target_modules": modules,
+            }
+        )
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
-    adapters = AdapterSet(backbone, cfg.rank, cfg.lora_alpha, cfg.max_resident_teachers, components)
+    adapters = AdapterSet(
+        backbone, cfg.rank, cfg.lora_alpha, modules, cfg.max_resident_teachers, components
+    )
     say(
         f"run {plan.run_id}: {plan.kind}, {len(plan.effects)} effect(s) ({len(plan.new_effects)} new), "
         f"{cfg.steps} steps, base {plan.base_id}"
@@ -318,7 +330,7 @@ def _execute(
         shift=cfg.shift,
         rank=cfg.rank,
         alpha=cfg.lora_alpha,
-        target_modules=list(backbone.lora_target_modules),
+        target_modules=list(modules),
         run_id=plan.run_id,
         parent_version=plan.parent_version,
     )

@@ -14,9 +14,17 @@ def register_loss_terms(register: Any) -> None:
         CriticFlowMatchingTerm,
         DMDTerm,
         LevelAnchorTerm,
+        SimulatedAnchorTerm,
         TargetSimulationTerm,
     )
 
-    terms = (DMDTerm(), TargetSimulationTerm(), AnchorTerm(), LevelAnchorTerm(), CriticFlowMatchingTerm())
+    terms = (
+        DMDTerm(),
+        TargetSimulationTerm(),
+        AnchorTerm(),
+        LevelAnchorTerm(),
+        SimulatedAnchorTerm(),
+        CriticFlowMatchingTerm(),
+    )
     for term in terms:
         register(term)

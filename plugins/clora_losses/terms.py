@@ -61,6 +61,31 @@ class LevelAnchorTerm:
         return {"level_anchor": anchor_on(ctx, ctx.sampler_levels())}
 
 
+class SimulatedAnchorTerm:
+    """Regression onto the teacher output at a few-step level whose input the student's own sampler
+    made: the sampler runs from noise without grad to a random level, and the student's step there is
+    regressed onto the target (level_anchor builds every level's input from the target instead)."""
+
+    loss_id = "sim_anchor"
+    role = "generator"
+    off_policy = True  # simulates with the student itself; no teacher or critic call
+
+    def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
+        if ctx.targets is None:
+            return {}
+        levels, b = ctx.few_step_sigmas.to(ctx.targets), ctx.batch_size
+        k = int(torch.randint(len(levels), (1,), generator=ctx.generator))
+        x = ctx.randn_like(ctx.targets)
+        with torch.no_grad():
+            for i in range(k):
+                x0 = ctx.student_x0(x, levels[i].expand(b))
+                x = add_noise(x0, ctx.randn_like(x0), levels[i + 1])
+        s = levels[k].expand(b)
+        v = ctx.student_velocity(x, s)
+        # the velocity that lands exactly on the target from this input: (x_t - y_T) / s
+        return {"sim_anchor": torch.nn.functional.mse_loss(v, (x - ctx.targets) / levels[k])}
+
+
 class CriticFlowMatchingTerm:
     """The critic tracks the student's output distribution: flow matching on fresh student samples."""
 

@@ -15,7 +15,7 @@ from clora.images import contact_sheet
 from clora.metrics import psnr
 from clora.sampling import euler_sample
 from clora_toy import store
-from clora_toy.backbone import ToyBackbone, base_metadata
+from clora_toy.backbone import EFFECT_LORA_MODULES, ToyBackbone, base_metadata
 from clora_toy.data import general_edits, held_out_sources
 from clora_toy.effects import Effect, get_effect
 from clora_toy.factory import ToyBackboneFactory, get_factory
@@ -184,7 +184,7 @@ def build_teacher(
     meta = lora_metadata(
         rank=cfg.teacher.rank,
         alpha=cfg.teacher.alpha,
-        target_modules=backbone.lora_target_modules,
+        target_modules=EFFECT_LORA_MODULES,
         base_id=factory.backbone_id,
         prompt=effect.prompt,
         effect_name=effect.name,

@@ -16,7 +16,7 @@ from peft.utils import get_peft_model_state_dict
 from clora.fileio import save_safetensors
 from clora.progress import progress_bar as clora_progress_bar
 from clora.sampling import add_noise, shift_sigma, x0_from_velocity
-from clora_toy.backbone import ToyBackbone
+from clora_toy.backbone import EFFECT_LORA_MODULES, ToyBackbone
 from clora_toy.config import BaseTrainConfig, TeacherTrainConfig
 from clora_toy.data import general_batch, make_sources, name_seed
 from clora_toy.effects import Effect
@@ -162,7 +162,7 @@ def train_teacher(
     transformer = backbone.transformer
     transformer.requires_grad_(False)
     transformer.add_adapter(
-        lora_config(cfg.rank, cfg.alpha, backbone.lora_target_modules), adapter_name=adapter_name
+        lora_config(cfg.rank, cfg.alpha, EFFECT_LORA_MODULES), adapter_name=adapter_name
     )
     try:
         transformer.set_adapter(adapter_name)
