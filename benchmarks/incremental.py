@@ -2,6 +2,7 @@
 
     python benchmarks/incremental.py                     # 8 effects, +2 incrementally, vs all 10 from scratch
     python benchmarks/incremental.py --tiny              # the test-size world, a smoke run
+    python benchmarks/incremental.py --from DIR --no-scratch   # grow a collection an earlier run made
 
 Runs, in one fresh registry: (1) a full distill of the first effects (default step count),
 (2) `--incremental` with the added effects (default: steps_per_new_effect per new effect),
@@ -15,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from toyworld import World, add_world_args, scores, table
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
-from clora.registry import Collection
+from clora.registry import Collection, Registry
 
 FIRST = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
 MORE = ["cool", "solarize"]
@@ -31,10 +33,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first", nargs="*", default=FIRST, help="effects of the first full distill")
     parser.add_argument("--more", nargs="*", default=MORE, help="effects added with --incremental")
+    parser.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        help="a folder of an earlier benchmark run (registry.db, collections/) whose latest collection "
+        "holds the --first effects: it is (1), and is not distilled again",
+    )
+    parser.add_argument(
+        "--no-scratch", action="store_true", help="skip (3), the from-scratch run (no wall-time ratio)"
+    )
     add_world_args(parser)  # --config: no "steps" in it, the runs use their default step counts
     args = parser.parse_args()
 
-    world = World.open(args.size, "clora-incr-", args.threads)
+    world = World.open(args.size, "clora-incr-", args.threads, work=args.from_dir)
     world.build(args.first + args.more)
     reg, comps, work, register = world.registry, world.components, world.work, world.register
 
@@ -48,24 +60,30 @@ def main() -> None:
         return out.collection, time.perf_counter() - t0, out.metrics["train"]["steps"]
 
     print(f"registry and collections: {work}", flush=True)
-    register(args.first)
-    v1, t1, s1 = distill()
+    if args.from_dir:
+        v1, t1, s1 = _earlier(reg, args.first)
+    else:
+        register(args.first)
+        v1, t1, s1 = distill()
     before = scores(reg, comps, v1, args.n_images)
     table(f"full {len(args.first)} (v1): {s1} steps, {t1:.0f} s", before)
     register(args.more)
     v2, t2, s2 = distill(incremental=True)
     after = scores(reg, comps, v2, args.n_images)
     table(f"incremental +{len(args.more)} (v2): {s2} steps, {t2:.0f} s", after)
-    v3, t3, s3 = distill(effects=args.first + args.more)
-    scratch = scores(reg, comps, v3, args.n_images)
-    table(f"full {len(args.first) + len(args.more)} from scratch (v3): {s3} steps, {t3:.0f} s", scratch)
-
-    print(f"\nincremental / full-from-scratch wall time: {t2 / t3:.1%} ({t2:.0f} s / {t3:.0f} s)")
+    scratch: dict[str, Any] = {}
+    t3 = s3 = 0.0
+    if not args.no_scratch:
+        v3, t3, s3 = distill(effects=args.first + args.more)
+        scratch = scores(reg, comps, v3, args.n_images)
+        table(f"full {len(args.first) + len(args.more)} from scratch (v3): {s3} steps, {t3:.0f} s", scratch)
+        print(f"\nincremental / full-from-scratch wall time: {t2 / t3:.1%} ({t2:.0f} s / {t3:.0f} s)")
     print(f"\n{'new effect':14} {'incremental':>12} {'scratch':>9} {'teacher':>9} {'gap':>6}")
     for n in args.more:
-        a, s = after[n], scratch[n]
+        a = after[n]
+        s = f"{scratch[n]['student']:9.2f}" if scratch else f"{'-':>9}"
         gap = a["teacher"] - a["student"]
-        print(f"{n:14} {a['student']:12.2f} {s['student']:9.2f} {a['teacher']:9.2f} {gap:6.2f}")
+        print(f"{n:14} {a['student']:12.2f} {s} {a['teacher']:9.2f} {gap:6.2f}")
     print(f"\n{'old effect':14} {'before':>9} {'after':>9} {'change':>8}")
     for n in args.first:
         b, a = before[n]["student"], after[n]["student"]
@@ -83,6 +101,15 @@ def main() -> None:
                 indent=2,
             )
         )
+
+
+def _earlier(reg: Registry, first: list[str]) -> tuple[Collection, float, int]:
+    """The latest collection of an earlier run's registry, checked to hold exactly ``first``."""
+    col = reg.get_collection()
+    if col is None or {m.effect_name for m in col.members} != set(first):
+        raise SystemExit(f"--from: the latest collection in {reg.path} must hold exactly {' '.join(first)}")
+    train = json.loads(col.metrics_json or "{}").get("train", {})
+    return col, float(train.get("seconds_total", 0.0)), int(train.get("steps", 0))
 
 
 if __name__ == "__main__":

@@ -42,11 +42,12 @@ class World:
     work: Path
 
     @classmethod
-    def open(cls, size: str, prefix: str, threads: int | None = None) -> World:
+    def open(cls, size: str, prefix: str, threads: int | None = None, work: Path | None = None) -> World:
+        """The world of ``size`` with the registry in ``work`` (default: a new temp folder)."""
         # the tiny model gains nothing from two threads
         torch.set_num_threads(threads or (1 if size == "tiny" else 2))
         build_base(size=size, show_progress=False)
-        work = Path(tempfile.mkdtemp(prefix=prefix))
+        work = work or Path(tempfile.mkdtemp(prefix=prefix))
         return cls(
             size,
             get_factory(size=size).backbone_id,

@@ -70,7 +70,8 @@ class Backbone(ABC):
     @property
     @abstractmethod
     def lora_target_modules(self) -> list[str]:
-        """Module-name suffixes a new LoRA (student, critic) should adapt."""
+        """Module-name suffixes a new LoRA (student, critic) should adapt; may be wider than what
+        effect LoRAs adapt (one LoRA serving many effects gains from more modules)."""
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
