@@ -3,11 +3,12 @@
     python benchmarks/student_error.py COLLECTION.safetensors [--n-images 32] [--threads 1]
 
 For each effect of the file (toy bases only: it needs the truth), on held-out sources and on the
-sources the distiller trained on (seed 0, the default), prints the PSNR vs truth of the few-step
-sampler and of a single student step from the truth noised to each of the sampler's levels. If
-the sampler is no better than its first level, the later steps do not refine; if the oracle step
-at the last level is much better than the sampler, the student leans on an input its own earlier
-steps cannot give it; the train/held-out difference is how much it overfits its training sources.
+first N sources the distiller trained on (seed 0, the default; it trains on 32), prints the PSNR
+vs truth of the few-step sampler and of a single student step from the truth noised to each of the
+sampler's levels. If the sampler is no better than its first level, the later steps do not
+refine; if the oracle step at the last level is much better than the sampler, the student leans on
+an input its own earlier steps cannot give it; the train/held-out difference is how much it
+overfits its training sources.
 """
 
 from __future__ import annotations

@@ -112,7 +112,13 @@ def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path
     pm = tiny_world
     # half on-policy, so the teachers also run on mixed batches (each group of rows with its own)
     cfg = _config_file(
-        tmp_path, steps=8, batch_size=4, block_len=1, p_switch=1.0, effects_per_batch=2, anchor_share=0.5,
+        tmp_path,
+        steps=8,
+        batch_size=4,
+        block_len=1,
+        p_switch=1.0,
+        effects_per_batch=2,
+        anchor_share=0.5,
         critic_warmup=0,
     )
     r = run(pm, "distill", "--config", cfg, "--no-progress", "--json")
@@ -149,7 +155,13 @@ def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world
 def test_critic_starts_as_the_student_when_anchoring_ends(tiny_world, tmp_path: Path, copy: bool) -> None:  # type: ignore[no-untyped-def]
     # learning rates so small that neither adapter moves: what is left is how each one started
     cfg = _config_file(
-        tmp_path, steps=6, batch_size=4, anchor_share=0.5, critic_warmup=1, lr=1e-30, critic_lr=1e-30,
+        tmp_path,
+        steps=6,
+        batch_size=4,
+        anchor_share=0.5,
+        critic_warmup=1,
+        lr=1e-30,
+        critic_lr=1e-30,
         critic_from_student=copy,
     )
     r = run(tiny_world, "distill", "--config", cfg, "--no-progress", "--json")
@@ -265,6 +277,16 @@ def test_bad_options_are_one_line_errors(tiny_world, tmp_path) -> None:  # type:
     assert r.exit_code == 1 and "no effect 'nosuch'" in r.stderr
     r = run(pm, "distill", "--config", _config_file(tmp_path, stepz=3))
     assert r.exit_code == 1 and "stepz" in r.stderr
+    r = run(pm, "distill", "--config", _config_file(tmp_path, target_modules=[]))
+    assert r.exit_code == 1 and "target_modules" in r.stderr
+    r = run(
+        pm,
+        "distill",
+        "--config",
+        _config_file(tmp_path, target_modules=["to_q", "nosuch_proj"]),
+        "--no-progress",
+    )
+    assert r.exit_code == 1 and "['nosuch_proj'] name no layer" in r.stderr and r.stderr.count("\n") == 1
     r = run(pm, "distill", "--resume")
     assert r.exit_code == 1 and "no distill run to resume" in r.stderr
     assert "--few-steps" in run(pm, "distill", "--help").stdout

@@ -68,6 +68,7 @@ class DistillConfig(BaseModel):
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
     target_modules: list[str] | None = Field(
         None,
+        min_length=1,
         description="module-name suffixes the student and critic LoRAs adapt (None: the base model's "
         "choice, Backbone.lora_target_modules; an incremental run keeps its parent's)",
     )

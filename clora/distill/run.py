@@ -238,18 +238,29 @@ def run_distill(
         elif plan.kind == "full" and auto_steps:
             cfg = cfg.model_copy(update={"steps": max(cfg.steps, cfg.steps_per_effect * len(plan.effects))})
         if plan.parent_state:
-            parent_cfg = json.loads(registry.get_collection(plan.parent_version).config_json)  # type: ignore[union-attr]
-            # the student keeps its parent's shape; files before target_modules was a config field
-            # record their modules in the header
-            parent_file = registry.get_collection(plan.parent_version).file  # type: ignore[union-attr]
+            parent_col = registry.get_collection(plan.parent_version)
+            assert parent_col is not None  # the plan found it
+            parent_cfg = json.loads(parent_col.config_json)
+            # the student keeps its parent's shape; the modules come from the file's header, which
+            # records them also for collections made before target_modules was a config field
             cfg = cfg.model_copy(
                 update={
                     "rank": parent_cfg["rank"],
                     "alpha": parent_cfg.get("alpha"),
                     "few_steps": parent_cfg["few_steps"],
-                    "target_modules": read_header(parent_file).target_modules,
+                    "target_modules": read_header(parent_col.file).target_modules,
                 }
             )
+        if cfg.target_modules is not None:  # checked before the run exists, so nothing is left behind
+            layers = components.get_backbone(plan.base_id).module_shapes()
+            missing = [
+                m for m in cfg.target_modules if not any(n == m or n.endswith("." + m) for n in layers)
+            ]
+            if missing:
+                raise CloraError(
+                    f"target_modules {missing} name no layer of base '{plan.base_id}'; leave the field "
+                    "out for the base model's own choice"
+                )
         run_dir = clora_home() / "runs" / plan.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.save(run_dir / "plan.json")
@@ -296,9 +307,7 @@ def _execute(
         )
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
-    adapters = AdapterSet(
-        backbone, cfg.rank, cfg.lora_alpha, modules, cfg.max_resident_teachers, components
-    )
+    adapters = AdapterSet(backbone, cfg.rank, cfg.lora_alpha, modules, cfg.max_resident_teachers, components)
     say(
         f"run {plan.run_id}: {plan.kind}, {len(plan.effects)} effect(s) ({len(plan.new_effects)} new), "
         f"{cfg.steps} steps, base {plan.base_id}"
