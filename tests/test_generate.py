@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import file_digest, plugin_manager, run
 from PIL import Image
 from safetensors import safe_open
@@ -218,7 +219,8 @@ def test_incremental_keeps_the_parents_lora_shape(registry_file: Path, tmp_path:
     r = run(pm, "distill", "--incremental", *FAST, "--json")
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
-    assert v2["config"]["target_modules"] == narrow and v2["config"]["rank"] == 4
+    # the parent's rank 4, grown by the default incremental_grow_rank
+    assert v2["config"]["target_modules"] == narrow and v2["config"]["rank"] == 4 + 8
     with Registry(registry_file) as reg:
         v2_file = Path(reg.get_collection(2).file)  # type: ignore[union-attr]
     assert read_header(v2_file).target_modules == narrow
@@ -226,3 +228,34 @@ def test_incremental_keeps_the_parents_lora_shape(registry_file: Path, tmp_path:
         keys = list(f.keys())
     modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in keys}
     assert modules and all(m.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for m in modules)
+
+
+def test_incremental_growth_keeps_the_parents_components(registry_file: Path, tmp_path: Path) -> None:
+    """With incremental_grow_rank the child LoRA is the parent's components, unchanged (its alpha/rank
+    folded into B), plus new trained ones."""
+    pm = plugin_manager()
+    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
+    assert run(pm, "toy", "teachers", "sepia", "--tiny").exit_code == 0
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"rank": 4, "alpha": 8, "incremental_grow_rank": 2}))
+    assert run(pm, "distill", "--config", cfg, *FAST).exit_code == 0
+    assert run(pm, "toy", "teachers", "invert", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--incremental", "--config", cfg, *FAST, "--json")
+    assert r.exit_code == 0, r.output
+    v2 = json.loads(r.stdout)
+    assert (v2["config"]["rank"], v2["config"]["alpha"], v2["config"]["frozen_rank"]) == (6, 6.0, 4)
+    with Registry(registry_file) as reg:
+        files = [Path(reg.get_collection(v).file) for v in (1, 2)]  # type: ignore[union-attr]
+    assert (read_header(files[1]).rank, read_header(files[1]).alpha) == (6, 6.0)
+    with safe_open(str(files[0]), framework="pt") as f1, safe_open(str(files[1]), framework="pt") as f2:
+        keys = list(f1.keys())
+        assert set(keys) == set(f2.keys())
+        grown = 0.0
+        for k in keys:
+            old, new = f1.get_tensor(k), f2.get_tensor(k)
+            if ".lora_A." in k:
+                assert torch.equal(new[:4], old)
+            else:
+                assert torch.allclose(new[:, :4], old * 2.0)  # parent's scale 8/4 over the child's 6/6
+                grown += float(new[:, 4:].abs().sum())
+    assert grown > 0  # the new components trained

@@ -95,6 +95,28 @@ class AdapterSet:
         sd = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
         return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
 
+    def load_leading(self, adapter: str, state: dict[str, torch.Tensor], scale: float) -> None:
+        """Load a lower-rank ``state`` into the leading components of ``adapter`` (the rest keep their
+        init: random A, zero B, so the output is unchanged); ``scale`` = the state's alpha/rank over
+        this adapter's, folded into B."""
+        own = self.state_dict(adapter)
+        for key, value in state.items():
+            cur = own[key]
+            if key.endswith("lora_A.weight"):
+                cur[: value.shape[0]] = value
+            else:
+                cur[:, : value.shape[1]] = value * scale
+        self.load_state_dict(adapter, own)
+
+    def leading_slices(self, adapter: str, rank: int) -> list[tuple[torch.nn.Parameter, tuple[slice, ...]]]:
+        """Each parameter of ``adapter`` with the index of its first ``rank`` components."""
+        out: list[tuple[torch.nn.Parameter, tuple[slice, ...]]] = []
+        for name, p in self.transformer.named_parameters():
+            if f".{adapter}." in name:
+                lead = (slice(0, rank),) if ".lora_A." in name else (slice(None), slice(0, rank))
+                out.append((p, lead))
+        return out
+
     def load_state_dict(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         ref = self.params[adapter][0]
         result = set_peft_model_state_dict(

@@ -130,6 +130,7 @@ class Distiller:
         self.state = LoopState(counts={e.name: 0 for e in plan.effects})
         self.effects = {e.name: e for e in plan.effects}
         self.timer = RoleTimer(torch.device(backbone.device))
+        self._frozen_values: list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]] | None = None
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -349,8 +350,28 @@ class Distiller:
         adapter, opt = (STUDENT, self.opt_student) if role == "generator" else (CRITIC, self.opt_critic)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        frozen = self._frozen() if adapter == STUDENT else []
+        for p, lead, _ in frozen:
+            if p.grad is not None:
+                p.grad[lead] = 0
         torch.nn.utils.clip_grad_norm_(self.adapters.params[adapter], self.cfg.grad_clip)
         opt.step()
+        with torch.no_grad():
+            for p, lead, value in frozen:  # AdamW's weight decay and momentum would still move them
+                p[lead] = value
+
+    def _frozen(self) -> list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]]:
+        """The student's fixed leading components (an incremental run that grows), read once."""
+        if self._frozen_values is None:
+            self._frozen_values = (
+                [
+                    (p, lead, p.detach()[lead].clone())
+                    for p, lead in self.adapters.leading_slices(STUDENT, self.cfg.frozen_rank)
+                ]
+                if self.cfg.frozen_rank
+                else []
+            )
+        return self._frozen_values
 
     def weighted(
         self, ctx: LossContext, role: str, step: int, logged: dict[str, float]
@@ -428,8 +449,15 @@ class Distiller:
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
         path.write_text("".join(ln + "\n" for ln in keep))
 
-    def init_from(self, state: dict[str, Any]) -> None:
-        """Start student and critic (and their optimizers) from a parent collection's saved state."""
+    def init_from(self, state: dict[str, Any], scale: float = 1.0) -> None:
+        """Start student and critic (and their optimizers) from a parent collection's saved state.
+
+        A student that grows (``frozen_rank``: the parent's rank) takes the parent's components as
+        its leading ones, ``scale`` its alpha/rank over the child's; both optimizers start fresh."""
+        if self.cfg.frozen_rank:
+            self.adapters.load_leading(STUDENT, state["student"], scale)
+            self.adapters.load_leading(CRITIC, state["critic"], scale)
+            return
         self.adapters.load_state_dict(STUDENT, state["student"])
         self.adapters.load_state_dict(CRITIC, state["critic"])
         self.opt_student.load_state_dict(state["opt_student"])

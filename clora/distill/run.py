@@ -231,8 +231,10 @@ def run_distill(
         plan = planned
         if general_only:
             cfg = cfg.model_copy(update={"p_switch": 0.0})
+        cfg = cfg.model_copy(update={"frozen_rank": 0})  # only a parent's components are ever fixed
         if plan.kind == "incremental":
-            cfg = cfg.model_copy(update={"lr": cfg.lr * cfg.incremental_lr_ratio})
+            ratio = cfg.incremental_lr_ratio or (1.0 if cfg.incremental_grow_rank else 0.25)
+            cfg = cfg.model_copy(update={"lr": cfg.lr * ratio, "incremental_lr_ratio": ratio})
         if plan.kind == "incremental" and auto_steps:
             cfg = cfg.model_copy(update={"steps": cfg.steps_per_new_effect * len(plan.new_effects)})
         elif plan.kind == "full" and auto_steps:
@@ -243,10 +245,14 @@ def run_distill(
             parent_cfg = json.loads(parent_col.config_json)
             # the student keeps its parent's shape; the modules come from the file's header, which
             # records them also for collections made before target_modules was a config field
+            parent_rank, grow = int(parent_cfg["rank"]), cfg.incremental_grow_rank
+            plan.extra["parent_lora_scale"] = (parent_cfg.get("alpha") or parent_rank) / parent_rank
             cfg = cfg.model_copy(
                 update={
-                    "rank": parent_cfg["rank"],
-                    "alpha": parent_cfg.get("alpha"),
+                    "rank": parent_rank + grow,
+                    # a grown student runs at alpha = rank (scale 1); the parent's scale moves into B
+                    "alpha": float(parent_rank + grow) if grow else parent_cfg.get("alpha"),
+                    "frozen_rank": parent_rank if grow else 0,
                     "few_steps": parent_cfg["few_steps"],
                     "target_modules": read_header(parent_col.file).target_modules,
                 }
@@ -318,7 +324,10 @@ def _execute(
     if distiller.load_checkpoint():
         say(f"resuming run {plan.run_id} at step {distiller.state.step}")
     elif plan.parent_state:
-        distiller.init_from(torch.load(plan.parent_state, weights_only=True, map_location="cpu"))
+        distiller.init_from(
+            torch.load(plan.parent_state, weights_only=True, map_location="cpu"),
+            scale=plan.extra.get("parent_lora_scale", 1.0) / (cfg.lora_alpha / cfg.rank),
+        )
     result = distiller.run(
         show_progress, on_checkpoint=lambda step: registry.update_run(plan.run_id, step=step)
     )
