@@ -244,6 +244,7 @@ def test_incremental_growth_keeps_the_parents_components(registry_file: Path, tm
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
     assert (v2["config"]["rank"], v2["config"]["alpha"], v2["config"]["frozen_rank"]) == (6, 6.0, 4)
+    assert "ignoring rank 4, alpha 8.0" in r.stderr  # the config's own shape is the parent's, grown
     with Registry(registry_file) as reg:
         files = [Path(reg.get_collection(v).file) for v in (1, 2)]  # type: ignore[union-attr]
     assert (read_header(files[1]).rank, read_header(files[1]).alpha) == (6, 6.0)

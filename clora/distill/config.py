@@ -62,7 +62,10 @@ class DistillConfig(BaseModel):
         375, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
     )
     steps_per_new_effect: int = Field(
-        375, ge=1, description="incremental runs without --steps train this many steps per new effect"
+        600,
+        ge=1,
+        description="incremental runs without --steps train this many steps per new effect (more than a "
+        "full run's share: the new effects start from zero; 2 new of 10 cost ~1/3 of a full run)",
     )
     rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
@@ -190,6 +193,8 @@ class DistillConfig(BaseModel):
     def _check(self) -> DistillConfig:
         if self.target_levels > self.few_steps:
             self.target_levels = self.few_steps
+        if self.frozen_rank >= self.rank:
+            raise ValueError(f"frozen_rank ({self.frozen_rank}) must be below rank ({self.rank})")
         return self
 
     @property

@@ -247,16 +247,25 @@ def run_distill(
             # records them also for collections made before target_modules was a config field
             parent_rank, grow = int(parent_cfg["rank"]), cfg.incremental_grow_rank
             plan.extra["parent_lora_scale"] = (parent_cfg.get("alpha") or parent_rank) / parent_rank
-            cfg = cfg.model_copy(
-                update={
-                    "rank": parent_rank + grow,
-                    # a grown student runs at alpha = rank (scale 1); the parent's scale moves into B
-                    "alpha": float(parent_rank + grow) if grow else parent_cfg.get("alpha"),
-                    "frozen_rank": parent_rank if grow else 0,
-                    "few_steps": parent_cfg["few_steps"],
-                    "target_modules": read_header(parent_col.file).target_modules,
-                }
-            )
+            shape = {
+                "rank": parent_rank + grow,
+                # a grown student runs at alpha = rank (scale 1); the parent's scale moves into B
+                "alpha": float(parent_rank + grow) if grow else parent_cfg.get("alpha"),
+                "few_steps": parent_cfg["few_steps"],
+                "target_modules": read_header(parent_col.file).target_modules,
+            }
+            ignored = [
+                f"{k} {getattr(cfg, k)}"
+                for k, v in shape.items()
+                if k in cfg.model_fields_set and getattr(cfg, k) != v
+            ]
+            if ignored:
+                say(
+                    f"incremental run: the student keeps collection v{plan.parent_version}'s shape "
+                    f"(rank {parent_rank} + {grow} new, few_steps {shape['few_steps']}, its modules); "
+                    f"ignoring {', '.join(ignored)}"
+                )
+            cfg = cfg.model_copy(update={**shape, "frozen_rank": parent_rank if grow else 0})
         if cfg.target_modules is not None:  # checked before the run exists, so nothing is left behind
             layers = components.get_backbone(plan.base_id).module_shapes()
             missing = [
