@@ -99,6 +99,16 @@ def add_commands(app: typer.Typer) -> None:
                 "--incremental", help="Grow the latest collection with the registered effects it lacks."
             ),
         ] = False,
+        grow_rank: Annotated[
+            int | None,
+            typer.Option(
+                "--grow-rank",
+                min=0,
+                help="With --incremental: new LoRA components for the new effects; the parent's stay "
+                "fixed, so the file's rank grows by this much (default 8). 0: retrain the parent's "
+                "components (fixed size; old effects drift).",
+            ),
+        ] = None,
         general_only: Annotated[
             bool,
             typer.Option(
@@ -139,6 +149,7 @@ def add_commands(app: typer.Typer) -> None:
             "batch_size": batch_size,
             "device": device,
             "seed": seed,
+            "incremental_grow_rank": grow_rank,
         }
         cfg = load_config(config, overrides)
         with st.open_registry() as reg:

@@ -237,10 +237,10 @@ def test_incremental_growth_keeps_the_parents_components(registry_file: Path, tm
     assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
     assert run(pm, "toy", "teachers", "sepia", "--tiny").exit_code == 0
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"rank": 4, "alpha": 8, "incremental_grow_rank": 2}))
+    cfg.write_text(json.dumps({"rank": 4, "alpha": 8}))
     assert run(pm, "distill", "--config", cfg, *FAST).exit_code == 0
     assert run(pm, "toy", "teachers", "invert", "--tiny").exit_code == 0
-    r = run(pm, "distill", "--incremental", "--config", cfg, *FAST, "--json")
+    r = run(pm, "distill", "--incremental", "--grow-rank", "2", "--config", cfg, *FAST, "--json")
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
     assert (v2["config"]["rank"], v2["config"]["alpha"], v2["config"]["frozen_rank"]) == (6, 6.0, 4)
