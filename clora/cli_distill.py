@@ -105,7 +105,7 @@ def add_commands(app: typer.Typer) -> None:
                 "--grow-rank",
                 min=0,
                 help="With --incremental: new LoRA components for the new effects; the parent's stay "
-                "fixed, so the file's rank grows by this much (default 8). 0: retrain the parent's "
+                "fixed, so the file's rank grows by this much (default 16). 0: retrain the parent's "
                 "components (fixed size; old effects drift).",
             ),
         ] = None,

@@ -187,6 +187,7 @@ def test_incremental_grows_the_collection(distilled, registry_file: Path) -> Non
     assert v2["config"]["steps"] == v2["config"]["steps_per_new_effect"] * 1
     v1_lr = json.loads(v1.config_json)["lr"]
     assert v2["config"]["lr"] == pytest.approx(v1_lr * v2["config"]["incremental_lr_ratio"])
+    assert v2["config"]["effects_per_batch"] == v2["config"]["incremental_effects_per_batch"]
     for m in v2["members"]:
         if m["effect"] in triggers_before:
             assert m["trigger"] == triggers_before[m["effect"]]
@@ -220,7 +221,7 @@ def test_incremental_keeps_the_parents_lora_shape(registry_file: Path, tmp_path:
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
     # the parent's rank 4, grown by the default incremental_grow_rank
-    assert v2["config"]["target_modules"] == narrow and v2["config"]["rank"] == 4 + 8
+    assert v2["config"]["target_modules"] == narrow and v2["config"]["rank"] == 4 + 16
     with Registry(registry_file) as reg:
         v2_file = Path(reg.get_collection(2).file)  # type: ignore[union-attr]
     assert read_header(v2_file).target_modules == narrow

@@ -92,6 +92,13 @@ class DistillConfig(BaseModel):
         description="effects sharing one effect-stream batch, each with its own teacher (capped by the "
         "number of effects and the batch size; the reference trains one effect per block: 1)",
     )
+    incremental_effects_per_batch: int | None = Field(
+        6,
+        ge=1,
+        description="effects_per_batch of incremental runs (None: the same as full runs); fewer effects "
+        "a batch give each new effect more rows (+cool, solarize on 8 toy effects: 6 beat 8 for the new "
+        "and the old effects alike)",
+    )
     router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
     new_effect_share: float = Field(
         0.5, ge=0, le=1, description="incremental runs: share of effect slots given to the new effects"
@@ -140,7 +147,7 @@ class DistillConfig(BaseModel):
         "0.25 when it trains the parent's own components, where a full-size restart makes it forget)",
     )
     incremental_grow_rank: int = Field(
-        8,
+        16,
         ge=0,
         description="incremental runs: the student keeps its parent's LoRA components fixed and trains this "
         "many new ones (the file's rank grows by this much each time); 0: it trains the parent's own "

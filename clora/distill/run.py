@@ -234,7 +234,10 @@ def run_distill(
         cfg = cfg.model_copy(update={"frozen_rank": 0})  # only a parent's components are ever fixed
         if plan.kind == "incremental":
             ratio = cfg.incremental_lr_ratio or (1.0 if cfg.incremental_grow_rank else 0.25)
-            cfg = cfg.model_copy(update={"lr": cfg.lr * ratio, "incremental_lr_ratio": ratio})
+            per_batch = cfg.incremental_effects_per_batch or cfg.effects_per_batch
+            cfg = cfg.model_copy(
+                update={"lr": cfg.lr * ratio, "incremental_lr_ratio": ratio, "effects_per_batch": per_batch}
+            )
         if plan.kind == "incremental" and auto_steps:
             cfg = cfg.model_copy(update={"steps": cfg.steps_per_new_effect * len(plan.new_effects)})
         elif plan.kind == "full" and auto_steps:
