@@ -48,8 +48,11 @@ class AdapterSet:
         self.teacher_loads = 0
         self._train_flags()
 
+    def _named(self, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.transformer.named_parameters() if f".{adapter}." in n]
+
     def _params(self, adapter: str) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.transformer.named_parameters() if f".{adapter}." in n]
+        return [p for _, p in self._named(adapter)]
 
     def _train_flags(self) -> None:
         for params in self.params.values():
@@ -110,12 +113,8 @@ class AdapterSet:
 
     def leading_slices(self, adapter: str, rank: int) -> list[tuple[torch.nn.Parameter, tuple[slice, ...]]]:
         """Each parameter of ``adapter`` with the index of its first ``rank`` components."""
-        out: list[tuple[torch.nn.Parameter, tuple[slice, ...]]] = []
-        for name, p in self.transformer.named_parameters():
-            if f".{adapter}." in name:
-                lead = (slice(0, rank),) if ".lora_A." in name else (slice(None), slice(0, rank))
-                out.append((p, lead))
-        return out
+        a_rows, b_cols = (slice(0, rank),), (slice(None), slice(0, rank))
+        return [(p, a_rows if ".lora_A." in name else b_cols) for name, p in self._named(adapter)]
 
     def load_state_dict(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         ref = self.params[adapter][0]
