@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from clora import hookimpl
 from clora.distill.config import DistillConfig, LossSpec
+from clora.distill.loop import Group, balance_weights
 from clora.distill.losses import LossContext, dmd_gradient, dmd_loss, flow_matching_loss
 from clora.generate import UnifiedModel
 from clora.paths import clora_home
@@ -184,6 +185,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tiny_world, tmp_path: Path
         gen_every=2,
         effects_per_batch=2,
         anchor_share=0.25,
+        effect_balance=1.0,  # its running losses must survive the kill too
     )
     r = run(pm, "distill", "--config", cfg, "--no-progress", "--json", "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
@@ -392,6 +394,33 @@ def test_level_anchor_regresses_at_the_samplers_own_levels() -> None:
     eps = torch.randn((3, 2), generator=gen)
     out = term(_ctx(x, targets=y))
     assert float(out["level_anchor"]) == pytest.approx(float(((eps - y) ** 2).mean()), rel=1e-5)
+
+
+def test_effect_balance_weighs_each_effects_rows_by_its_running_loss() -> None:
+    groups = [Group("a.safetensors", 0, 2, "a"), Group("b.safetensors", 2, 4, "b")]
+    running = {"a": 0.04, "b": 0.01}
+    assert balance_weights(groups, running, 0.0) is None  # off
+    assert balance_weights(groups[:1], running, 1.0) is None  # one effect: nothing to balance
+    # power 1: 1/0.04 = 25 and 1/0.01 = 100, over their mean 62.5
+    torch.testing.assert_close(balance_weights(groups, running, 1.0), torch.tensor([0.4, 0.4, 1.6, 1.6]))
+    # power 0.5: 5 and 10, over 7.5
+    half = balance_weights(groups, running, 0.5)
+    torch.testing.assert_close(half, torch.tensor([2 / 3, 2 / 3, 4 / 3, 4 / 3]))
+    # an effect without a running loss yet counts as the mean of the others (0.025 -> 40)
+    w = balance_weights([*groups, Group("c.safetensors", 4, 6, "c")], running, 1.0)
+    torch.testing.assert_close(w, torch.tensor([25, 25, 100, 100, 40, 40]) / 55)
+
+    # the regression terms reduce their rows with the weights, and record the rows for the loop
+    term = Components.collect(plugin_manager()).get_loss_term("level_anchor")
+    y = torch.tensor([[0.2, -0.4], [0.0, 1.0], [-1.0, 0.5], [0.3, 0.3]])
+    ctx = _ctx(torch.zeros(4, 2), targets=y)
+    ctx.row_weights = torch.tensor([0.4, 0.4, 1.6, 1.6])
+    out = term(ctx)
+    gen = torch.Generator().manual_seed(0)
+    torch.randint(4, (4,), generator=gen)
+    rows = ((torch.randn((4, 2), generator=gen) - y) ** 2).mean(1)  # a velocity of 0: mse(0, eps - y)
+    assert float(out["level_anchor"]) == pytest.approx(float((rows * ctx.row_weights).mean()), rel=1e-5)
+    torch.testing.assert_close(ctx.row_losses[0], rows)
 
 
 def test_student_lr_schedule() -> None:

@@ -99,6 +99,14 @@ class DistillConfig(BaseModel):
         "a batch give each new effect more rows (+cool, solarize on 8 toy effects, one 1200-step run "
         "each: 6 beat 8 for the new and the old effects; the demo's 300-step run ranked them the other way)",
     )
+    effect_balance: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="weigh each effect's rows in the regression terms by (its running loss)^-b, normalised "
+        "to mean 1 over the batch: 0 is plain MSE, where the effects with the largest errors steer the "
+        "shared LoRA; 1 makes every effect's relative error count alike, as PSNR (and a per-effect bar) does",
+    )
     router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
     new_effect_share: float = Field(
         0.5, ge=0, le=1, description="incremental runs: share of effect slots given to the new effects"

@@ -29,6 +29,8 @@ from clora.progress import progress_bar
 from clora.sampling import add_noise, few_step_sigmas, guided_velocity, x0_from_velocity
 
 CHECKPOINT = "checkpoint.pt"
+#: decay of the running per-effect losses (``effect_balance``), per step the effect trains
+EMA = 0.98
 LOG = "log.jsonl"
 
 
@@ -38,11 +40,27 @@ class NonFiniteLossError(CloraError):
 
 @dataclass
 class Group:
-    """Rows ``start:stop`` of a batch share one teacher (``lora`` None: the base model)."""
+    """Rows ``start:stop`` of a batch share one teacher (``lora`` None: the base model) and one effect
+    (``name`` None: the general stream)."""
 
     lora: str | None
     start: int
     stop: int
+    name: str | None = None
+
+
+def balance_weights(groups: list[Group], running: dict[str, float], power: float) -> torch.Tensor | None:
+    """Per-row weights for ``effect_balance``: each group's rows get (its effect's running loss)^-power,
+    normalised to mean 1 over the rows; an effect without a running loss yet counts as the mean of
+    those with one. None when balancing is off or the batch holds one group."""
+    if power == 0 or len(groups) < 2:
+        return None
+    known = [running[g.name] for g in groups if g.name in running]
+    fallback = sum(known) / len(known) if known else 1.0
+    w = torch.empty(groups[-1].stop, dtype=torch.float32)
+    for g in groups:
+        w[g.start : g.stop] = max(running.get(g.name or "", fallback), 1e-12) ** -power
+    return w / w.mean()
 
 
 @dataclass
@@ -63,6 +81,8 @@ class LoopState:
     step: int = 0
     route: tuple[Literal["effect", "general"], tuple[str, ...]] = ("general", ())
     counts: dict[str, int] = field(default_factory=dict)
+    #: running mean of each effect's regression loss per row (``effect_balance``)
+    effect_loss: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,7 +181,9 @@ class Distiller:
                     # the anchoring phase: regression onto the teacher targets, no simulation
                     if batch.targets is not None:
                         with self.timer("generator"):
-                            self.turn(self.loss_context(batch, None), "generator", step, logged)
+                            ctx = self.loss_context(batch, None)
+                            self.turn(ctx, "generator", step, logged)
+                            self.track_effect_losses(batch, ctx)
                 else:
                     # 3. backward simulation; the last simulated step keeps its graph on generator turns
                     gen_turn = step >= warm_end and (step - warm_end) % cfg.gen_every == 0
@@ -172,6 +194,7 @@ class Distiller:
                     if gen_turn:
                         with self.timer("generator"):
                             self.turn(ctx, "generator", step, logged)
+                            self.track_effect_losses(batch, ctx)
                     # 5. critic turn, on the same (now detached) student sample
                     ctx.sample = sample.detach()
                     with self.timer("critic"):
@@ -227,7 +250,7 @@ class Distiller:
                 start, stop = b * i // len(effects), b * (i + 1) // len(effects)
                 e = self.effects[name]
                 idx = torch.randint(len(self.data.sources[name]), (stop - start,), generator=self.generator)
-                groups.append(Group(e.lora_path, start, stop))
+                groups.append(Group(e.lora_path, start, stop, name))
                 sources.append(self.data.sources[name][idx])
                 targets.append(self.data.targets[name][idx])
                 student_text = e.trained_prompt(self.cfg.asymmetric_prompts)
@@ -335,7 +358,24 @@ class Distiller:
             student_x0=x0_of(STUDENT),
             student_velocity=velocity(STUDENT),
             critic_velocity=velocity(CRITIC),
+            row_weights=self.row_weights(batch),
         )
+
+    def row_weights(self, batch: Batch) -> torch.Tensor | None:
+        w = balance_weights(batch.groups, self.state.effect_loss, self.cfg.effect_balance)
+        return None if w is None else w.to(batch.source.device)
+
+    def track_effect_losses(self, batch: Batch, ctx: LossContext) -> None:
+        """Fold this step's per-row regression losses into each effect's running mean."""
+        if not ctx.row_losses or self.cfg.effect_balance == 0:
+            return
+        rows = torch.stack(ctx.row_losses).mean(0).float().cpu()
+        for g in batch.groups:
+            if g.name is None:
+                continue
+            value = float(rows[g.start : g.stop].mean())
+            old = self.state.effect_loss.get(g.name)
+            self.state.effect_loss[g.name] = value if old is None else EMA * old + (1 - EMA) * value
 
     def set_student_lr(self, step: int) -> None:
         """The student's learning rate at ``step`` (``lr_schedule``), set on its optimizer."""
@@ -413,6 +453,7 @@ class Distiller:
                 "step": self.state.step,
                 "route": [self.state.route[0], list(self.state.route[1])],
                 "counts": dict(self.state.counts),
+                "effect_loss": dict(self.state.effect_loss),
                 "generator": self.generator.get_state(),
                 "student": self.adapters.state_dict(STUDENT),
                 "critic": self.adapters.state_dict(CRITIC),
@@ -436,7 +477,10 @@ class Distiller:
         self.generator.set_state(ck["generator"])
         stream, effects = ck["route"]
         self.state = LoopState(
-            step=int(ck["step"]), route=(stream, tuple(effects)), counts=dict(ck["counts"])
+            step=int(ck["step"]),
+            route=(stream, tuple(effects)),
+            counts=dict(ck["counts"]),
+            effect_loss=dict(ck.get("effect_loss", {})),
         )
         self._truncate_log(self.state.step)
         return True

@@ -51,6 +51,10 @@ class LossContext:
     critic_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     #: values terms share within a step (e.g. the DMD noise level, reused by anchoring)
     shared: dict[str, Any] = field(default_factory=dict)
+    #: per-row weights of the regression terms (``effect_balance``), mean 1; None: all rows alike
+    row_weights: torch.Tensor | None = None
+    #: per-row values the regression terms reduced this step (detached), for the loop's running stats
+    row_losses: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def like(self) -> torch.Tensor:
@@ -88,6 +92,14 @@ class LossContext:
         levels = self.few_step_sigmas[-(last or len(self.few_step_sigmas)) :].to(self.like)
         pick = torch.randint(len(levels), (self.batch_size,), generator=self.generator)
         return levels[pick.to(levels.device)]
+
+    def reduce_rows(self, per_row: torch.Tensor) -> torch.Tensor:
+        """The batch mean of a regression term's per-row losses ``[B]``, weighted by ``row_weights``;
+        the rows are also recorded (detached) in ``row_losses``."""
+        self.row_losses.append(per_row.detach())
+        if self.row_weights is None:
+            return per_row.mean()
+        return (per_row * self.row_weights.to(per_row)).mean()
 
     def dmd_levels(self) -> torch.Tensor:
         """This step's DMD noise levels ``t ~ shift(U[0,1])`` (drawn once, shared by the terms)."""
@@ -127,7 +139,12 @@ def anchor_on(ctx: LossContext, s: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("anchoring needs teacher targets; check ctx.targets first")
     noise = ctx.randn_like(ctx.targets)
     v = ctx.student_velocity(add_noise(ctx.targets, noise, s), s)
-    return flow_matching_loss(v, ctx.targets, noise)
+    return ctx.reduce_rows(row_mse(v, noise - ctx.targets))
+
+
+def row_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each row of a batch: ``[B]``."""
+    return (a - b).pow(2).flatten(1).mean(1)
 
 
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss
+from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss, row_mse
 from clora.sampling import add_noise
 
 
@@ -83,7 +83,7 @@ class SimulatedAnchorTerm:
         s = levels[k].expand(b)
         v = ctx.student_velocity(x, s)
         # the velocity that lands exactly on the target from this input: (x_t - y_T) / s
-        return {"sim_anchor": torch.nn.functional.mse_loss(v, (x - ctx.targets) / levels[k])}
+        return {"sim_anchor": ctx.reduce_rows(row_mse(v, (x - ctx.targets) / levels[k]))}
 
 
 class CriticFlowMatchingTerm:
