@@ -74,7 +74,7 @@ def add_commands(app: typer.Typer) -> None:
             float | None,
             typer.Option(
                 "--p-switch",
-                help="Probability a block trains an effect instead of general edits (default 0.75).",
+                help="Probability a block trains an effect instead of general edits (default 0.9).",
             ),
         ] = None,
         batch_size: Annotated[
