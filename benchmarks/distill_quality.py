@@ -2,6 +2,7 @@
 
     python benchmarks/distill_quality.py                       # 8 effects, full method
     python benchmarks/distill_quality.py --ablations           # + without routing / asym. prompts / ...
+    python benchmarks/distill_quality.py --ablations full on-policy --on-policy-share 0.1   # some of them
     python benchmarks/distill_quality.py --tiny --steps 60     # the test-size world, a smoke run
 
 Uses CLORA_HOME for the toy base and teachers (built if missing) and a fresh registry in a temp folder.
@@ -28,17 +29,25 @@ from clora.sampling import euler_sample, few_step_sample
 
 EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
 ON_POLICY = {"dmd": {"weight": 0.1}, "target_sim": {"weight": 0.1}, "critic_fm": {}}
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "full (anchoring throughout, the default)": {},
-    "+ on-policy second half (DMD, target simulation)": {"anchor_share": 0.5},
-    "no routing (effect stream only)": {"p_switch": 1.0},
-    "no asymmetric prompts": {"asymmetric_prompts": False},
-    "on-policy half without target simulation": {
-        "anchor_share": 0.5,
-        "losses": {"level_anchor": {}, "dmd": {"weight": 0.1}, "critic_fm": {}},
-    },
-    "no anchoring (on-policy throughout)": {"anchor_share": 0.0, "losses": ON_POLICY},
-}
+
+
+def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Ablation id -> (label, config overrides); "full" is the default every other row is read against."""
+    tail = 1.0 - on_policy_share  # anchor_share: the on-policy terms train over the last part of the run
+    return {
+        "full": ("full (anchoring throughout, the default)", {}),
+        "on-policy": (
+            f"+ on-policy last {on_policy_share:.0%} (DMD, target simulation)",
+            {"anchor_share": tail},
+        ),
+        "no-routing": ("no routing (effect stream only)", {"p_switch": 1.0}),
+        "no-asymmetric-prompts": ("no asymmetric prompts", {"asymmetric_prompts": False}),
+        "on-policy-no-target-sim": (
+            f"+ on-policy last {on_policy_share:.0%} without target simulation",
+            {"anchor_share": tail, "losses": {"level_anchor": {}, "dmd": {"weight": 0.1}, "critic_fm": {}}},
+        ),
+        "no-anchoring": ("no anchoring (on-policy throughout)", {"anchor_share": 0.0, "losses": ON_POLICY}),
+    }
 
 
 def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
@@ -62,7 +71,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--effects", nargs="*", default=EFFECTS)
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--ablations", action="store_true", help="also run each ablation (same steps)")
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        metavar="ID",
+        help="run these ablations (same steps; none named: all): " + ", ".join(ablations(0.5)),
+    )
+    parser.add_argument(
+        "--on-policy-share",
+        type=float,
+        default=0.5,
+        help="share of the steps the on-policy ablations train with DMD (+ target simulation) at the end",
+    )
     parser.add_argument(
         "--merge", default="linear,ties", help="merged-LoRA baselines for the full run (none: skip them)"
     )
@@ -73,9 +93,16 @@ def main() -> None:
     world.register(args.effects)
     reg, comps, work = world.registry, world.components, world.work
 
-    variants = ABLATIONS if args.ablations else {"full": {}}
+    table = ablations(args.on_policy_share)
+    if args.ablations is None:
+        variants = {"full": table["full"]}
+    else:
+        unknown = sorted(set(args.ablations) - set(table))
+        if unknown:
+            parser.error(f"unknown ablation(s) {', '.join(unknown)}; pick from {', '.join(table)}")
+        variants = {k: v for k, v in table.items() if not args.ablations or k in args.ablations}
     results: dict[str, Any] = {}
-    for label, overrides in variants.items():
+    for key, (label, overrides) in variants.items():
         cfg = load_config(
             args.config,
             {"steps": args.steps, **world.overrides, **overrides},
@@ -86,14 +113,15 @@ def main() -> None:
         col = outcome.collection
         assert col is not None
         merges = () if args.merge == "none" else tuple(args.merge.split(","))
-        opts = EvalOptions(n_images=args.n_images, merges=merges if label == "full" else ())
+        opts = EvalOptions(n_images=args.n_images, merges=merges if key == "full" else ())
         ev = evaluate(reg, comps, col, options=opts, show_progress=False)
         outputs = ev.pop("_outputs")
         model = UnifiedModel.load(comps, col.file, backbone=None)
         ret = retention(model, 32, cfg.teacher_steps)
         labels = ev["bleeding"]["labels"]
         m = ev["bleeding"]["matrix"]
-        results[label] = {
+        results[key] = {
+            "label": label,
             "seconds": round(seconds, 1),
             "peak_rss_mb": outcome.metrics["train"]["peak_rss_mb"],
             "steps": outcome.metrics["train"]["steps"],
@@ -115,8 +143,8 @@ def main() -> None:
             "retention": ret,
         }
         del outputs
-        print_variant(label, results[label])
-    if args.ablations:
+        print_variant(label, results[key])
+    if args.ablations is not None and len(results) > 1:
         print_ablation(results)
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
@@ -160,11 +188,12 @@ def print_ablation(results: dict[str, Any]) -> None:
     def mean(r: dict[str, Any]) -> float:
         return sum(v["student"] for v in r["per_effect"].values()) / len(r["per_effect"])
 
-    full = mean(results["full"])
-    print(f"\n{'variant':34} {'mean student dB':>16} {'vs full':>8} {'trigger acc':>12} {'retention dB':>13}")
-    for label, r in results.items():
+    ref = results.get("full", next(iter(results.values())))
+    full = mean(ref)
+    print(f"\n{'variant':52} {'mean student dB':>16} {'vs full':>8} {'trigger acc':>12} {'retention dB':>13}")
+    for r in results.values():
         print(
-            f"{label:34} {mean(r):16.2f} {mean(r) - full:8.2f} {r['trigger_accuracy']:12.1%} "
+            f"{r['label']:52} {mean(r):16.2f} {mean(r) - full:8.2f} {r['trigger_accuracy']:12.1%} "
             f"{r['retention']['student_psnr']:13.2f}"
         )
 
