@@ -8,8 +8,11 @@ For each N: the first N effects of the toy library (the 8 of distill_quality.py,
 first, then the library's order), their teachers trained or reused from CLORA_HOME (~80 s each on 2
 cores), one full distill of the N (max(steps, steps_per_effect x N) steps), then `clora eval`'s scores
 on held-out images: student (4 steps, no CFG) and teacher (20 steps + CFG) PSNR vs the exact truth,
-how many effects are within 2 dB of their teacher, trigger accuracy (nearest truth), and the general
-edits. Every number is from this run on this machine; compare columns, not runs.
+the paper's baselines on the same images (each teacher LoRA stacked with an acceleration LoRA, 4
+steps: the cascade; all N teacher LoRAs merged into one with peft, full sampler: merged), how many
+effects are within 2 dB of their teacher, trigger accuracy (nearest truth), and the general edits.
+The acceleration LoRA is `clora distill --general-only` of the same base (built here unless
+`--accel` names one). Every number is from this run on this machine; compare columns, not runs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from clora_toy.effects import effects_library
@@ -43,8 +47,22 @@ def main() -> None:
     parser.add_argument(
         "--steps-per-effect", type=int, help="override DistillConfig.steps_per_effect (default: its value)"
     )
+    parser.add_argument(
+        "--accel",
+        type=Path,
+        help="acceleration LoRA for the cascade baseline (default: distil one with --general-only here)",
+    )
+    parser.add_argument(
+        "--accel-steps", type=int, default=600, help="steps of that --general-only run (default: 600)"
+    )
+    parser.add_argument(
+        "--merge",
+        default="linear",
+        help="merged-LoRA baselines, peft combination types separated by commas (linear, ties; none: skip)",
+    )
     add_world_args(parser)
     args = parser.parse_args()
+    merges = () if args.merge == "none" else tuple(args.merge.split(","))
 
     world = World.open(args.size, "clora-scale-", args.threads)
     largest = ordered(max(args.n))
@@ -55,6 +73,21 @@ def main() -> None:
     overrides: dict[str, object] = dict(world.overrides)
     if args.steps_per_effect:
         overrides["steps_per_effect"] = args.steps_per_effect
+    accel = args.accel
+    if accel is None:
+        t0 = time.perf_counter()
+        cfg = load_config(args.config, {**overrides, "steps": args.accel_steps})
+        out = run_distill(
+            world.registry,
+            world.components,
+            cfg,
+            general_only=True,
+            show_progress=False,
+            out_dir=world.work / "collections",
+        )
+        assert out.collection is not None, out.message
+        accel = Path(out.collection.file)
+        print(f"acceleration LoRA ({args.accel_steps} steps) in {time.perf_counter() - t0:.0f} s: {accel}")
     results: dict[str, Any] = {}
     for n in sorted(args.n):
         names = ordered(n)
@@ -71,7 +104,7 @@ def main() -> None:
         )
         seconds = time.perf_counter() - t0
         assert out.collection is not None, out.message
-        res = scores(world.registry, world.components, out.collection, args.n_images)
+        res = scores(world.registry, world.components, out.collection, args.n_images, accel, merges)
         steps = out.metrics["train"]["steps"]
         table(f"N = {n}: {steps} steps, {seconds:.0f} s", res)
         results[str(n)] = {
@@ -86,12 +119,14 @@ def main() -> None:
     for label, key in (
         ("student dB (4 steps)", "student"),
         ("teachers dB (20 + CFG)", "teacher"),
+        ("cascade dB (4 steps)", "cascade"),
+        *((f"merged ({m}) dB (20 + CFG)", f"merged-{m}") for m in merges),
         ("gap dB", "gap"),
         ("within 2 dB of teacher", "within_2db"),
         ("trigger accuracy", "trigger_accuracy"),
         ("general edits vs base dB", "general_vs_base"),
     ):
-        cells = [r["summary"][key] for r in results.values()]
+        cells = [r["summary"].get(key, "-") for r in results.values()]
         text = [f"{c:.1%}" if key == "trigger_accuracy" else str(c) for c in cells]
         print(f"{label:28}" + "".join(f"{t:>12}" for t in text))
     print(f"{'steps':28}" + "".join(f"{r['steps']:>12}" for r in results.values()))

@@ -86,14 +86,28 @@ def trigger_accuracy(matrix: list[list[int]]) -> float:
     return sum(matrix[i][i] for i in range(len(matrix))) / max(sum(map(sum, matrix)), 1)
 
 
-def scores(reg: Registry, comps: Components, col: Collection, n_images: int) -> dict[str, Any]:
-    """Per effect: student and teacher PSNR vs truth (dB); trigger accuracy and retention overall."""
-    ev = evaluate(reg, comps, col, options=EvalOptions(n_images=n_images, merges=()), show_progress=False)
+def scores(
+    reg: Registry,
+    comps: Components,
+    col: Collection,
+    n_images: int,
+    accel: Path | None = None,
+    merges: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Per effect: student and teacher PSNR vs truth (dB), and the cascade (teacher LoRA + ``accel``, few
+    steps) and merged-LoRA baselines when asked; trigger accuracy and retention overall."""
+    opts = EvalOptions(n_images=n_images, merges=merges, accel=accel)
+    ev = evaluate(reg, comps, col, options=opts, show_progress=False)
     ev.pop("_outputs")
-    out: dict[str, Any] = {
-        n: {"student": r["student_vs_truth"]["psnr"], "teacher": r["teacher_vs_truth"]["psnr"]}
-        for n, r in ev["effects"].items()
-    }
+    out: dict[str, Any] = {}
+    for n, r in ev["effects"].items():
+        row = {"student": r["student_vs_truth"]["psnr"], "teacher": r["teacher_vs_truth"]["psnr"]}
+        if r.get("cascade_vs_truth"):
+            row["cascade"] = r["cascade_vs_truth"]["psnr"]
+        for m, v in (r.get("merged_vs_truth") or {}).items():
+            if v:
+                row[f"merged-{m}"] = v["psnr"]
+        out[n] = row
     out["_overall"] = {
         "trigger_accuracy": trigger_accuracy(ev["bleeding"]["matrix"]),
         "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
@@ -107,9 +121,11 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     student = sum(r["student"] for r in rows) / len(rows)
     teacher = sum(r["teacher"] for r in rows) / len(rows)
     general = result["_overall"]["student_vs_base_general_psnr"]
+    baselines = {k: round(sum(r[k] for r in rows) / len(rows), 2) for k in _baselines(rows)}
     return {
         "student": round(student, 2),
         "teacher": round(teacher, 2),
+        **baselines,
         "gap": round(teacher - student, 2),
         "within_2db": sum(r["teacher"] - r["student"] <= 2 for r in rows),
         "trigger_accuracy": result["_overall"]["trigger_accuracy"],
@@ -117,13 +133,28 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _baselines(rows: list[dict[str, Any]]) -> list[str]:
+    """The baseline columns (cascade, merged-*) every row has."""
+    return [k for k in rows[0] if k not in ("student", "teacher") and all(k in r for r in rows)]
+
+
 def table(label: str, result: dict[str, Any]) -> None:
-    print(f"\n{label}\n{'effect':14} {'student':>8} {'teacher':>8} {'gap':>6}")
-    for n, r in result.items():
-        if not n.startswith("_"):
-            print(f"{n:14} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}")
+    rows = {n: r for n, r in result.items() if not n.startswith("_")}
+    extra = _baselines(list(rows.values()))
+    print(
+        f"\n{label}\n{'effect':20} {'student':>8} {'teacher':>8} {'gap':>6}"
+        + "".join(f" {k:>14}" for k in extra)
+    )
+    for n, r in rows.items():
+        print(
+            f"{n:20} {r['student']:8.2f} {r['teacher']:8.2f} {r['teacher'] - r['student']:6.2f}"
+            + "".join(f" {r[k]:14.2f}" for k in extra)
+        )
     m = summary(result)
-    print(f"{'mean':14} {m['student']:8.2f} {m['teacher']:8.2f} {m['gap']:6.2f}")
+    print(
+        f"{'mean':20} {m['student']:8.2f} {m['teacher']:8.2f} {m['gap']:6.2f}"
+        + "".join(f" {m[k]:14.2f}" for k in extra)
+    )
     print(
         f"trigger accuracy {m['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
         f"(full sampler): {m['general_vs_base']} dB PSNR",
