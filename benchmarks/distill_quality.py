@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from clora_toy.data import general_batch
-from toyworld import World, add_world_args, trigger_accuracy
+from toyworld import World, add_world_args, merge_types, trigger_accuracy
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -84,7 +84,10 @@ def main() -> None:
         help="share of the steps the on-policy ablations train with DMD (+ target simulation) at the end",
     )
     parser.add_argument(
-        "--merge", default="linear,ties", help="merged-LoRA baselines for the full run (none: skip them)"
+        "--merge",
+        type=merge_types,
+        default="linear,ties",
+        help="merged-LoRA baselines for the full run (none: skip them)",
     )
     add_world_args(parser)
     args = parser.parse_args()
@@ -112,8 +115,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         col = outcome.collection
         assert col is not None
-        merges = () if args.merge == "none" else tuple(args.merge.split(","))
-        opts = EvalOptions(n_images=args.n_images, merges=merges if key == "full" else ())
+        opts = EvalOptions(n_images=args.n_images, merges=args.merge if key == "full" else ())
         ev = evaluate(reg, comps, col, options=opts, show_progress=False)
         outputs = ev.pop("_outputs")
         model = UnifiedModel.load(comps, col.file, backbone=None)
@@ -188,12 +190,13 @@ def print_ablation(results: dict[str, Any]) -> None:
     def mean(r: dict[str, Any]) -> float:
         return sum(v["student"] for v in r["per_effect"].values()) / len(r["per_effect"])
 
-    ref = results.get("full", next(iter(results.values())))
-    full = mean(ref)
-    print(f"\n{'variant':52} {'mean student dB':>16} {'vs full':>8} {'trigger acc':>12} {'retention dB':>13}")
+    ref_key = "full" if "full" in results else next(iter(results))
+    full = mean(results[ref_key])
+    vs = f"vs {ref_key}"[:16]
+    print(f"\n{'variant':52} {'mean student dB':>16} {vs:>16} {'trigger acc':>12} {'retention dB':>13}")
     for r in results.values():
         print(
-            f"{r['label']:52} {mean(r):16.2f} {mean(r) - full:8.2f} {r['trigger_accuracy']:12.1%} "
+            f"{r['label']:52} {mean(r):16.2f} {mean(r) - full:16.2f} {r['trigger_accuracy']:12.1%} "
             f"{r['retention']['student_psnr']:13.2f}"
         )
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from clora_toy.effects import effects_library
 from distill_quality import EFFECTS
-from toyworld import World, add_world_args, scores, summary, table
+from toyworld import World, add_world_args, merge_types, scores, summary, table
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -57,12 +57,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--merge",
+        type=merge_types,
         default="linear",
         help="merged-LoRA baselines, peft combination types separated by commas (linear, ties; none: skip)",
     )
     add_world_args(parser)
     args = parser.parse_args()
-    merges = () if args.merge == "none" else tuple(args.merge.split(","))
+    merges = args.merge
+    if args.accel is not None and not args.accel.is_file():
+        parser.error(f"--accel {args.accel}: no such file")
 
     world = World.open(args.size, "clora-scale-", args.threads)
     largest = ordered(max(args.n))

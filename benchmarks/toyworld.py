@@ -13,10 +13,20 @@ from clora_toy.build import build_base, build_teacher
 from clora_toy.effects import get_effect
 from clora_toy.factory import get_factory
 
+from clora.cli_eval import parse_merges
 from clora.effects import add_effect
+from clora.errors import CloraError
 from clora.evaluate import EvalOptions, evaluate
 from clora.plugins import Components, get_plugin_manager
 from clora.registry import Collection, Registry
+
+
+def merge_types(text: str) -> tuple[str, ...]:
+    """An argparse ``type`` for ``--merge``: `clora eval`'s parsing (comma-separated; 'none': no merges)."""
+    try:
+        return parse_merges([text])
+    except CloraError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_world_args(parser: argparse.ArgumentParser) -> None:

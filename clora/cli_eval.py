@@ -65,7 +65,7 @@ def add_commands(app: typer.Typer) -> None:
                 margin_db=margin,
                 accel=accel,
                 images_dir=images,
-                merges=_merges(merge),
+                merges=parse_merges(merge),
             )
             result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress)
             outputs = result.pop("_outputs")
@@ -113,7 +113,7 @@ def _db(scores: dict[str, float] | None) -> str:
     return "-" if not scores or "psnr" not in scores else f"{scores['psnr']:.2f}"
 
 
-def _merges(values: list[str] | None) -> tuple[str, ...]:
+def parse_merges(values: list[str] | None) -> tuple[str, ...]:
     """``--merge`` values (comma-separated or repeated); none given: every type; 'none': no merges."""
     from clora.cli_distill import _names
     from clora.errors import CloraError
