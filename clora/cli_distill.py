@@ -51,7 +51,7 @@ def add_commands(app: typer.Typer) -> None:
             int | None,
             typer.Option(
                 "--steps",
-                help="Training steps (default: max(600, 375 per effect); incremental: 375 per new effect).",
+                help="Training steps (default: max(600, 375 per effect); incremental: 600 per new effect).",
             ),
         ] = None,
         anchor_share: Annotated[

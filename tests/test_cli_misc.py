@@ -39,6 +39,26 @@ def test_every_command_and_option_has_help() -> None:
                 assert len(stripped.split(None, 2)) >= 2, (args, stripped)
 
 
+def test_distill_help_states_the_config_defaults() -> None:
+    # the help text is static (no config import on start-up), so it must be kept in step by hand
+    from clora.distill.config import DistillConfig
+
+    d = DistillConfig()
+    # rich wraps the help in a box: drop its borders and line breaks
+    text = " ".join(run(plugin_manager(), "distill", "--help").stdout.replace("│", " ").split())
+    assert d.anchor_share == 1.0 and "the whole run anchors" in text
+    for phrase in (
+        f"max({d.steps}, {d.steps_per_effect} per effect)",
+        f"incremental: {d.steps_per_new_effect} per new effect",
+        f"(default {d.rank})",
+        f"(default {d.few_steps})",
+        f"(default {d.p_switch})",
+        f"(default {d.batch_size})",
+        f"(default {d.incremental_grow_rank})",
+    ):
+        assert phrase in text, phrase
+
+
 def test_empty_states() -> None:
     pm = plugin_manager()
     assert "no collections yet" in run(pm, "collections").stdout
