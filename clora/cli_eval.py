@@ -37,6 +37,15 @@ def add_commands(app: typer.Typer) -> None:
                 "'none' for none. Default: both.",
             ),
         ] = None,
+        metrics: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--metrics",
+                help="Metrics to score with, comma-separated or repeated (see `clora plugins`): psnr, "
+                "ssim, and, when their weights are on disk, lpips and clip (README: Learned metrics). "
+                "psnr is always scored (bad cases use it). Default: psnr, ssim.",
+            ),
+        ] = None,
         margin: Annotated[
             float, typer.Option("--margin", help="Bad case: this many dB below the teacher.")
         ] = 1.0,
@@ -53,7 +62,7 @@ def add_commands(app: typer.Typer) -> None:
     ) -> None:
         """Score a collection against its teachers and the truth, with bleeding and cost (kept on the row)."""
         from clora.cli_distill import _names
-        from clora.evaluate import EvalOptions, evaluate
+        from clora.evaluate import COMPARISONS, EvalOptions, evaluate
         from clora.report import write_report
 
         st = state(ctx)
@@ -66,6 +75,7 @@ def add_commands(app: typer.Typer) -> None:
                 accel=accel,
                 images_dir=images,
                 merges=parse_merges(merge),
+                metrics=parse_metrics(metrics),
             )
             result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress)
             outputs = result.pop("_outputs")
@@ -96,6 +106,10 @@ def add_commands(app: typer.Typer) -> None:
                 "-" if r["bad_case_rate"] is None else f"{r['bad_case_rate']:.0%}",
             )
         console.print(table)
+        for key, label in COMPARISONS.items():
+            scores = result["overall"].get(key)
+            if scores:
+                typer.echo(f"mean {label}: " + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))
         b = result["bleeding"]
         typer.echo(
             f"bleed rate: {b['bleed_rate']} (nearest {b['reference']}); retention: {result['retention']}"
@@ -111,6 +125,14 @@ def add_commands(app: typer.Typer) -> None:
 
 def _db(scores: dict[str, float] | None) -> str:
     return "-" if not scores or "psnr" not in scores else f"{scores['psnr']:.2f}"
+
+
+def parse_metrics(values: list[str] | None) -> tuple[str, ...]:
+    """``--metrics`` values (comma-separated or repeated), with psnr first; none given: psnr, ssim."""
+    from clora.cli_distill import _names
+
+    names = _names(values) or ["ssim"]
+    return tuple(dict.fromkeys(["psnr", *names]))
 
 
 def parse_merges(values: list[str] | None) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import torch
 from clora.backbone import Backbone
 from clora.distill.config import DistillConfig
 from clora.distill.prepare import digest, effect_seed, load_images, tensor_digest
+from clora.errors import CloraError
 from clora.fileio import save_safetensors, sha256_file
 from clora.generate import UnifiedModel, cascade_edit, drop_adapters, full_edit, teacher_edit, unfuse
 from clora.merge import MERGE_TYPES, merge_teachers
@@ -26,6 +27,14 @@ from clora.plugins import Components
 from clora.progress import progress_bar
 from clora.registry import Collection, Registry
 from clora.sampling import euler_sample, few_step_sample
+
+#: what each per-effect row compares, scored with every metric (result key -> label)
+COMPARISONS = {
+    "student_vs_truth": "student vs truth",
+    "teacher_vs_truth": "teacher vs truth",
+    "cascade_vs_truth": "cascade vs truth",
+    "student_vs_teacher": "student vs teacher",
+}
 
 
 @dataclass
@@ -111,6 +120,11 @@ def evaluate(
         model.check_effect(n)
     registered = {e.name: e for e in registry.list_effects()}
     metrics = {m: components.get_metric(m) for m in opt.metrics}
+    for metric_id, metric in metrics.items():
+        # a learned metric whose weights are missing says so before any sampling starts
+        problem = metric.unavailable() if hasattr(metric, "unavailable") else None
+        if problem:
+            raise CloraError(f"metric '{metric_id}' is not available: {problem}")
 
     if opt.images_dir:
         sources = load_images(opt.images_dir, bb.image_size, opt.n_images).to(bb.device, bb.dtype)
@@ -266,7 +280,7 @@ def _merged(
 
 def _overall(per: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "cascade_vs_truth"):
+    for key in COMPARISONS:
         rows = [r[key] for r in per.values() if r[key]]
         if rows:
             out[key] = {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]}

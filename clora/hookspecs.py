@@ -78,8 +78,11 @@ def register_loss_terms(register: Callable[[Any], None]) -> None:
 def register_metrics(register: Callable[[Any], None]) -> None:
     """Register evaluation metrics.
 
-    :param register: call with an object that has a ``metric_id`` and compares output images
-        with reference images.
+    :param register: call with an object that has a ``metric_id`` and ``higher_is_better``, and
+        is called as ``metric(images, reference)`` on ``[B,3,H,W]`` tensors in [0,1], returning one
+        value per image. A metric that needs files (model weights) may add ``unavailable()``:
+        None when it can run, else a one-line note of what is missing, which ``clora eval``
+        reports before it starts.
     """
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from clora.evaluate import COMPARISONS
 from clora.fileio import atomic_path
 from clora.images import contact_sheet
 
@@ -95,6 +96,12 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
             "bad-case rate",
         ],
     )
+    comparisons = [k for k in COMPARISONS if any(r.get(k) for r in effects.values())]
+    metric_ids = list(dict.fromkeys(m for r in effects.values() for k in comparisons for m in r[k] or {}))
+    all_metrics = _table(
+        [[n, *((r[k] or {}).get(m) for k in comparisons for m in metric_ids)] for n, r in effects.items()],
+        ["effect", *(f"{COMPARISONS[k]}: {m}" for k in comparisons for m in metric_ids)],
+    )
     cost = result["cost"]
     cost_table = _table(
         [
@@ -113,6 +120,8 @@ img{{image-rendering:pixelated}}</style>
 <p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
 teacher {result["steps"]["teacher"]} steps with CFG.</p>
 <h2>Fidelity</h2>{table}
+<h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS:
+lower is more alike.</p>{all_metrics}
 <h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]})</p>
 {'<img src="bleeding.png" alt="bleeding heat map">' if bleed["matrix"] else ""}
 <h2>Retention of general edits</h2><pre>{html.escape(json.dumps(result["retention"]))}</pre>

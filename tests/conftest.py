@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import plugin_manager, run
 
 from clora import hookimpl
 from clora.backbone import Backbone, BackboneFactory
@@ -49,6 +50,17 @@ def _isolated_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def registry_file(_isolated_registry: Path) -> Path:
     return _isolated_registry
+
+
+@pytest.fixture
+def tiny_collection(registry_file: Path):  # type: ignore[no-untyped-def]
+    """A plugin manager whose registry holds the tiny toy world's sepia and invert distilled 6 steps."""
+    pm = plugin_manager()
+    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
+    assert run(pm, "toy", "teachers", "sepia", "invert", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--steps", "6", "--batch-size", "4", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return pm
 
 
 class ShapesOnlyFactory(BackboneFactory):

@@ -65,16 +65,6 @@ def test_balanced_router_is_balanced_and_favours_new_effects() -> None:
     assert abs(counts["a"] - counts["b"]) <= 1
 
 
-@pytest.fixture
-def tiny_collection(registry_file: Path):  # type: ignore[no-untyped-def]
-    pm = plugin_manager()
-    assert run(pm, "toy", "build-base", "--tiny").exit_code == 0
-    assert run(pm, "toy", "teachers", "sepia", "invert", "--tiny").exit_code == 0
-    r = run(pm, "distill", "--steps", "6", "--batch-size", "4", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return pm
-
-
 def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_collection
     r = run(pm, "eval", "--json", "--n-images", "4", "--no-progress", "--report", tmp_path / "rep")

@@ -1,14 +1,24 @@
-"""Built-in image metrics: PSNR and SSIM (no model weights needed).
+"""Built-in image metrics: PSNR and SSIM (no model weights needed), and the learned LPIPS and CLIP
+image similarity, which need weights on disk (nothing is downloaded).
 
 A metric has a ``metric_id``, ``higher_is_better`` and is called as ``metric(images, reference)``
-on ``[B,3,H,W]`` tensors in [0,1], returning one value per image ``[B]``.
+on ``[B,3,H,W]`` tensors in [0,1], returning one value per image ``[B]``. A metric that needs files
+may also have ``unavailable()``, returning None when it can run and else a one-line note of what is
+missing; ``clora eval`` asks before it starts.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 from clora import hookimpl
+from clora.paths import clora_home
+
+#: torchvision's file name for the ImageNet AlexNet weights (what torch.hub caches)
+TORCHVISION_ALEXNET = "alexnet-owt-7be5be79.pth"
 
 
 class PSNR:
@@ -35,7 +45,127 @@ class SSIM:
         return ssim(images, reference)
 
 
+def metrics_dir(metric_id: str) -> Path:
+    """Where a learned metric's weights go: ``CLORA_HOME/metrics/<id>``."""
+    return clora_home() / "metrics" / metric_id
+
+
+def _first(paths: list[Path]) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+class _Learned:
+    """A metric whose network loads on first use (once per device) from files found on disk."""
+
+    metric_id = ""
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        self._nets: dict[str, Any] = {}
+
+    def unavailable(self) -> str | None:
+        raise NotImplementedError
+
+    def _load(self) -> Any:
+        raise NotImplementedError
+
+    def net(self, device: Any) -> Any:
+        key = str(device)
+        if key not in self._nets:
+            from clora.errors import CloraError
+
+            problem = self.unavailable()
+            if problem:
+                raise CloraError(f"metric '{self.metric_id}' is not available: {problem}")
+            self._nets[key] = self._load().to(device).eval().requires_grad_(False)
+        return self._nets[key]
+
+
+class LPIPS(_Learned):
+    """LPIPS distance (v0.1 on AlexNet); 0 for identical images, lower is more alike."""
+
+    metric_id = "lpips"
+    higher_is_better = False
+
+    def alexnet_path(self) -> Path | None:
+        import torch
+
+        here = metrics_dir(self.metric_id)
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_ALEXNET
+        return _first([here / "alexnet.safetensors", here / "alexnet.pth", here / TORCHVISION_ALEXNET, hub])
+
+    def linear_path(self) -> Path | None:
+        here = metrics_dir(self.metric_id)
+        found = [here / "alex.safetensors", here / "alex.pth"]
+        spec = importlib.util.find_spec("lpips")  # the lpips package ships the v0.1 weights; not imported
+        if spec is not None and spec.origin:
+            found.append(Path(spec.origin).parent / "weights" / "v0.1" / "alex.pth")
+        return _first(found)
+
+    def unavailable(self) -> str | None:
+        here = metrics_dir(self.metric_id)
+        missing = []
+        if self.alexnet_path() is None:
+            missing.append(
+                f"AlexNet ImageNet weights (torchvision's {TORCHVISION_ALEXNET}) as {here}/alexnet.pth"
+            )
+        if self.linear_path() is None:
+            missing.append(
+                f"the LPIPS v0.1 linear weights (the lpips package's weights/v0.1/alex.pth) "
+                f"as {here}/alex.pth"
+            )
+        return ("needs " + " and ".join(missing)) if missing else None
+
+    def _load(self) -> Any:
+        from clora_metrics.nets import load_lpips
+
+        alexnet, linear = self.alexnet_path(), self.linear_path()
+        assert alexnet is not None and linear is not None
+        return load_lpips(alexnet, linear)
+
+    def __call__(self, images: Any, reference: Any) -> Any:
+        import torch
+
+        net = self.net(images.device)
+        with torch.no_grad():
+            return net(images.float(), reference.float())
+
+
+class CLIPSimilarity(_Learned):
+    """Cosine similarity of CLIP image embeddings (CLIP-I); 1 for identical images, higher is more alike."""
+
+    metric_id = "clip"
+    higher_is_better = True
+
+    def folder(self) -> Path:
+        env = os.environ.get("CLORA_CLIP_MODEL")
+        return Path(env).expanduser() if env else metrics_dir(self.metric_id)
+
+    def unavailable(self) -> str | None:
+        folder = self.folder()
+        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return None
+        return (
+            "needs a local CLIP model folder (transformers layout: config.json and *.safetensors, e.g. "
+            f"openai/clip-vit-base-patch32) at {folder}, or CLORA_CLIP_MODEL=DIR"
+        )
+
+    def _load(self) -> Any:
+        from clora_metrics.nets import load_clip
+
+        return load_clip(self.folder())
+
+    def __call__(self, images: Any, reference: Any) -> Any:
+        import torch
+
+        net = self.net(images.device)
+        with torch.no_grad():
+            return (net(images.float()) * net(reference.float())).sum(-1)
+
+
 @hookimpl
 def register_metrics(register: Any) -> None:
     register(PSNR())
     register(SSIM())
+    register(LPIPS())
+    register(CLIPSimilarity())
