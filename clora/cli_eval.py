@@ -42,7 +42,8 @@ def add_commands(app: typer.Typer) -> None:
             typer.Option(
                 "--metrics",
                 help="Metrics to score with, comma-separated or repeated (see `clora plugins`): psnr, "
-                "ssim, and, when their weights are on disk, lpips and clip (README: Learned metrics). "
+                "ssim, and, when their weights are on disk, lpips, clip and dreamsim (README: Learned "
+                "metrics). "
                 "psnr is always scored (bad cases use it). Default: psnr, ssim.",
             ),
         ] = None,

@@ -1,7 +1,7 @@
-"""The learned metrics (LPIPS, CLIP similarity): found on disk or refused in one line, computed as
+"""The learned metrics (LPIPS, CLIP similarity, DreamSim): found on disk or refused in one line, computed as
 defined, and scored by `clora eval --metrics`. No real weights exist here, so the tests write
 random ones in the layouts users copy in (torchvision's AlexNet file, the lpips package's linear
-weights, a transformers CLIP folder)."""
+weights, a transformers CLIP folder, a dreamsim cache_dir)."""
 
 from __future__ import annotations
 
@@ -157,9 +157,44 @@ def test_clip_similarity_is_found_or_refused_and_is_the_cosine_of_image_embeddin
     assert torch.allclose(clip(a, b), (emb[0] * emb[1]).sum(-1), atol=1e-5)
 
 
+def test_dreamsim_is_found_or_refused_and_reads_a_dreamsim_cache_dir(
+    weights_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clora_metrics.dreamsim_net import write_random_dreamsim
+
+    monkeypatch.delenv("CLORA_DREAMSIM_DIR", raising=False)
+    monkeypatch.setenv("CLORA_DREAMSIM_TYPE", "open_clip_vitb32")
+    folder = weights_home / "metrics" / "dreamsim"
+    problem = _metric("dreamsim").unavailable()
+    assert problem and str(folder) in problem and "open_clip_vitb32_pretrain.pth.tar" in problem
+    write_random_dreamsim(folder, "open_clip_vitb32")
+    dreamsim = _metric("dreamsim")
+    assert dreamsim.unavailable() is None and dreamsim.higher_is_better is False
+    a = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    near = (a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    d = dreamsim(a, b)
+    assert d.shape == (3,) and bool(((d > 0) & (d <= 2)).all())
+    assert dreamsim(a, a).abs().max() < 1e-5
+    assert torch.allclose(d, dreamsim(b, a), atol=1e-5)
+    assert bool((dreamsim(a, near) < d).all())
+    # the adapter is part of the metric: one that does not fit the model is refused in one line
+    adapter = folder / "open_clip_vitb32_single_lora" / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter))
+    save_file({k.replace("blocks.0", "blocks.7"): v for k, v in weights.items()}, str(adapter))
+    with pytest.raises(CloraError, match="LoRA keys do not match"):
+        _metric("dreamsim")(a, b)
+    monkeypatch.setenv("CLORA_DREAMSIM_TYPE", "dino_vitb8")
+    assert "is not one of ensemble" in (_metric("dreamsim").unavailable() or "")
+
+
 def test_eval_scores_with_learned_metrics_or_refuses_before_sampling(
     tiny_collection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
+    from clora_metrics.dreamsim_net import write_random_dreamsim
+
     pm = tiny_collection
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     lpips_dir = clora_home() / "metrics" / "lpips"
@@ -177,7 +212,10 @@ def test_eval_scores_with_learned_metrics_or_refuses_before_sampling(
         torch.save(_linear_state(), lpips_dir / "alex.pth")
         _tiny_clip(tmp_path / "clip")
         monkeypatch.setenv("CLORA_CLIP_MODEL", str(tmp_path / "clip"))
-        r = run(pm, *args, "--metrics", "lpips", "--metrics", "clip", "--report", tmp_path / "rep")
+        write_random_dreamsim(tmp_path / "dreamsim", "ensemble")
+        monkeypatch.setenv("CLORA_DREAMSIM_DIR", str(tmp_path / "dreamsim"))
+        monkeypatch.delenv("CLORA_DREAMSIM_TYPE", raising=False)
+        r = run(pm, *args, "--metrics", "lpips,clip", "--metrics", "dreamsim", "--report", tmp_path / "rep")
     finally:
         for f in lpips_dir.iterdir():
             f.unlink()
@@ -185,8 +223,10 @@ def test_eval_scores_with_learned_metrics_or_refuses_before_sampling(
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     for key in ("student_vs_truth", "teacher_vs_truth", "student_vs_teacher"):
-        assert list(data["overall"][key]) == ["psnr", "lpips", "clip"]  # psnr always, ssim not asked
+        # psnr always, ssim not asked for
+        assert list(data["overall"][key]) == ["psnr", "lpips", "clip", "dreamsim"]
         for row in data["effects"].values():
             assert row[key]["lpips"] >= 0 and -1 <= row[key]["clip"] <= 1 and 0 < row[key]["psnr"] < 100
+            assert 0 <= row[key]["dreamsim"] <= 2
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "student vs truth: lpips" in page and "student vs teacher: clip" in page

@@ -1,5 +1,5 @@
-"""Built-in image metrics: PSNR and SSIM (no model weights needed), and the learned LPIPS and CLIP
-image similarity, which need weights on disk (nothing is downloaded).
+"""Built-in image metrics: PSNR and SSIM (no model weights needed), and the learned LPIPS, CLIP
+image similarity and DreamSim, which need weights on disk (nothing is downloaded).
 
 A metric has a ``metric_id``, ``higher_is_better`` and is called as ``metric(images, reference)``
 on ``[B,3,H,W]`` tensors in [0,1], returning one value per image ``[B]``. A metric that needs files
@@ -55,7 +55,8 @@ def _first(paths: list[Path]) -> Path | None:
 
 
 class _Learned:
-    """A metric whose network loads on first use (once per device) from files found on disk."""
+    """A metric whose network loads on first use (once per device) from files found on disk and
+    maps an image pair ``(images, reference)`` to one value per image."""
 
     metric_id = ""
     higher_is_better = False
@@ -68,6 +69,13 @@ class _Learned:
 
     def _load(self) -> Any:
         raise NotImplementedError
+
+    def __call__(self, images: Any, reference: Any) -> Any:
+        import torch
+
+        net = self.net(images.device)
+        with torch.no_grad():
+            return net(images.float(), reference.float())
 
     def net(self, device: Any) -> Any:
         key = str(device)
@@ -123,13 +131,6 @@ class LPIPS(_Learned):
         assert alexnet is not None and linear is not None
         return load_lpips(alexnet, linear)
 
-    def __call__(self, images: Any, reference: Any) -> Any:
-        import torch
-
-        net = self.net(images.device)
-        with torch.no_grad():
-            return net(images.float(), reference.float())
-
 
 class CLIPSimilarity(_Learned):
     """Cosine similarity of CLIP image embeddings (CLIP-I); 1 for identical images, higher is more alike."""
@@ -155,12 +156,43 @@ class CLIPSimilarity(_Learned):
 
         return load_clip(self.folder())
 
-    def __call__(self, images: Any, reference: Any) -> Any:
-        import torch
 
-        net = self.net(images.device)
-        with torch.no_grad():
-            return (net(images.float()) * net(reference.float())).sum(-1)
+class DreamSim(_Learned):
+    """DreamSim distance (1 - cosine of the embeddings); 0 for identical images, lower is more alike.
+
+    Reads a dreamsim cache folder (what ``dreamsim(pretrained=True, cache_dir=DIR)`` leaves after
+    one online run) with clora's own ViT, so neither the dreamsim package nor torchvision is needed.
+    """
+
+    metric_id = "dreamsim"
+    higher_is_better = False
+
+    def folder(self) -> Path:
+        env = os.environ.get("CLORA_DREAMSIM_DIR")
+        return Path(env).expanduser() if env else metrics_dir(self.metric_id)
+
+    def kind(self) -> str:
+        return os.environ.get("CLORA_DREAMSIM_TYPE", "ensemble")
+
+    def unavailable(self) -> str | None:
+        from clora_metrics.dreamsim_net import DREAMSIM_TYPES, required_files
+
+        kind, folder = self.kind(), self.folder()
+        if kind not in DREAMSIM_TYPES:
+            return f"CLORA_DREAMSIM_TYPE '{kind}' is not one of {', '.join(DREAMSIM_TYPES)}"
+        missing = [p for p in required_files(folder, kind) if not p.exists()]
+        if not missing:
+            return None
+        names = ", ".join(str(p.relative_to(folder)) for p in missing[:3])
+        return (
+            f"needs dreamsim's '{kind}' weights (a dreamsim cache_dir) at {folder} "
+            f"(or CLORA_DREAMSIM_DIR=DIR); missing {names}"
+        )
+
+    def _load(self) -> Any:
+        from clora_metrics.dreamsim_net import load_dreamsim
+
+        return load_dreamsim(self.folder(), self.kind())
 
 
 @hookimpl
@@ -169,3 +201,4 @@ def register_metrics(register: Any) -> None:
     register(SSIM())
     register(LPIPS())
     register(CLIPSimilarity())
+    register(DreamSim())

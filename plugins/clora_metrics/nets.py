@@ -56,6 +56,9 @@ class LpipsNet(nn.Module):
     and sum over layers. 0 for identical images; lower is more alike. Images smaller than 64 pixels
     a side (the toy's 32x32) are upsampled to 64 first."""
 
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.features = alexnet_features()
@@ -106,6 +109,9 @@ class LpipsNet(nn.Module):
 class ClipNet(nn.Module):
     """A CLIP vision tower with its projection, fed [0,1] images resized and normalised its way."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, vision: nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.vision = vision
@@ -113,7 +119,11 @@ class ClipNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of the two batches' image embeddings, per image."""
+        return (self.embed(a) * self.embed(b)).sum(-1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.interpolate(
             images, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
         )
@@ -162,4 +172,5 @@ def load_clip(folder: Path) -> ClipNet:
     if pre.is_file():
         conf = json.loads(pre.read_text())
         mean, std = tuple(conf.get("image_mean", mean)), tuple(conf.get("image_std", std))
-    return ClipNet(vision, int(vision.config.image_size), mean, std)
+    size: int = vision.config.image_size  # type: ignore[assignment]
+    return ClipNet(vision, size, mean, std)
