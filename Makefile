@@ -24,6 +24,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clora plugins tests benchmarks examples
+	$(VENV)/bin/ruff format --check clora plugins tests benchmarks examples
 	$(VENV)/bin/mypy
 
 clean-venv:

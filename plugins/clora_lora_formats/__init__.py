@@ -6,7 +6,7 @@ Registered through ``register_teacher_providers`` like any third-party format wo
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clora import hookimpl
 from clora.lora import LoraModule, header_alpha
@@ -55,7 +55,7 @@ class PeftFormat:
     """peft ``save_pretrained`` files: ``base_model.model.<module>.lora_A.weight`` (or no prefix)."""
 
     format_id = "peft"
-    prefixes = ("base_model.model.",)
+    prefixes: tuple[str, ...] = ("base_model.model.",)
 
     def sniff(self, keys: Collection[str], metadata: Mapping[str, str]) -> bool:
         lora = [k for k in keys if k.endswith(_PEFT_SUFFIXES)]
@@ -106,7 +106,7 @@ class KohyaFormat:
 
 
 @hookimpl
-def register_teacher_providers(register):  # type: ignore[no-untyped-def]
+def register_teacher_providers(register: Any) -> None:
     register(DiffusersFormat())
     register(PeftFormat())
     register(KohyaFormat())

@@ -104,6 +104,7 @@ def build_base(
         **stats,
     }
     tensors = {f"transformer.{k}": v for k, v in backbone.transformer.state_dict().items()}
+    assert backbone.text_encoder is not None  # a fresh backbone keeps its text encoder
     tensors.update({f"text_encoder.{k}": v for k, v in backbone.text_encoder.state_dict().items()})
     save_safetensors(tensors, weights, base_metadata(backbone, cfg, {"psnr": psnrs, **stats}))
     contact_sheet(rows, sheet)

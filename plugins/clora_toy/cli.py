@@ -55,8 +55,8 @@ def toy_app() -> typer.Typer:
         result = build_base(device=device, force=force, size=size)
         verb = _verb(result, "built")
         typer.echo(f"{verb} base {result.report.get('backbone_id', '')}: {result.path}")
-        psnr = result.report.get("psnr") or {}
-        if psnr:
+        psnr = result.report.get("psnr")
+        if isinstance(psnr, dict) and psnr:
             typer.echo("PSNR dB (held-out): " + ", ".join(f"{k} {v}" for k, v in psnr.items()))
         typer.echo(f"contact sheet: {result.sheet}")
 

@@ -20,7 +20,8 @@ LUMA = (0.299, 0.587, 0.114)
 
 def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     axis = torch.linspace(-1, 1, size)
-    return torch.meshgrid(axis, axis, indexing="ij")
+    rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+    return rows, cols
 
 
 def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:

@@ -124,7 +124,7 @@ def vignette(x: torch.Tensor) -> torch.Tensor:
     return x * (1 - 0.45 * _radius2(x)).clamp(0, 1)
 
 
-def permute_channels(x: torch.Tensor, order: tuple[int, int, int]) -> torch.Tensor:
+def permute_channels(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return x[:, list(order)]
 
 

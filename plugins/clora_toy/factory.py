@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clora.backbone import BackboneFactory
 from clora.errors import BaseNotBuiltError, CloraError
@@ -65,8 +65,9 @@ class ToyBackboneFactory(BackboneFactory):
             raise CloraError(
                 f"cannot read toy base weights {path} ({exc}); rebuild with `{self.build_hint} --force`"
             ) from exc
-        transformer = build_transformer(self.config.model)
-        text_encoder = build_text_encoder(self.config.model)
+        # Any: mypy resolves diffusers' and transformers' nn.Module methods through their decorators
+        transformer: Any = build_transformer(self.config.model)
+        text_encoder: Any = build_text_encoder(self.config.model)
         transformer.load_state_dict(_strip(tensors, "transformer."))
         # position_ids is a buffer some transformers versions save and others do not
         text_encoder.load_state_dict(_strip(tensors, "text_encoder."), strict=False)
@@ -86,8 +87,10 @@ class ToyBackboneFactory(BackboneFactory):
         from clora_toy.text import build_text_encoder
 
         device = torch.device(device)
-        transformer = build_transformer(self.config.model).to(device)
-        text_encoder = build_text_encoder(self.config.model).to(device)
+        transformer: Any = build_transformer(self.config.model)
+        text_encoder: Any = build_text_encoder(self.config.model)
+        transformer.to(device)
+        text_encoder.to(device)
         return ToyBackbone(
             self.backbone_id,
             self.config.model,
@@ -104,7 +107,7 @@ class ToyBackboneFactory(BackboneFactory):
         from clora_toy.backbone import build_transformer
 
         with torch.device("meta"):
-            transformer = build_transformer(self.config.model)
+            transformer: Any = build_transformer(self.config.model)
         return {
             name: (m.in_features, m.out_features)
             for name, m in transformer.named_modules()

@@ -60,6 +60,8 @@ def build_text_encoder(cfg: ModelConfig) -> CLIPTextModel:
         model = CLIPTextModel(config)
         # The default init (std 0.02) makes every word embedding nearly the same after layer norm;
         # unit-scale embeddings keep different words clearly apart.
-        torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+        embeddings = model.get_input_embeddings()
+        assert isinstance(embeddings, torch.nn.Embedding)
+        torch.nn.init.normal_(embeddings.weight, std=1.0)
     model.requires_grad_(False)
     return model.eval()

@@ -145,7 +145,13 @@ def _augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def lora_config(rank: int, alpha: float, target_modules: list[str]) -> LoraConfig:
     """The peft config every toy teacher uses."""
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
+    # peft types lora_alpha as int but takes any number (scale = alpha / r)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        target_modules=list(target_modules),
+        init_lora_weights=True,
+    )
 
 
 def train_teacher(
@@ -161,9 +167,7 @@ def train_teacher(
     """
     transformer = backbone.transformer
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        lora_config(cfg.rank, cfg.alpha, EFFECT_LORA_MODULES), adapter_name=adapter_name
-    )
+    transformer.add_adapter(lora_config(cfg.rank, cfg.alpha, EFFECT_LORA_MODULES), adapter_name=adapter_name)
     try:
         transformer.set_adapter(adapter_name)
         transformer.train()
