@@ -127,10 +127,11 @@ def main() -> None:
         ("gap dB", "gap"),
         ("within 2 dB of teacher", "within_2db"),
         ("trigger accuracy", "trigger_accuracy"),
+        ("teachers, scored alike", "teacher_trigger_accuracy"),
         ("general edits vs base dB", "general_vs_base"),
     ):
-        cells = [r["summary"].get(key, "-") for r in results.values()]
-        text = [f"{c:.1%}" if key == "trigger_accuracy" else str(c) for c in cells]
+        cells = [r["summary"].get(key) for r in results.values()]
+        text = ["-" if c is None else f"{c:.1%}" if "accuracy" in key else str(c) for c in cells]
         print(f"{label:28}" + "".join(f"{t:>12}" for t in text))
     print(f"{'steps':28}" + "".join(f"{r['steps']:>12}" for r in results.values()))
     print(f"{'train s':28}" + "".join(f"{r['seconds']:>12}" for r in results.values()))

@@ -118,8 +118,10 @@ def scores(
             if v:
                 row[f"merged-{m}"] = v["psnr"]
         out[n] = row
+    teachers = ev["bleeding"].get("teacher_matrix")
     out["_overall"] = {
         "trigger_accuracy": trigger_accuracy(ev["bleeding"]["matrix"]),
+        "teacher_trigger_accuracy": None if teachers is None else trigger_accuracy(teachers),
         "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
     }
     return out
@@ -139,8 +141,14 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "gap": round(teacher - student, 2),
         "within_2db": sum(r["teacher"] - r["student"] <= 2 for r in rows),
         "trigger_accuracy": result["_overall"]["trigger_accuracy"],
+        # older result files lack it
+        "teacher_trigger_accuracy": result["_overall"].get("teacher_trigger_accuracy"),
         "general_vs_base": None if general is None else round(general, 2),
     }
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
 
 
 def _baselines(rows: list[dict[str, Any]]) -> list[str]:
@@ -166,7 +174,8 @@ def table(label: str, result: dict[str, Any]) -> None:
         + "".join(f" {m[k]:14.2f}" for k in extra)
     )
     print(
-        f"trigger accuracy {m['trigger_accuracy']:.1%}; general edits, student (few steps) vs base "
+        f"trigger accuracy {m['trigger_accuracy']:.1%} (teachers' outputs: "
+        f"{_percent(m['teacher_trigger_accuracy'])}); general edits, student (few steps) vs base "
         f"(full sampler): {m['general_vs_base']} dB PSNR",
         flush=True,
     )

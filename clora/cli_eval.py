@@ -112,8 +112,10 @@ def add_commands(app: typer.Typer) -> None:
             if scores:
                 typer.echo(f"mean {label}: " + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))
         b = result["bleeding"]
+        teachers = f", the teachers' own: {b['teacher_bleed_rate']}" if "teacher_bleed_rate" in b else ""
         typer.echo(
-            f"bleed rate: {b['bleed_rate']} (nearest {b['reference']}); retention: {result['retention']}"
+            f"bleed rate: {b['bleed_rate']} (nearest {b['reference']}{teachers}); "
+            f"retention: {result['retention']}"
         )
         c = result["cost"]
         typer.echo(

@@ -302,23 +302,30 @@ def _overall(per: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Confusion matrix: for each effect's student outputs, which effect's reference each is nearest to."""
+    """Confusion matrix: for each effect's student outputs, which effect's reference each is nearest to.
+
+    Against the truth, the teachers' own outputs are scored the same way (``teacher_matrix``), so a
+    bleed rate can be read against what the N teachers themselves do (similar effects, weak teachers).
+    """
     kind = "truth" if all("truth" in outputs[n] for n in names) else "teacher"
     if not all(kind in outputs[n] for n in names):
         return {"reference": None, "labels": names, "matrix": [], "bleed_rate": None}
     refs = torch.stack([outputs[n][kind] for n in names])
-    matrix = []
-    for n in names:
-        picks = nearest(outputs[n]["student"], refs)
-        matrix.append([int((picks == j).sum()) for j in range(len(names))])
-    total = sum(sum(r) for r in matrix)
-    correct = sum(matrix[i][i] for i in range(len(names)))
-    return {
-        "reference": kind,
-        "labels": names,
-        "matrix": matrix,
-        "bleed_rate": round(1 - correct / total, 4) if total else None,
-    }
+
+    def confusion(role: str) -> tuple[list[list[int]], float | None]:
+        matrix = []
+        for n in names:
+            picks = nearest(outputs[n][role], refs)
+            matrix.append([int((picks == j).sum()) for j in range(len(names))])
+        total = sum(sum(r) for r in matrix)
+        correct = sum(matrix[i][i] for i in range(len(names)))
+        return matrix, round(1 - correct / total, 4) if total else None
+
+    matrix, rate = confusion("student")
+    out: dict[str, Any] = {"reference": kind, "labels": names, "matrix": matrix, "bleed_rate": rate}
+    if kind == "truth" and all("teacher" in outputs[n] for n in names):
+        out["teacher_matrix"], out["teacher_bleed_rate"] = confusion("teacher")
+    return out
 
 
 def _retention(model: UnifiedModel, opt: EvalOptions, cfg: DistillConfig) -> dict[str, Any] | None:

@@ -122,7 +122,11 @@ teacher {result["steps"]["teacher"]} steps with CFG.</p>
 <h2>Fidelity</h2>{table}
 <h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS:
 lower is more alike.</p>{all_metrics}
-<h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]})</p>
+<h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]}){
+        f"; the teachers' outputs scored the same way: {bleed['teacher_bleed_rate']}"
+        if "teacher_bleed_rate" in bleed
+        else ""
+    }</p>
 {'<img src="bleeding.png" alt="bleeding heat map">' if bleed["matrix"] else ""}
 <h2>Retention of general edits</h2><pre>{html.escape(json.dumps(result["retention"]))}</pre>
 <h2>Deployment cost</h2>{cost_table}

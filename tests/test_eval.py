@@ -42,6 +42,15 @@ def test_bleeding_matrix_by_hand() -> None:
     assert result["reference"] == "truth"
     assert result["matrix"] == [[2, 2, 0], [0, 4, 0], [1, 0, 3]]
     assert result["bleed_rate"] == pytest.approx(3 / 12, abs=1e-4)
+    assert "teacher_matrix" not in result  # no teacher outputs to score
+    # the teachers scored the same way, next to the student
+    teacher = {"a": [0.0, 0.0, 0.0, 0.4], "b": [0.5] * 4, "c": [1.0, 0.8, 1.0, 0.1]}  # a,a,a,b; b x4; c,c,c,a
+    for n, values in teacher.items():
+        outputs[n]["teacher"] = torch.tensor(values).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    result = _bleeding(["a", "b", "c"], outputs)
+    assert result["matrix"] == [[2, 2, 0], [0, 4, 0], [1, 0, 3]]
+    assert result["teacher_matrix"] == [[3, 1, 0], [0, 4, 0], [1, 0, 3]]
+    assert result["teacher_bleed_rate"] == pytest.approx(2 / 12, abs=1e-4)
     picks = nearest(outputs["a"]["student"], torch.stack([refs["a"], refs["b"], refs["c"]]))
     assert picks.tolist() == [0, 0, 1, 1]
 
@@ -96,6 +105,7 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
     b = data["bleeding"]
     assert b["reference"] == "truth" and b["labels"] == ["invert", "sepia"]
     assert sum(map(sum, b["matrix"])) == 8 and 0 <= b["bleed_rate"] <= 1
+    assert sum(map(sum, b["teacher_matrix"])) == 8 and 0 <= b["teacher_bleed_rate"] <= 1
     assert data["retention"]["prompts"] > 0
     cost = data["cost"]
     assert cost["unified"]["files"] == 1 and cost["per_effect_loras"]["files"] == 2
