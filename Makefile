@@ -26,6 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check clora plugins tests benchmarks examples
 	$(VENV)/bin/ruff format --check clora plugins tests benchmarks examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -31,7 +31,7 @@ def random_lora(shapes: dict[str, tuple[int, int]], targets: list[str], rank: in
     return out
 
 
-def timed(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
+def timed(fn, repeat: int = 3) -> float:
     fn()  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeat):
@@ -76,7 +76,7 @@ def main() -> None:
     def full() -> None:
         euler_sample(bb, src, prompt, steps=args.teacher_steps, guidance=4.0, generator=torch.Generator())
 
-    def way(adapters: list[str], sample, fuse: bool = False):  # type: ignore[no-untyped-def]
+    def way(adapters: list[str], sample, fuse: bool = False):
         def call() -> None:
             tr.set_adapters(adapters, [1.0] * len(adapters))
             if fuse:  # merge the LoRA into the base weights (and restore them after: counted)

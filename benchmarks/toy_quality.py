@@ -52,7 +52,8 @@ def main() -> None:
     print(f"\nbase {'(cached) ' if base.cached else ''}{base.path}")
     print(f"base training seconds: {base_seconds:.0f}" if base_seconds else "")
     print(f"{'edit':12} {'PSNR dB':>8}")
-    for name, value in (base.report.get("psnr") or {}).items():
+    psnr = base.report.get("psnr")
+    for name, value in (psnr if isinstance(psnr, dict) else {}).items():
         print(f"{name:12} {value:8.2f}")
 
     factory = get_factory(size=args.size)
