@@ -113,18 +113,18 @@ def evaluate(
     """Score ``collection`` against its teachers (and the truth, where known); see README for the shape."""
     opt = options or EvalOptions()
     cfg = DistillConfig.model_validate_json(collection.config_json)
+    metrics = {m: components.get_metric(m) for m in opt.metrics}
+    for metric_id, metric in metrics.items():
+        # a learned metric whose weights are missing says so before the model loads
+        problem = metric.unavailable() if hasattr(metric, "unavailable") else None
+        if problem:
+            raise CloraError(f"metric '{metric_id}' is not available: {problem}")
     model = UnifiedModel.load(components, collection.file, device=device)
     bb = model.backbone
     names = effects or model.effects
     for n in names:
         model.check_effect(n)
     registered = {e.name: e for e in registry.list_effects()}
-    metrics = {m: components.get_metric(m) for m in opt.metrics}
-    for metric_id, metric in metrics.items():
-        # a learned metric whose weights are missing says so before any sampling starts
-        problem = metric.unavailable() if hasattr(metric, "unavailable") else None
-        if problem:
-            raise CloraError(f"metric '{metric_id}' is not available: {problem}")
 
     if opt.images_dir:
         sources = load_images(opt.images_dir, bb.image_size, opt.n_images).to(bb.device, bb.dtype)

@@ -120,8 +120,8 @@ img{{image-rendering:pixelated}}</style>
 <p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
 teacher {result["steps"]["teacher"]} steps with CFG.</p>
 <h2>Fidelity</h2>{table}
-<h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS:
-lower is more alike.</p>{all_metrics}
+<h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS and
+DreamSim: lower is more alike.</p>{all_metrics}
 <h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]}){
         f"; the teachers' outputs scored the same way: {bleed['teacher_bleed_rate']}"
         if "teacher_bleed_rate" in bleed

@@ -129,6 +129,10 @@ def test_lpips_is_found_or_refused_and_matches_its_definition(weights_home: Path
     torch.save(bad, weights_home / "metrics" / "lpips" / "alexnet.pth")
     with pytest.raises(CloraError, match="LPIPS weights do not fit AlexNet"):
         _metric("lpips")(a, b)
+    # so is a file that is not a weights file at all
+    (weights_home / "metrics" / "lpips" / "alexnet.pth").write_bytes(b"not a torch file")
+    with pytest.raises(CloraError, match=r"cannot read .*alexnet\.pth"):
+        _metric("lpips")(a, b)
 
 
 def test_clip_similarity_is_found_or_refused_and_is_the_cosine_of_image_embeddings(
@@ -157,17 +161,53 @@ def test_clip_similarity_is_found_or_refused_and_is_the_cosine_of_image_embeddin
     assert torch.allclose(clip(a, b), (emb[0] * emb[1]).sum(-1), atol=1e-5)
 
 
+def _random_dreamsim(folder: Path, kind: str, width: int = 64, seed: int = 0) -> None:
+    """A tiny random dreamsim cache_dir in dreamsim's file and key layout: each branch's ViT (DINO's
+    from torch hub's checkpoints/, CLIP's as {"state_dict": ..., "proj": ...}) and the LoRA folder
+    peft writes (dreamsim's adapter settings), 2 blocks of ``width`` (2 heads at width 64)."""
+    from clora_metrics.dreamsim_net import DREAMSIM_BRANCHES, Branch, DreamSimNet, ViT
+    from peft import LoraConfig, get_peft_model
+
+    gen = torch.Generator().manual_seed(seed)
+    branches = []
+    for name in DREAMSIM_BRANCHES[kind]:
+        clip, patch = not name.startswith("dino"), int(name[-2:])
+        vit = ViT(width, 2, 2, patch, 4 * width, clip=clip, quick=name.startswith("clip"))
+        with torch.no_grad():
+            for key, p in vit.named_parameters():  # LayerNorm scales near 1, unit-gain matrices, small rest
+                n = torch.randn(p.shape, generator=gen)
+                if key.endswith("weight"):
+                    p.copy_(1 + 0.1 * n if p.dim() == 1 else n / p[0].numel() ** 0.5)
+                else:
+                    p.copy_(0.02 * n)
+        proj = torch.randn(width, width, generator=gen) / width**0.5 if clip else None
+        if clip:
+            path = folder / f"{name}_pretrain.pth.tar"
+            state: dict[str, object] = {"state_dict": {**vit.state_dict(), "proj": proj}}
+        else:
+            path, state = folder / "checkpoints" / "dino_vitbase16_pretrain.pth", dict(vit.state_dict())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        branches.append(Branch(vit, (0.5,) * 3, (0.5,) * 3, proj))
+    settings = LoraConfig(r=16, lora_alpha=0.5, lora_dropout=0.3, bias="none", target_modules=["qkv"])
+    model = get_peft_model(DreamSimNet(branches), settings)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_" in key:
+                std = 0.1 if "lora_B" in key else p.shape[1] ** -0.5
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(folder / ("ensemble_lora" if kind == "ensemble" else f"{kind}_single_lora")))
+
+
 def test_dreamsim_is_found_or_refused_and_reads_a_dreamsim_cache_dir(
     weights_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from clora_metrics.dreamsim_net import write_random_dreamsim
-
     monkeypatch.delenv("CLORA_DREAMSIM_DIR", raising=False)
     monkeypatch.setenv("CLORA_DREAMSIM_TYPE", "open_clip_vitb32")
     folder = weights_home / "metrics" / "dreamsim"
     problem = _metric("dreamsim").unavailable()
     assert problem and str(folder) in problem and "open_clip_vitb32_pretrain.pth.tar" in problem
-    write_random_dreamsim(folder, "open_clip_vitb32")
+    _random_dreamsim(folder, "open_clip_vitb32")
     dreamsim = _metric("dreamsim")
     assert dreamsim.unavailable() is None and dreamsim.higher_is_better is False
     a = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -193,8 +233,6 @@ def test_dreamsim_is_found_or_refused_and_reads_a_dreamsim_cache_dir(
 def test_eval_scores_with_learned_metrics_or_refuses_before_sampling(
     tiny_collection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from clora_metrics.dreamsim_net import write_random_dreamsim
-
     pm = tiny_collection
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     lpips_dir = clora_home() / "metrics" / "lpips"
@@ -212,7 +250,7 @@ def test_eval_scores_with_learned_metrics_or_refuses_before_sampling(
         torch.save(_linear_state(), lpips_dir / "alex.pth")
         _tiny_clip(tmp_path / "clip")
         monkeypatch.setenv("CLORA_CLIP_MODEL", str(tmp_path / "clip"))
-        write_random_dreamsim(tmp_path / "dreamsim", "ensemble")
+        _random_dreamsim(tmp_path / "dreamsim", "ensemble")
         monkeypatch.setenv("CLORA_DREAMSIM_DIR", str(tmp_path / "dreamsim"))
         monkeypatch.delenv("CLORA_DREAMSIM_TYPE", raising=False)
         r = run(pm, *args, "--metrics", "lpips,clip", "--metrics", "dreamsim", "--report", tmp_path / "rep")

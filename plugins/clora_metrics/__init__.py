@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +55,23 @@ def _first(paths: list[Path]) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
 
-class _Learned:
+class _Learned(ABC):
     """A metric whose network loads on first use (once per device) from files found on disk and
     maps an image pair ``(images, reference)`` to one value per image."""
 
     metric_id = ""
-    higher_is_better = False
+    higher_is_better = False  # the distances; similarities override it
 
     def __init__(self) -> None:
         self._nets: dict[str, Any] = {}
 
+    @abstractmethod
     def unavailable(self) -> str | None:
-        raise NotImplementedError
+        """None when the weights are on disk, else a one-line note of what is missing where."""
 
+    @abstractmethod
     def _load(self) -> Any:
-        raise NotImplementedError
+        """The network (a torch module mapping an image pair to ``[B]``), built from those files."""
 
     def __call__(self, images: Any, reference: Any) -> Any:
         import torch
@@ -93,7 +96,6 @@ class LPIPS(_Learned):
     """LPIPS distance (v0.1 on AlexNet); 0 for identical images, lower is more alike."""
 
     metric_id = "lpips"
-    higher_is_better = False
 
     def alexnet_path(self) -> Path | None:
         import torch
@@ -165,7 +167,6 @@ class DreamSim(_Learned):
     """
 
     metric_id = "dreamsim"
-    higher_is_better = False
 
     def folder(self) -> Path:
         env = os.environ.get("CLORA_DREAMSIM_DIR")

@@ -47,10 +47,6 @@ DINO_HUB_FILE = Path("checkpoints") / "dino_vitbase16_pretrain.pth"
 #: heads are not in the checkpoints: ViT-B (width 768) has 12; other widths (tiny test checkpoints) get
 #: heads of 32 channels (width 64 -> 2 heads) unless ``heads=`` is given
 VIT_B_WIDTH, VIT_B_HEADS, SMALL_HEAD_DIM = 768, 12, 32
-#: the LoRA settings of dreamsim's released adapters, used by :func:`write_random_dreamsim`
-LORA_SETTINGS: dict[str, Any] = dict(
-    r=16, lora_alpha=0.5, lora_dropout=0.3, bias="none", target_modules=["qkv"]
-)
 
 
 class QuickGELU(nn.Module):
@@ -194,19 +190,10 @@ def required_files(folder: Path, kind: str) -> list[Path]:
     ]
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_state(path)
-    except CloraError:
-        raise
-    except Exception as exc:
-        raise CloraError(f"cannot read {path}: {str(exc).strip().splitlines()[0][:200]}") from None
-
-
 def _load_branch(folder: Path, name: str, heads: int | None) -> Branch:
     path = _branch_file(folder, name)
     clip = not name.startswith("dino")
-    state: dict[str, Any] = dict(_read(path))
+    state: dict[str, Any] = dict(load_state(path))
     if clip:
         inner = state.get("state_dict")
         if not isinstance(inner, dict) or "proj" not in inner:
@@ -255,7 +242,7 @@ def _merge_lora(net: DreamSimNet, lora: Path) -> DreamSimNet:
         model = get_peft_model(net, config)
     except (ValueError, TypeError, OSError) as exc:
         raise CloraError(f"{lora}: unusable LoRA config: {str(exc).strip().splitlines()[0]}") from None
-    weights = _read(_adapter_file(lora))
+    weights = load_state(_adapter_file(lora))
     try:
         result: Any = set_peft_model_state_dict(model, weights)
     except RuntimeError as exc:
@@ -267,37 +254,3 @@ def _merge_lora(net: DreamSimNet, lora: Path) -> DreamSimNet:
     merged = model.merge_and_unload()
     assert isinstance(merged, DreamSimNet)
     return merged
-
-
-def write_random_dreamsim(
-    folder: Path, kind: str, width: int = 64, depth: int = 2, heads: int = 2, seed: int = 0
-) -> None:
-    """Write a tiny random dreamsim cache_dir for ``kind`` in dreamsim's file and key layout (backbones and
-    LoRA only: not the unused DINO head, nor torch hub's DINO code). CLIP projections are width x width.
-    ``load_dreamsim`` finds ``heads`` by its rule (width 64 -> 2); pass ``heads=`` there if it differs."""
-    from peft import LoraConfig, get_peft_model
-
-    folder = Path(folder)
-    gen = torch.Generator().manual_seed(seed)
-    branches = []
-    for name in _branches(kind):
-        clip, patch = not name.startswith("dino"), int(name[-2:])
-        vit = ViT(width, depth, heads, patch, 4 * width, clip=clip, quick=name.startswith("clip"))
-        with torch.no_grad():
-            for key, p in vit.named_parameters():
-                n = torch.randn(p.shape, generator=gen)
-                weight = key.endswith("weight")  # LayerNorm scales near 1, unit-gain matrices, small rest
-                p.copy_((1 + 0.1 * n if p.dim() == 1 else n / p[0].numel() ** 0.5) if weight else 0.02 * n)
-        proj = torch.randn(width, width, generator=gen) / width**0.5 if clip else None
-        path = _branch_file(folder, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = vit.state_dict()
-        torch.save({"state_dict": {**state, "proj": proj}} if clip else state, path)
-        branches.append(Branch(vit, (0.5,) * 3, (0.5,) * 3, proj))
-    model = get_peft_model(DreamSimNet(branches), LoraConfig(**LORA_SETTINGS))
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "lora_" in key:
-                std = 0.1 if "lora_B" in key else p.shape[1] ** -0.5
-                p.copy_(std * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(_lora_dir(folder, kind)))

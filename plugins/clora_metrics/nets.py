@@ -21,12 +21,16 @@ LPIPS_MIN_SIDE = 64
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a torch file without unpickling code."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A state dict from safetensors, or from a torch file without unpickling code; an unreadable
+    file is a one-line :class:`CloraError`."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CloraError(f"cannot read {path}: {str(exc).strip().splitlines()[0][:200]}") from None
     if not isinstance(state, dict):
         raise CloraError(f"{path} does not hold a state dict")
     return state
