@@ -9,7 +9,8 @@ Conventions shared by every backbone:
 * images are float tensors ``[B, 3, H, W]`` in ``[0, 1]``;
 * latents are whatever ``encode_images`` returns; flow matching runs in latent space with
   ``x_t = (1 - s) * x0 + s * eps`` for a noise level ``s`` in ``[0, 1]`` and the model predicting
-  the velocity ``v = eps - x0``;
+  the velocity ``v = eps - x0``; samplers draw ``eps`` from ``sampling_noise`` (standard normal
+  unless the backbone overrides it), training draws standard normal noise;
 * the LoRA adapters (teacher, student, critic) live on ``backbone.transformer`` through peft /
   diffusers' ``PeftAdapterMixin``; ``predict_velocity`` uses whichever adapters are active.
 """
@@ -94,6 +95,14 @@ class Backbone(ABC):
         prompts: PromptEmbeds,
     ) -> torch.Tensor:
         """Velocity for noisy target latents at noise levels ``sigma [B]`` given source latents."""
+
+    def sampling_noise(self, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise every sampler starts from and re-noises with (float32, on the CPU): standard
+        normal unless the backbone knows a better start for its latents. Training noise stays
+        standard normal."""
+        import torch
+
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     @property
     def default_guidance(self) -> float:

@@ -94,7 +94,7 @@ def euler_sample(
     cond = _embeds(backbone, prompts)
     uncond = backbone.encode_prompts([""] * len(cond)) if guidance else None
     if noise is None:
-        noise = torch.randn(source_latents.shape, generator=generator, dtype=torch.float32)
+        noise = backbone.sampling_noise(source_latents.shape, generator)
     x = noise.to(source_latents.device, source_latents.dtype)
     sigmas = sigma_schedule(steps, shift).tolist()
     for s, s_next in itertools.pairwise(sigmas):
@@ -115,7 +115,7 @@ def few_step_sample(
     """Few-step sampling: at each level predict x0, then re-noise it to the next level with fresh noise."""
     cond = _embeds(backbone, prompts)
     if noise is None:
-        noise = torch.randn(source_latents.shape, generator=generator, dtype=torch.float32)
+        noise = backbone.sampling_noise(source_latents.shape, generator)
     x = noise.to(source_latents.device, source_latents.dtype)
     levels = sigmas.tolist()
     x0 = x
@@ -123,6 +123,6 @@ def few_step_sample(
         sigma = torch.tensor(s)
         x0 = x0_from_velocity(x, backbone.predict_velocity(x, sigma, source_latents, cond), sigma)
         if i + 1 < len(levels):
-            fresh = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+            fresh = backbone.sampling_noise(x0.shape, generator).to(x0)
             x = add_noise(x0, fresh, torch.tensor(levels[i + 1]))
     return x0

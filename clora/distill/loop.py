@@ -279,21 +279,22 @@ class Distiller:
             general[idx] if general is not None else None,
         )
 
-    def randn(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like)
+    def sampler_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Noise as the student's few-step sampler draws it at inference."""
+        return self.backbone.sampling_noise(like.shape, self.generator).to(like)
 
     def simulate(self, batch: Batch, with_grad: bool) -> torch.Tensor:
         """Run the student's few-step sampler from noise, stop at a random step k, return step k's x0."""
         k = int(torch.randint(len(self.sigmas), (1,), generator=self.generator))
         self.adapters.use(STUDENT)
-        x = self.randn(batch.source)
+        x = self.sampler_noise(batch.source)
         with torch.no_grad():
             for i in range(k):
                 s = self.sigmas[i]
                 x0 = x0_from_velocity(
                     x, self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt), s
                 )
-                x = add_noise(x0, self.randn(x0), self.sigmas[i + 1])
+                x = add_noise(x0, self.sampler_noise(x0), self.sigmas[i + 1])
         s = self.sigmas[k]
         with torch.set_grad_enabled(with_grad):
             v = self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt)
@@ -358,6 +359,7 @@ class Distiller:
             student_x0=x0_of(STUDENT),
             student_velocity=velocity(STUDENT),
             critic_velocity=velocity(CRITIC),
+            sampling_noise=self.backbone.sampling_noise,
             row_weights=self.row_weights(batch),
         )
 

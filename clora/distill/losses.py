@@ -49,6 +49,9 @@ class LossContext:
     student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     student_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     critic_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    #: the backbone's sampling noise (``Backbone.sampling_noise``), for terms that run the student's
+    #: sampler; None: standard normal
+    sampling_noise: Callable[[torch.Size, torch.Generator], torch.Tensor] | None = None
     #: values terms share within a step (e.g. the DMD noise level, reused by anchoring)
     shared: dict[str, Any] = field(default_factory=dict)
     #: per-row weights of the regression terms (``effect_balance``), mean 1; None: all rows alike
@@ -77,6 +80,12 @@ class LossContext:
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x)
+
+    def sampler_noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise like ``x`` as the student's few-step sampler draws it at inference."""
+        if self.sampling_noise is None:
+            return self.randn_like(x)
+        return self.sampling_noise(x.shape, self.generator).to(x)
 
     def uniform(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
         """Per-sample ``U[low, high]`` on the sample's device and dtype."""

@@ -75,11 +75,11 @@ class SimulatedAnchorTerm:
             return {}
         levels, b = ctx.few_step_sigmas.to(ctx.targets), ctx.batch_size
         k = int(torch.randint(len(levels), (1,), generator=ctx.generator))
-        x = ctx.randn_like(ctx.targets)
+        x = ctx.sampler_noise_like(ctx.targets)
         with torch.no_grad():
             for i in range(k):
                 x0 = ctx.student_x0(x, levels[i].expand(b))
-                x = add_noise(x0, ctx.randn_like(x0), levels[i + 1])
+                x = add_noise(x0, ctx.sampler_noise_like(x0), levels[i + 1])
         s = levels[k].expand(b)
         v = ctx.student_velocity(x, s)
         # the velocity that lands exactly on the target from this input: (x_t - y_T) / s
