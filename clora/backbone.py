@@ -105,6 +105,12 @@ class Backbone(ABC):
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     @property
+    def sampling_noise_id(self) -> str:
+        """Names what :meth:`sampling_noise` draws, so caches of sampled outputs (teacher targets,
+        evaluation baselines) made with other noise are not reused."""
+        return "normal"
+
+    @property
     def default_guidance(self) -> float:
         """CFG scale ``g`` (in ``cond + g*(cond - uncond)``) this model's teachers sample best with."""
         return 4.0

@@ -26,7 +26,7 @@ from clora.paths import clora_home
 from clora.plugins import Components
 from clora.progress import progress_bar
 from clora.registry import Collection, Registry
-from clora.sampling import euler_sample, few_step_sample
+from clora.sampling import euler_sample, few_step_sample, noise_key
 
 #: what each per-effect row compares, scored with every metric (result key -> label)
 COMPARISONS = {
@@ -78,6 +78,7 @@ class OutputCache:
             "seed": seed,
             "device": str(bb.device),
             "dtype": str(bb.dtype),
+            **noise_key(bb),
         }
 
     def path(self, **key: Any) -> Path:

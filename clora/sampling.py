@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from clora.backbone import Backbone, PromptEmbeds
 
 
+def noise_key(backbone: Backbone) -> dict[str, str]:
+    """The sampling noise's part of a cache key for sampled outputs; empty for standard normal
+    noise, so keys made before backbones could choose their noise stay valid."""
+    noise = backbone.sampling_noise_id
+    return {} if noise == "normal" else {"noise": noise}
+
+
 def shift_sigma(u: torch.Tensor, shift: float = 3.0) -> torch.Tensor:
     """``shift * u / (1 + (shift - 1) * u)``; ``shift3(u) = 3u / (1 + 2u)``."""
     return shift * u / (1 + (shift - 1) * u)

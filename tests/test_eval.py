@@ -121,7 +121,9 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
     assert r.exit_code == 1 and "unknown --merge 'svd'" in r.output
 
 
-def test_eval_reuses_teacher_and_merged_outputs(tiny_collection) -> None:  # type: ignore[no-untyped-def]
+def test_eval_reuses_teacher_and_merged_outputs(tiny_collection, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from clora_toy.backbone import ToyBackbone
+
     pm = tiny_collection
     cache = clora_home() / "cache" / "eval"
     before = set(cache.glob("*.safetensors"))
@@ -144,6 +146,11 @@ def test_eval_reuses_teacher_and_merged_outputs(tiny_collection) -> None:  # typ
     # the teachers' time per image is the one measured when their outputs were computed
     teacher_ms = [run_["cost"]["per_effect_loras"]["ms_per_image"] for run_ in (first, second)]
     assert teacher_ms[0] == teacher_ms[1]
+    # outputs sampled from other noise than the backbone's are not reused
+    monkeypatch.setattr(ToyBackbone, "sampling_noise_id", property(lambda self: "another-noise"))
+    third = json.loads(run(pm, *args).stdout)
+    for name, row in third["effects"].items():
+        assert row["teacher_vs_truth"] == first["effects"][name]["teacher_vs_truth"]
 
 
 @pytest.mark.parametrize("combination", ["linear", "ties"])

@@ -25,7 +25,7 @@ from clora.fileio import save_safetensors
 from clora.images import read_image
 from clora.paths import clora_home
 from clora.progress import progress_bar
-from clora.sampling import euler_sample
+from clora.sampling import euler_sample, noise_key
 
 
 @dataclass
@@ -93,6 +93,7 @@ def prepare(
                 "images": tensor_digest(images),
                 "seed": cfg.seed,
                 "dtype": cfg.dtype,
+                **noise_key(backbone),
             }
         )
         path = cache / "targets" / f"{key}.safetensors"
@@ -157,6 +158,7 @@ def _general_targets(
             "shift": cfg.shift,
             "seed": cfg.seed,
             "dtype": cfg.dtype,
+            **noise_key(backbone),
         }
     )
     path = cache / "targets" / f"general-{key}.safetensors"

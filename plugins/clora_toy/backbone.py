@@ -140,6 +140,10 @@ class ToyBackbone(Backbone):
         return (per_channel - per_channel.mean(dim=(1, 3), keepdim=True)).view(shape)
 
     @property
+    def sampling_noise_id(self) -> str:
+        return "normal-minus-channel-mean"
+
+    @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
