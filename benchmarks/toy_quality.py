@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from clora_toy.backbone import ToyBackbone
-from clora_toy.build import apply_lora, build_base, build_teacher, evaluate_base, score
-from clora_toy.data import held_out_sources
+from clora_toy.build import apply_lora, build_base, build_teacher, evaluate_base, score, teacher_eval_sources
 from clora_toy.effects import get_effect
 from clora_toy.factory import ToyBackboneFactory, get_factory
+
+from clora.backbone import Backbone
 
 DEFAULT_EFFECTS = [
     "sepia",
@@ -41,12 +44,8 @@ DEFAULT_EFFECTS = [
 
 @contextlib.contextmanager
 def standard_normal(backbone: ToyBackbone) -> Iterator[None]:
-    """Sample from standard normal noise instead of the backbone's own."""
-
-    def draw(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-    setattr(backbone, "sampling_noise", draw)  # noqa: B010 (an instance override of a method)
+    """Sample from the default backbone noise (standard normal) instead of the toy's own."""
+    setattr(backbone, "sampling_noise", functools.partial(Backbone.sampling_noise, backbone))  # noqa: B010
     try:
         yield
     finally:
@@ -54,37 +53,44 @@ def standard_normal(backbone: ToyBackbone) -> Iterator[None]:
 
 
 def compare_noise(
-    backbone: ToyBackbone, factory: ToyBackboneFactory, effects: list[str], size: str
-) -> dict[str, object]:
-    """The base edits and each teacher scored with the backbone's sampling noise and with standard
-    normal noise, on the same weights (as the build scores them: 20 steps, 32 held-out images)."""
-    cfg = factory.config.eval
+    backbone: ToyBackbone, factory: ToyBackboneFactory, teachers: dict[str, Path]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The base edits and each teacher (effect name -> LoRA file) scored with the toy's sampling
+    noise and with standard normal noise, on the same weights, the way the builds score them."""
+    cfg = factory.config
+    noises: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+        "toy": contextlib.nullcontext,
+        "standard normal": lambda: standard_normal(backbone),
+    }
     base: dict[str, dict[str, float]] = {}
-    teachers: dict[str, dict[str, float]] = {}
-    sources = held_out_sources(cfg.num_images, backbone.image_size[0], seed=1)
-    for label, noise in (
-        ("backbone", contextlib.nullcontext()),
-        ("standard normal", standard_normal(backbone)),
-    ):
-        with noise:
+    for label, noise in noises.items():
+        with noise():
             base[label], _ = evaluate_base(backbone, factory)
-            for name in effects:
-                effect = get_effect(name)
-                path = build_teacher(name, size=size).path
-                apply_lora(backbone, path, "compare")
-                try:
+    scores: dict[str, dict[str, float]] = {}
+    sources = teacher_eval_sources(backbone, cfg)
+    for name, path in teachers.items():
+        effect = get_effect(name)
+        apply_lora(backbone, path, "compare")
+        try:
+            for label, noise in noises.items():
+                with noise():
                     value = score(
-                        backbone, effect.apply, effect.prompt, sources, cfg.steps, cfg.teacher_guidance
+                        backbone,
+                        effect.apply,
+                        effect.prompt,
+                        sources,
+                        cfg.eval.steps,
+                        cfg.eval.teacher_guidance,
                     )[0]
-                finally:
-                    backbone.transformer.delete_adapters("compare")
-                teachers.setdefault(name, {})[label] = round(value, 2)
-    print(f"\nnoise: the backbone's ({backbone.sampling_noise_id}) vs standard normal, same weights")
-    for edit, value in base["backbone"].items():
+                scores.setdefault(name, {})[label] = round(value, 2)
+        finally:
+            backbone.transformer.delete_adapters("compare")
+    print(f"\n{'noise: toy / standard normal':28} (same weights)")
+    for edit, value in base["toy"].items():
         print(f"{edit:16} {value:8.2f} {base['standard normal'][edit]:8.2f}")
-    for name, row in teachers.items():
-        print(f"{name:16} {row['backbone']:8.2f} {row['standard normal']:8.2f}")
-    return {"base": base, "teachers": teachers}
+    for name, row in scores.items():
+        print(f"{name:16} {row['toy']:8.2f} {row['standard normal']:8.2f}")
+    return {"base": base, "teachers": scores}
 
 
 def main() -> None:
@@ -123,13 +129,14 @@ def main() -> None:
             sweep[g], _ = evaluate_base(backbone, factory, guidance=g)
             print(f"base guidance {g}: {sweep[g]}")
 
-    rows = []
+    rows, paths = [], {}
     print(f"\n{'effect':16} {'teacher dB':>10} {'base dB':>8} {'train s':>8}")
     for name in args.effects:
-        r = build_teacher(name, size=args.size, force=args.force, backbone=backbone).report
+        built = build_teacher(name, size=args.size, force=args.force, backbone=backbone)
+        r, paths[name] = built.report, built.path
         rows.append(r)
         print(f"{name:16} {r['psnr']:10.2f} {r['base_psnr']:8.2f} {r['train_seconds']:8.1f}")
-    noise = compare_noise(backbone, factory, args.effects, args.size) if args.compare_noise else {}
+    noise = compare_noise(backbone, factory, paths) if args.compare_noise else {}
     print(f"\ntotal wall seconds: {time.perf_counter() - start:.0f}")
     if args.json_out:
         with open(args.json_out, "w") as f:

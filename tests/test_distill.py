@@ -312,6 +312,7 @@ def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, seed: int = 
         student_x0=calls.get("student_x0", zeros),
         student_velocity=calls.get("student_velocity", zeros),
         critic_velocity=calls.get("critic_velocity", zeros),
+        sampling_noise=lambda shape, g: torch.randn(shape, generator=g),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -229,7 +230,7 @@ def test_toy_samplers_draw_noise_without_a_mean_colour(tiny: Backbone) -> None:
     for edit in data.general_edits():
         truth = edit.apply(images)
         scores = []
-        for draw in (tiny.sampling_noise, lambda shape, gen: torch.randn(shape, generator=gen)):
+        for draw in (tiny.sampling_noise, functools.partial(Backbone.sampling_noise, tiny)):
             start = draw(lat.shape, torch.Generator().manual_seed(0))
             out = euler_sample(tiny, lat, [edit.prompt] * len(lat), steps=8, noise=start)
             scores.append(float(psnr(tiny.decode_latents(out), truth).mean()))

@@ -49,9 +49,8 @@ class LossContext:
     student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     student_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     critic_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    #: the backbone's sampling noise (``Backbone.sampling_noise``), for terms that run the student's
-    #: sampler; None: standard normal
-    sampling_noise: Callable[[torch.Size, torch.Generator], torch.Tensor] | None = None
+    #: the backbone's sampling noise (``Backbone.sampling_noise``), for terms that run the student's sampler
+    sampling_noise: Callable[[torch.Size, torch.Generator], torch.Tensor]
     #: values terms share within a step (e.g. the DMD noise level, reused by anchoring)
     shared: dict[str, Any] = field(default_factory=dict)
     #: per-row weights of the regression terms (``effect_balance``), mean 1; None: all rows alike
@@ -83,8 +82,6 @@ class LossContext:
 
     def sampler_noise_like(self, x: torch.Tensor) -> torch.Tensor:
         """Noise like ``x`` as the student's few-step sampler draws it at inference."""
-        if self.sampling_noise is None:
-            return self.randn_like(x)
         return self.sampling_noise(x.shape, self.generator).to(x)
 
     def uniform(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:

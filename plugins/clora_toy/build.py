@@ -16,6 +16,7 @@ from clora.metrics import psnr
 from clora.sampling import euler_sample
 from clora_toy import store
 from clora_toy.backbone import EFFECT_LORA_MODULES, ToyBackbone, base_metadata
+from clora_toy.config import ToyConfig
 from clora_toy.data import general_edits, held_out_sources
 from clora_toy.effects import Effect, get_effect
 from clora_toy.factory import ToyBackboneFactory, get_factory
@@ -154,6 +155,11 @@ def apply_lora(backbone: ToyBackbone, path: Path, adapter_name: str) -> None:
     backbone.transformer.set_adapter(adapter_name)
 
 
+def teacher_eval_sources(backbone: ToyBackbone, cfg: ToyConfig) -> torch.Tensor:
+    """The held-out images teachers are scored on (another set than the base's)."""
+    return held_out_sources(cfg.eval.num_images, backbone.image_size[0], seed=1)
+
+
 def build_teacher(
     effect: Effect | str,
     tiny: bool = False,
@@ -178,7 +184,7 @@ def build_teacher(
         if weights.exists():
             return BuildResult(weights, sheet, _read_report(report_path), cached=True, shipped=shipped)
     backbone = backbone or factory.load(device)
-    sources = held_out_sources(cfg.eval.num_images, backbone.image_size[0], seed=1)
+    sources = teacher_eval_sources(backbone, cfg)
     guidance = cfg.eval.teacher_guidance
     base_psnr, _, _ = score(backbone, effect.apply, effect.prompt, sources, cfg.eval.steps, guidance)
     state, stats = train_teacher(backbone, effect, cfg.teacher, show_progress=show_progress)
