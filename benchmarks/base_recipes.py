@@ -1,7 +1,7 @@
 """Train toy base variants side by side and print each one's PSNR per general edit and its training time.
 
-    python benchmarks/base_recipes.py                       # the shipped recipe and three alternatives
-    python benchmarks/base_recipes.py --only positions      # one of them
+    python benchmarks/base_recipes.py                       # the shipped recipe and the alternatives
+    python benchmarks/base_recipes.py --only velocity       # one of them
     python benchmarks/base_recipes.py --variant mine '{"model": {"width": 96}, "base": {"steps": 900}}'
 
 A variant is a JSON object of overrides on the full toy recipe (`clora_toy.config.TOY`): "model" and
@@ -22,18 +22,28 @@ from clora_toy.config import TOY, ToyConfig
 from clora_toy.factory import ToyBackboneFactory
 from clora_toy.train import train_base
 
+#: the recipe shipped until 2026-12: the transformer outputs the velocity, and knows positions only by RoPE
+VELOCITY: dict[str, object] = {"prediction": "velocity", "position_frequencies": 0, "clip_clean": False}
+
 VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "shipped": {},
+    "velocity": {"model": VELOCITY, "base": {"edit_weights": {}, "steps": 1300, "lr": 1e-3}},
+    # without the clip of the clean image, a colour matrix cannot saturate (contrast, brighten)
+    "no-clip": {"model": {"clip_clean": False}},
     # RoPE gives attention only relative positions; a mirror needs absolute ones
-    "positions": {"model": {"position_frequencies": 8}, "base": {"edit_weights": {"flip": 2.0}}},
-    # 4x4-pixel patches: a quarter of the tokens, about half the step time
+    "no-positions": {"model": {"position_frequencies": 0}, "base": {"edit_weights": {}}},
+    # the velocity recipe with position channels; 4x4-pixel patches (a quarter of the tokens); the
+    # transformer outputting the edit (clean image minus source), fitted in image space
+    "velocity-positions": {
+        "model": {**VELOCITY, "position_frequencies": 8},
+        "base": {"steps": 1300, "lr": 1e-3, "edit_weights": {"flip": 2.0}},
+    },
     "patch4": {
-        "model": {"patch_size": 4, "position_frequencies": 4},
+        "model": {**VELOCITY, "patch_size": 4, "position_frequencies": 4},
         "base": {"steps": 1600, "lr": 2e-3, "edit_weights": {"flip": 2.0}},
     },
-    # ... and the transformer outputs the edit (clean image minus source), fitted in image space
     "patch4-edit": {
-        "model": {"patch_size": 4, "position_frequencies": 4, "prediction": "edit"},
+        "model": {**VELOCITY, "patch_size": 4, "position_frequencies": 4, "prediction": "edit"},
         "base": {
             "steps": 1700,
             "lr": 3e-3,

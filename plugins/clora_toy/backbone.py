@@ -10,7 +10,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import safe_open
 
 from clora.backbone import Backbone, PromptEmbeds
-from clora_toy.config import ModelConfig, ToyConfig
+from clora_toy.config import AFFINE_PARAMS, ModelConfig, ToyConfig
 from clora_toy.data import general_batch, make_sources, name_seed
 from clora_toy.text import HashTokenizer
 
@@ -58,6 +58,12 @@ def position_features(cfg: ModelConfig) -> torch.Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(n * n, 4 * k)
 
 
+def output_channels(cfg: ModelConfig) -> int:
+    """Channels per pixel the transformer outputs (its ``proj_out`` gives ``patch_size**2`` of them
+    per patch): RGB, and under 'affine' also the patch's colour matrix and bias spread over its pixels."""
+    return RGB + (AFFINE_PARAMS // cfg.patch_size**2 if cfg.prediction == "affine" else 0)
+
+
 def build_transformer(cfg: ModelConfig) -> QwenImageTransformer2DModel:
     """A freshly initialised (seeded) transformer; noisy target, source and position features are
     concatenated by channel."""
@@ -67,7 +73,7 @@ def build_transformer(cfg: ModelConfig) -> QwenImageTransformer2DModel:
         return QwenImageTransformer2DModel(
             patch_size=cfg.patch_size,
             in_channels=2 * packed + 4 * cfg.position_frequencies,
-            out_channels=RGB,
+            out_channels=output_channels(cfg),
             num_layers=cfg.num_layers,
             attention_head_dim=cfg.head_dim,
             num_attention_heads=cfg.num_heads,
@@ -81,6 +87,27 @@ def pack(images: torch.Tensor, patch: int) -> torch.Tensor:
     b, c, h, w = images.shape
     x = images.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def clean_image(out: torch.Tensor, source: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The clean image ``[B, tokens, 3*p*p]`` (packed) that a non-velocity output of the transformer
+    stands for, given the packed source image."""
+    if cfg.prediction == "edit":
+        clean = out + source
+    elif cfg.prediction == "affine":
+        # per patch: (I + A) applied to each source pixel's RGB, plus b, plus a residual per pixel;
+        # a colour effect is one constant A and b over the whole image, whatever the image
+        b, tokens, _ = source.shape
+        pixels = cfg.patch_size**2
+        eye = torch.eye(RGB, dtype=out.dtype, device=out.device)
+        matrix = out[..., : RGB * RGB].reshape(b, tokens, RGB, RGB) + eye
+        bias = out[..., RGB * RGB : AFFINE_PARAMS].reshape(b, tokens, RGB, 1)
+        residual = out[..., AFFINE_PARAMS:].reshape(b, tokens, RGB, pixels)
+        pixels_rgb = source.reshape(b, tokens, RGB, pixels)  # pack() keeps a patch's channels apart
+        clean = (matrix @ pixels_rgb + bias + residual).reshape(b, tokens, RGB * pixels)
+    else:
+        clean = out
+    return clean.clamp(-1, 1) if cfg.clip_clean else clean
 
 
 def unpack(latents: torch.Tensor, size: int, patch: int) -> torch.Tensor:
@@ -128,11 +155,12 @@ class ToyBackbone(Backbone):
     def sampling_noise(self, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal noise with each image's mean per colour channel removed.
 
-        At sigma = 1 the noise says nothing about the edit, but the toy editor reads part of the
-        noise's mean colour as the image's: about half of a base edit's error is a per-image colour
-        offset that follows the noise, not the source. Sampling from noise without that one
-        direction per channel (of 1024) gains 1-4 dB on the base edits and 0.5-1 dB on the teachers
-        (benchmarks/README.md, "Toy base"); the models still train on standard normal noise.
+        At sigma = 1 the noise says nothing about the edit, but a toy editor can read part of the
+        noise's mean colour as the image's. The velocity-output base shipped until 2026-12 did: about
+        half of its edit error was a per-image colour offset that followed the noise, and sampling
+        without that one direction per channel (of 1024) gained it 1-4 dB. The 'affine' base takes
+        its colours from the source and gains almost nothing (benchmarks/README.md, "Toy base"); the
+        noise stays so that results stay comparable. The models train on standard normal noise.
         """
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         b, tokens, channels = noise.shape
@@ -211,7 +239,7 @@ class ToyBackbone(Backbone):
         )[0]
         if self.config.prediction == "velocity":
             return out
-        clean = out + source if self.config.prediction == "edit" else out
+        clean = clean_image(out, source, self.config)
         floor = torch.clamp(sigma, min=self.config.sigma_floor).view(b, 1, 1).to(out)
         return (noisy - clean) / floor
 

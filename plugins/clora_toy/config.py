@@ -6,7 +6,11 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: numbers per patch of the 'affine' prediction besides its per-pixel residual: a 3x3 colour matrix and
+#: an RGB bias
+AFFINE_PARAMS = 12
 
 
 class _Strict(BaseModel):
@@ -26,31 +30,47 @@ class ModelConfig(_Strict):
     text_vocab: int = Field(8192, description="hashed word vocabulary size")
     text_max_words: int = Field(30, description="words kept per prompt (longer prompts are cut)")
     position_frequencies: int = Field(
-        0,
+        8,
         description="sin/cos frequencies per axis of each patch's centred position fed as extra input "
         "channels (0: none; RoPE alone gives only relative positions, which cannot express a mirror)",
     )
-    prediction: Literal["velocity", "x0", "edit"] = Field(
-        "velocity",
+    prediction: Literal["velocity", "x0", "edit", "affine"] = Field(
+        "affine",
         description="what the transformer outputs: the velocity itself ('velocity'), the clean image F "
-        "('x0'), or F minus the source image ('edit'); for the last two velocity = (x_t - F) / "
-        "max(sigma, sigma_floor), so the noise passes through exactly, and the toy trainers fit F in "
-        "image space",
+        "('x0'), F minus the source image ('edit'), or per patch a colour matrix added to the identity, "
+        "a colour bias and a residual per pixel, F = (I + A) source + b + R ('affine'; patch_size 1 or "
+        "2); for all but 'velocity', velocity = (x_t - F) / max(sigma, sigma_floor), so the noise passes "
+        "through exactly, and the toy trainers fit F in image space",
     )
-    sigma_floor: float = Field(0.05, description="smallest sigma divided by under 'x0' and 'edit'")
+    sigma_floor: float = Field(0.05, description="smallest sigma divided by under 'x0', 'edit' and 'affine'")
+    clip_clean: bool = Field(
+        True,
+        description="clip F to the pixel range before it becomes a velocity (DDPM's clip_sample; the truth "
+        "is always in range, so clipping never moves F away from it); a colour matrix then also expresses "
+        "the edits that saturate (contrast, brighten, hue rotations); no effect under 'velocity'",
+    )
     seed: int = Field(0, description="seed of the weight init and the frozen text encoder")
 
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
 
+    @model_validator(mode="after")
+    def _affine_fits_a_patch(self) -> ModelConfig:
+        if self.prediction == "affine" and AFFINE_PARAMS % self.patch_size**2:
+            raise ValueError(
+                f"prediction 'affine' needs patch_size 1 or 2 (its {AFFINE_PARAMS} numbers per patch are "
+                f"spread over the patch's pixels), not {self.patch_size}"
+            )
+        return self
+
 
 class BaseTrainConfig(_Strict):
     """Flow-matching training of the base editor on procedural edits."""
 
-    steps: int = Field(1300, description="optimizer steps")
+    steps: int = Field(800, description="optimizer steps")
     batch_size: int = Field(16, description="pairs per step")
-    lr: float = Field(1e-3, description="peak AdamW learning rate (cosine decay after warmup)")
+    lr: float = Field(2e-3, description="peak AdamW learning rate (cosine decay after warmup)")
     warmup: int = Field(100, description="linear warmup steps")
     weight_decay: float = Field(0.0, description="AdamW weight decay")
     prompt_dropout: float = Field(0.1, description="probability of training on the empty prompt (for CFG)")
@@ -59,7 +79,7 @@ class BaseTrainConfig(_Strict):
     )
     grad_clip: float = Field(1.0, description="max gradient norm")
     edit_weights: dict[str, float] = Field(
-        default_factory=dict,
+        default_factory=lambda: {"flip": 3.0},
         description="sampling weight per general edit (1 if not named); the mirror is the slowest to learn",
     )
     seed: int = Field(1, description="data and noise seed")
@@ -119,6 +139,7 @@ _NEUTRAL: dict[str, object] = {
     "edit_weights": {},
     "prediction": "velocity",
     "sigma_floor": 0.05,
+    "clip_clean": False,
 }
 
 
@@ -133,7 +154,15 @@ def _digest(obj: object) -> str:
 TOY = ToyConfig()
 
 TOY_TINY = ToyConfig(
-    model=ModelConfig(image_size=16, width=32, num_layers=1, num_heads=2, text_hidden=32, text_layers=1),
+    model=ModelConfig(
+        image_size=16,
+        width=32,
+        num_layers=1,
+        num_heads=2,
+        text_hidden=32,
+        text_layers=1,
+        position_frequencies=4,
+    ),
     base=BaseTrainConfig(steps=1500, batch_size=4, lr=3e-3, warmup=50),
     teacher=TeacherTrainConfig(rank=4, alpha=4.0, steps=300, batch_size=4, num_pairs=16, lr=5e-3, warmup=10),
     eval=EvalConfig(steps=8, num_images=8),
