@@ -165,6 +165,12 @@ class BackboneFactory(ABC):
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Backbone:
         """Load the base model; raise ``clora.errors.CloraError`` with a next step if unavailable."""
 
+    @property
+    def fingerprint(self) -> str:
+        """The :attr:`Backbone.fingerprint` that :meth:`load` will give, known without loading (a plugin
+        whose weights can change under one id overrides both)."""
+        return self.backbone_id
+
     @abstractmethod
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """``{module name: (in_features, out_features)}`` of every Linear in the transformer.

@@ -199,6 +199,26 @@ def test_incremental_grows_the_collection(distilled, registry_file: Path) -> Non
     assert r.exit_code == 0, r.output
 
 
+def test_a_collection_of_other_base_weights_is_refused(  # type: ignore[no-untyped-def]
+    distilled, registry_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the base's weights change (a new clora's toy recipe), the old collection is neither used
+    nor grown, with one line saying what to do, and nothing is added to the registry."""
+    from clora_toy.factory import ToyBackboneFactory
+
+    pm, inputs = distilled
+    monkeypatch.setattr(ToyBackboneFactory, "fingerprint", property(lambda self: "toy-tiny-retrained"))
+    r = run(pm, "generate", "--effect", "sepia", "--image", inputs / "img0.png", "--no-progress")
+    assert r.exit_code == 1 and "distilled on other weights" in r.stderr, r.output
+    assert run(pm, "toy", "teachers", "posterize", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--incremental", *FAST)
+    assert r.exit_code == 1, r.output
+    assert "other weights" in r.stderr and "without --incremental" in r.stderr
+    with Registry(registry_file) as reg:
+        assert reg.get_collection().version == 1  # type: ignore[union-attr]
+        assert len(reg.list_runs()) == 1
+
+
 def _an_image(folder: Path) -> Path:
     path = folder / "in" / "img0.png"
     assert path.exists()

@@ -120,6 +120,11 @@ def plan_run(
         raise CloraError(f"collection v{parent.version} is for base '{parent.base_id}', not '{base_id}'")
 
     factory = components.get_backbone(base_id)
+    if parent is not None and read_header(parent.file).base_fingerprint != factory.fingerprint:
+        raise CloraError(
+            f"collection v{parent.version} was distilled on other weights of base '{base_id}' than the "
+            "ones installed, so it cannot be grown; run `clora distill` without --incremental"
+        )
     shapes = factory.module_shapes()
     for e in chosen:
         if e.base_id and e.base_id != base_id:
