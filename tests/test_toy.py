@@ -433,14 +433,17 @@ def test_cli_teachers_repoint_an_effect_built_with_an_older_recipe(
 ) -> None:
     current = Path(built["invert"].path)  # type: ignore[attr-defined]
     older = current.parent.parent / "invert-olderrecipe" / current.name
-    older.parent.mkdir(exist_ok=True)
-    shutil.copyfile(current, older)
+    # the same effect's teacher on an older base recipe (what a user of an older clora has registered)
+    older_base = current.parents[3] / "toy-tiny-olderbase" / "teachers" / "invert-older" / current.name
+    for path in (older, older_base):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(current, path)
     mine = tmp_path / "my_invert.safetensors"  # a user's own file under the same name is left alone
     shutil.copyfile(current, mine)
     app, runner = _app(), CliRunner()
     try:
-        for registered, kept in ((older, False), (mine, True)):
-            args = ["--registry", str(tmp_path / f"reg-{kept}.db")]
+        for i, (registered, kept) in enumerate(((older, False), (older_base, False), (mine, True))):
+            args = ["--registry", str(tmp_path / f"reg-{i}.db")]
             add = ["effect", "add", "invert", "--lora", str(registered), "--prompt", "x"]
             r = runner.invoke(app, [*args, *add])
             assert r.exit_code == 0, r.output
@@ -450,6 +453,7 @@ def test_cli_teachers_repoint_an_effect_built_with_an_older_recipe(
             assert shown["lora"]["path"] == str((registered if kept else current).resolve())
     finally:
         shutil.rmtree(older.parent)
+        shutil.rmtree(older_base.parents[2])
 
 
 def test_cli_unknown_effect_is_a_one_line_error() -> None:

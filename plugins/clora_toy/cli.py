@@ -138,6 +138,22 @@ def _verb(result: Any, fresh: str) -> str:
     return "reused cached" if result.cached else fresh
 
 
+def _same_teacher_older_recipe(old: Path, new: Path) -> bool:
+    """Whether ``old`` is the same effect's teacher, built by this plugin for the same backbone id under
+    an older base or teacher recipe: ``<toy root>/<id>-<base hash>/teachers/<effect>-<hash>/<file>``."""
+
+    def unhashed(folder: Path) -> str:
+        return folder.name.rsplit("-", 1)[0]
+
+    if len(old.parents) < 4 or old.name != new.name or old.parents[1].name != "teachers":
+        return False
+    return (
+        old.parents[3] == new.parents[3]
+        and unhashed(old.parents[0]) == unhashed(new.parents[0])
+        and unhashed(old.parents[2]) == unhashed(new.parents[2])
+    )
+
+
 def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_id: str, cached: bool) -> None:
     from clora.effects import add_effect, update_lora
 
@@ -152,8 +168,7 @@ def _register(ctx: typer.Context, name: str, lora_path: str, prompt: str, base_i
             if old_path == new_path and not cached:
                 update_lora(reg, state.components, name, lora_path, base_id)
                 typer.echo(f"  effect '{name}' was registered; now points at the retrained file")
-            elif old_path != new_path and old_path.parent.parent == new_path.parent.parent:
-                # a teacher this plugin built on the same base with an older teacher recipe
+            elif old_path != new_path and _same_teacher_older_recipe(old_path, new_path):
                 update_lora(reg, state.components, name, lora_path, base_id)
                 typer.echo(f"  effect '{name}' was registered; now points at the current recipe's teacher")
             else:
