@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from clora_toy import data, effects, store
-from clora_toy.backbone import EFFECT_LORA_MODULES, unpack
+from clora_toy.backbone import EFFECT_LORA_MODULES, ToyBackbone, unpack
 from clora_toy.build import BuildResult, build_base, build_teacher, sample_edit
 from clora_toy.config import TOY, ToyConfig
 from clora_toy.factory import get_factory
 from clora_toy.text import EOS_ID, HashTokenizer
+from clora_toy.train import train_teacher
 from helpers import plugin_manager, run
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -405,6 +406,21 @@ def test_shipped_full_world_matches_the_current_recipe() -> None:
         assert report["psnr"] > report["base_psnr"] + 10, (name, report)
         if name in _COLOUR_MAPS:
             assert report["psnr"] >= 28, (name, report)
+
+
+def test_teacher_training_is_deterministic(tiny: Backbone) -> None:
+    """The same recipe gives the same LoRA (peft's random init included), whatever ran before."""
+    cfg = get_factory(tiny=True).config.teacher.model_copy(update={"steps": 3})
+    effect = effects.get_effect("invert")
+    assert isinstance(tiny, ToyBackbone)
+    first, _ = train_teacher(tiny, effect, cfg, show_progress=False)
+    torch.manual_seed(12345)  # another global state
+    torch.rand(7)
+    second, _ = train_teacher(tiny, effect, cfg, show_progress=False)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other, _ = train_teacher(tiny, effects.get_effect("sepia"), cfg, show_progress=False)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 def test_cli_build_reuses_and_teachers_register(built: dict[str, object], tmp_path: Path) -> None:

@@ -167,7 +167,11 @@ def train_teacher(
     """
     transformer = backbone.transformer
     transformer.requires_grad_(False)
-    transformer.add_adapter(lora_config(cfg.rank, cfg.alpha, EFFECT_LORA_MODULES), adapter_name=adapter_name)
+    # peft draws lora_A from the global generator: seed it, so a teacher is a function of its recipe
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(name_seed(effect.name, cfg.seed + 2))
+        config = lora_config(cfg.rank, cfg.alpha, EFFECT_LORA_MODULES)
+        transformer.add_adapter(config, adapter_name=adapter_name)
     try:
         transformer.set_adapter(adapter_name)
         transformer.train()
