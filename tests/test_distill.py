@@ -109,6 +109,30 @@ def _final_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def test_general_stream_learns_the_base_without_cfg(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The general stream's targets are the base model's own unguided outputs (as `clora eval` scores
+    its retention), even when the effects' teachers sample with CFG."""
+    from safetensors.torch import load_file
+
+    from clora.sampling import euler_sample
+
+    pm = tiny_world
+    fields = {"steps": 2, "batch_size": 3, "general_pool": 3, "guidance": 2.0, "teacher_steps": 4, "seed": 5}
+    r = run(pm, "distill", "--config", _config_file(tmp_path, **fields), "--no-progress")
+    assert r.exit_code == 0, r.output
+    cached = [load_file(str(p))["targets"] for p in (clora_home() / "cache" / "targets").glob("general-*")]
+    (targets,) = [t for t in cached if t.shape[0] == 3]
+    bb = Components.collect(pm).get_backbone("toy-tiny").load("cpu")
+    images, prompts = bb.general_edits(3, 5)
+    src = bb.encode_images(images)
+
+    def sample(guidance: float) -> torch.Tensor:
+        return euler_sample(bb, src, prompts, 4, guidance, torch.Generator().manual_seed(5 + 2))
+
+    assert torch.allclose(targets, sample(0.0), atol=1e-5)
+    assert not torch.allclose(targets, sample(2.0), atol=1e-3)
+
+
 def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_world
     # half on-policy, so the teachers also run on mixed batches (each group of rows with its own)

@@ -174,6 +174,13 @@ class DistillConfig(BaseModel):
     guidance: float | None = Field(
         None, ge=0, description="teacher CFG g in cond + g*(cond - uncond) (default: the base model's choice)"
     )
+    general_guidance: float = Field(
+        0.0,
+        ge=0,
+        description="CFG g of the base model as the general stream's teacher (its targets and, on-policy, "
+        "its score): 0 is the base as `clora eval` scores its retention; on the toy, the effects' CFG of 1 "
+        "made the general targets 1-17 dB worse against the truth",
+    )
     teacher_steps: int = Field(20, ge=1, description="Euler steps of the teacher's full sampler for targets")
     sources_per_effect: int = Field(
         128,

@@ -323,7 +323,7 @@ class Distiller:
                         batch.source[rows],
                         batch.teacher_prompt.index(rows),
                         batch.uncond.index(rows),
-                        guidance,
+                        cfg.general_guidance if g.lora is None else guidance,
                     )
                     parts.append(x0_from_velocity(noisy[rows], v, t[rows]))
                 return torch.cat(parts)

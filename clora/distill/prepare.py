@@ -154,7 +154,7 @@ def _general_targets(
             "prompts": prompts,
             "images": tensor_digest(sources),
             "steps": cfg.teacher_steps,
-            "guidance": cfg.guidance,
+            "guidance": cfg.general_guidance,
             "shift": cfg.shift,
             "seed": cfg.seed,
             "dtype": cfg.dtype,
@@ -168,7 +168,9 @@ def _general_targets(
     g = torch.Generator().manual_seed(cfg.seed + 2)
     with progress_bar(show_progress) as bar:
         task = bar.add_task("base targets", total=len(sources), info="")
-        targets = _full_sampler(backbone, sources, prompts, cfg, g, lambda n: bar.advance(task, n))
+        targets = _full_sampler(
+            backbone, sources, prompts, cfg, g, lambda n: bar.advance(task, n), cfg.general_guidance
+        )
     save_safetensors({"targets": targets}, path)
     return targets
 
@@ -198,9 +200,12 @@ def _full_sampler(
     cfg: DistillConfig,
     generator: torch.Generator,
     advance: Callable[[int], object],
+    guidance: float | None = None,
 ) -> torch.Tensor:
-    """The teacher's full Euler sampler with CFG over ``sources``, in batches of ``cfg.batch_size``."""
-    guidance = cfg.guidance if cfg.guidance is not None else backbone.default_guidance
+    """The teacher's full Euler sampler with CFG (``guidance``, default the effects' teachers') over
+    ``sources``, in batches of ``cfg.batch_size``."""
+    if guidance is None:
+        guidance = cfg.guidance if cfg.guidance is not None else backbone.default_guidance
     outs = []
     for i in range(0, len(sources), cfg.batch_size):
         chunk = sources[i : i + cfg.batch_size]
