@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pluggy
 import typer
@@ -55,7 +56,9 @@ def make_app(pm: pluggy.PluginManager) -> typer.Typer:
         ctx.obj = AppState(pm=pm, registry_file=registry_path(registry))
 
     app.add_typer(_effect_app(), name="effect", help="Register, list, show and remove effect LoRAs.")
-    app.add_typer(_base_app(), name="base", help="List base models and choose the workspace default.")
+    app.add_typer(
+        _base_app(), name="base", help="Add, list, show and remove base models; choose the default."
+    )
 
     @app.command("plugins")
     def plugins_cmd(
@@ -212,31 +215,120 @@ def _effect_app() -> typer.Typer:
     return effect
 
 
+def _size(info: dict[str, Any]) -> str:
+    """A base's weights on disk, e.g. '57.7 GB' (transformer + text encoder + VAE)."""
+    weights = info.get("weights") or {}
+    total = sum(int(w.get("bytes") or 0) for w in weights.values()) or int(info.get("bytes") or 0)
+    return "-" if not total else f"{total / 1e9:.1f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
+
+
+def _dtype(info: dict[str, Any]) -> str:
+    weights = info.get("weights") or {}
+    return str((weights.get("transformer") or {}).get("dtype") or info.get("dtype") or "-")
+
+
 def _base_app() -> typer.Typer:
     base = typer.Typer(cls=CloraGroup, no_args_is_help=True)
 
     @base.command("list")
-    def list_(ctx: typer.Context) -> None:
-        """List installed base models (backbone plugins)."""
+    def list_(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of bases.")] = False,
+    ) -> None:
+        """List base models: the installed plugins' own (toy, toy-tiny) and the folders added here."""
+        from clora.bases import describe_bases
+
         st = state(ctx)
         default = None
         if st.registry_exists():
             with st.open_registry(create=False) as reg:
                 default = reg.get_setting(DEFAULT_BASE_KEY)
-        for backbone_id in st.components.ids("backbones"):
-            factory = st.components.get_backbone(backbone_id)
-            mark = "*" if backbone_id == default else " "
-            typer.echo(f"{mark} {backbone_id:12} {getattr(factory, 'description', '')}")
+                rows = describe_bases(st.components, reg)
+        else:
+            rows = describe_bases(st.components, None)
+        if as_json:
+            print_json([{**r, "default": r["name"] == default} for r in rows])
+            return
+        table = Table("", "name", "kind", "dtype", "size", "where")
+        for r in rows:
+            where = r.get("path") or r.get("description") or "-"
+            mark = "*" if r["name"] == default else ""
+            table.add_row(mark, r["name"], r.get("kind") or "-", _dtype(r), _size(r), where)
+        console.print(table)
+
+    @base.command("add")
+    def add(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Name to record the base under (used with --base).")],
+        path: Annotated[
+            Path, typer.Option("--path", help="Local diffusers pipeline folder (with model_index.json).")
+        ],
+        kind: Annotated[
+            str | None,
+            typer.Option(
+                "--kind",
+                help="Base kind (default: detected from model_index.json): qwen-image-edit-plus, "
+                "qwen-image-edit, or a plugin's kind (`clora plugins`).",
+            ),
+        ] = None,
+        option: Annotated[
+            list[str] | None,
+            typer.Option("--option", help="KEY=VALUE option of the base kind (see README); repeatable."),
+        ] = None,
+        force: Annotated[bool, typer.Option("--force", help="Replace a base of that name.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the new base as JSON.")] = False,
+    ) -> None:
+        """Record a local model folder as base NAME (checked and fingerprinted; nothing is copied)."""
+        from clora.bases import add_base, describe_bases
+
+        st = state(ctx)
+        with st.open_registry() as reg:
+            row = add_base(reg, st.components, name, path, kind, option, replace=force)
+            data = next(r for r in describe_bases(st.components, reg) if r["name"] == row.name)
+        if as_json:
+            print_json(data)
+        else:
+            typer.echo(f"added base '{row.name}' ({row.kind}, {_dtype(data)}, {_size(data)}) at {row.path}")
+
+    @base.command("show")
+    def show(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Base name (see `clora base list`).")],
+    ) -> None:
+        """Show one base model as JSON: kind, path, options, fingerprint, weights per component."""
+        from clora.bases import describe_bases, get_factory
+
+        st = state(ctx)
+        reg_ctx = st.open_registry(create=False) if st.registry_exists() else contextlib.nullcontext(None)
+        with reg_ctx as reg:
+            get_factory(st.components, reg, name)  # an unknown name is an error listing the bases
+            rows = describe_bases(st.components, reg)
+        print_json(next(r for r in rows if r["name"] == name))
+
+    @base.command("remove")
+    def remove(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Name of a base added with `clora base add`.")],
+    ) -> None:
+        """Forget a base added with `clora base add` (its folder is left as it is)."""
+        st = state(ctx)
+        with st.open_registry(create=False) as reg:
+            reg.remove_base(name)
+            if reg.get_setting(DEFAULT_BASE_KEY) == name:
+                reg.set_setting(DEFAULT_BASE_KEY, "")
+        typer.echo(f"removed base '{name}'")
 
     @base.command("use")
     def use(
         ctx: typer.Context,
-        base_id: Annotated[str, typer.Argument(help="Base model id (see `clora base list`).")],
+        base_id: Annotated[str, typer.Argument(help="Base name (see `clora base list`).")],
     ) -> None:
         """Make BASE_ID the workspace default for `clora effect add`."""
+        from clora.bases import get_factory
+
         st = state(ctx)
-        st.components.get_backbone(base_id)
         with st.open_registry() as reg:
+            get_factory(st.components, reg, base_id)
             reg.set_setting(DEFAULT_BASE_KEY, base_id)
         typer.echo(f"default base is now '{base_id}'")
 

@@ -91,7 +91,33 @@ def add_commands(app: typer.Typer) -> None:
             ),
         ] = None,
         device: Annotated[
-            str | None, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")
+            str | None, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ... (default cpu).")
+        ] = None,
+        dtype: Annotated[
+            str | None,
+            typer.Option(
+                "--dtype",
+                help="dtype of the frozen base: float32, bfloat16 or float16 (default: bfloat16 for real "
+                "bases on CUDA, else float32); the trained LoRAs stay float32.",
+            ),
+        ] = None,
+        resolution: Annotated[
+            int | None,
+            typer.Option(
+                "--resolution",
+                help="Resize sources to about this many pixels squared, keeping each one's aspect "
+                "(default: the base's own, 1024 for Qwen-Image-Edit; the toy ignores it).",
+            ),
+        ] = None,
+        general_data: Annotated[
+            Path | None,
+            typer.Option(
+                "--general-data",
+                help='Folder of general-stream images with prompts.jsonl (one {"image", "prompt"} per '
+                "line) or prompt.txt (one instruction for all). Default: the base's built-in general "
+                "edits; real bases: the effects' example images with a built-in list of neutral "
+                "instructions (keep it as it is, slightly brighter, a little more contrast, ...).",
+            ),
         ] = None,
         incremental: Annotated[
             bool,
@@ -148,6 +174,9 @@ def add_commands(app: typer.Typer) -> None:
             "p_switch": p_switch,
             "batch_size": batch_size,
             "device": device,
+            "dtype": dtype,
+            "resolution": resolution,
+            "general_data": str(general_data.resolve()) if general_data else None,
             "seed": seed,
             "incremental_grow_rank": grow_rank,
         }

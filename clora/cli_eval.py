@@ -23,7 +23,12 @@ def add_commands(app: typer.Typer) -> None:
             list[str] | None, typer.Option("--effects", help="Effects to score, comma-separated or repeated.")
         ] = None,
         images: Annotated[
-            Path | None, typer.Option("--images", help="Folder of source images (default: the base's own).")
+            Path | None,
+            typer.Option(
+                "--images",
+                help="Folder of held-out source images, scored as centre crops at the collection's "
+                "resolution (default: the base's own; real bases: the effects' example images).",
+            ),
         ] = None,
         n_images: Annotated[int, typer.Option("--n-images", help="Held-out images per effect.")] = 16,
         accel: Annotated[
@@ -56,7 +61,14 @@ def add_commands(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--report", help="Write an HTML report (tables, sheets, heat map) here."),
         ] = None,
-        device: Annotated[str, typer.Option("--device", help="Torch device.")] = "cpu",
+        device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+        dtype: Annotated[
+            str | None,
+            typer.Option(
+                "--dtype",
+                help="float32, bfloat16 or float16 (default: bfloat16 for real bases on CUDA, else float32).",
+            ),
+        ] = None,
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="Do not draw a progress bar.")
         ] = False,
@@ -78,7 +90,7 @@ def add_commands(app: typer.Typer) -> None:
                 merges=parse_merges(merge),
                 metrics=parse_metrics(metrics),
             )
-            result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress)
+            result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress, dtype)
             outputs = result.pop("_outputs")
             reg.update_collection_metrics(col.version, {"eval": result})
         if report:

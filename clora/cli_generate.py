@@ -70,17 +70,38 @@ def add_commands(app: typer.Typer) -> None:
                 "match the unfused LoRA within float rounding).",
             ),
         ] = True,
-        device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, ...")] = "cpu",
+        resolution: Annotated[
+            int | None,
+            typer.Option(
+                "--resolution",
+                help="Edit at about this many pixels squared, each image keeping its aspect (default: the "
+                "collection's; the toy edits one fixed size).",
+            ),
+        ] = None,
+        device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
+        dtype: Annotated[
+            str | None,
+            typer.Option(
+                "--dtype",
+                help="float32, bfloat16 or float16 (default: bfloat16 for real bases on CUDA, else float32).",
+            ),
+        ] = None,
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="Do not draw a progress bar.")
         ] = False,
     ) -> None:
-        """Edit images with one or more effects of a unified LoRA, in a few steps."""
+        """Edit images with one or more effects of a unified LoRA, in a few steps.
+
+        Each image is edited at about the collection's resolution with its own aspect (images of one
+        size share a batch), and written at its own aspect."""
         import torch
 
+        from clora.bases import get_factory
+        from clora.devices import pick
         from clora.distill.config import DistillConfig
+        from clora.distill.prepare import read_source
         from clora.generate import UnifiedModel, cascade_edit, teacher_edit
-        from clora.images import contact_sheet, read_image, write_png
+        from clora.images import contact_sheet, write_png
         from clora.progress import progress_bar
 
         st = state(ctx)
@@ -115,71 +136,81 @@ def add_commands(app: typer.Typer) -> None:
                             else "it needs a distill (`clora distill --incremental`)"
                         )
                         raise CloraError(f"effect '{name}' is not in collection v{col.version}; {where}")
-        cfg = DistillConfig.model_validate_json(col.config_json) if col is not None else DistillConfig()
-
-        if teacher or cascade:
-            e = registered[effect[0]]
-            base_id = e.base_id or (col.base_id if col is not None else None)
-            if base_id is None:
-                raise CloraError(f"effect '{e.name}' is unbound; pass it a base with `clora base use ID`")
-            bb = st.components.get_backbone(base_id).load(device)
-            model = None
-        else:
-            assert col is not None
-            model = UnifiedModel.load(st.components, col.file, device=device, fuse=fuse)
-            bb = model.backbone
+            cfg = DistillConfig.model_validate_json(col.config_json) if col is not None else DistillConfig()
+            if teacher or cascade:
+                e = registered[effect[0]]
+                base_id = e.base_id or (col.base_id if col is not None else None)
+                if base_id is None:
+                    raise CloraError(f"effect '{e.name}' is unbound; pass it a base with `clora base use ID`")
+                factory = get_factory(st.components, reg, base_id)
+                dev, dt, _ = pick(device, dtype, factory.default_dtype(device))
+                bb = factory.load(dev, dt)
+                model = None
+            else:
+                assert col is not None
+                model = UnifiedModel.load(
+                    st.components, col.file, device=device, dtype=dtype, fuse=fuse, registry=reg
+                )
+                bb = model.backbone
+        res = resolution or cfg.resolution
         single_file = len(files) == 1 and out.suffix.lower() == ".png"
         if not single_file:
             out.mkdir(parents=True, exist_ok=True)
         tag = "+".join(effect) + (".teacher" if teacher else ".cascade" if cascade else "")
         rows: list[list[torch.Tensor]] = []
         written: list[Path] = []
+        # images of one edit size share a batch; each is written back at its own aspect
+        sized = [(f, read_source(f, bb, res)) for f in files]
+        by_size: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
+        for f, img in sized:
+            by_size.setdefault(tuple(img.shape[-2:]), []).append((f, img))  # type: ignore[arg-type]
         with progress_bar(not no_progress) as bar:
             task = bar.add_task("generate", total=len(files), info="")
-            for i in range(0, len(files), batch_size):
-                chunk = files[i : i + batch_size]
-                images = torch.stack([read_image(f, bb.image_size) for f in chunk]).to(bb.device, bb.dtype)
-                if model is None:
-                    if teacher:
-                        edited = teacher_edit(
-                            bb,
-                            st.components,
-                            e.lora_path,
-                            e.teacher_prompt,
-                            images,
-                            steps=steps or cfg.teacher_steps,
-                            guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
-                            shift=cfg.shift,
-                            seed=seed,
-                        )
+            for group in by_size.values():
+                for i in range(0, len(group), batch_size):
+                    chunk = group[i : i + batch_size]
+                    images = torch.stack([img for _, img in chunk]).to(bb.device, bb.dtype)
+                    if model is None:
+                        if teacher:
+                            edited = teacher_edit(
+                                bb,
+                                st.components,
+                                e.lora_path,
+                                e.teacher_prompt,
+                                images,
+                                steps=steps or cfg.teacher_steps or bb.default_teacher_steps,
+                                guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
+                                shift=cfg.shift,
+                                seed=seed,
+                            )
+                        else:
+                            assert cascade is not None
+                            edited = cascade_edit(
+                                bb,
+                                st.components,
+                                e.lora_path,
+                                e.teacher_prompt,
+                                cascade,
+                                images,
+                                steps=steps,
+                                seed=seed,
+                            )
                     else:
-                        assert cascade is not None
-                        edited = cascade_edit(
-                            bb,
-                            st.components,
-                            e.lora_path,
-                            e.teacher_prompt,
-                            cascade,
-                            images,
-                            steps=steps,
-                            seed=seed,
-                        )
-                else:
-                    edited = model.edit(images, effect, prompt=prompt, steps=steps, seed=seed)
-                for f, img in zip(chunk, edited, strict=True):
-                    target = out if single_file else out / f"{f.stem}.{tag}.png"
-                    write_png(img, target)
-                    written.append(target)
-                if grid:
-                    columns = [images]
-                    if len(effect) > 1 and model is not None:
-                        columns += [
-                            model.edit(images, [name], prompt=prompt, steps=steps, seed=seed)
-                            for name in effect
-                        ]
-                    columns.append(edited)
-                    rows += [[c[j] for c in columns] for j in range(len(chunk))]
-                bar.advance(task, len(chunk))
+                        edited = model.edit(images, effect, prompt=prompt, steps=steps, seed=seed)
+                    for (f, _), img in zip(chunk, edited, strict=True):
+                        target = out if single_file else out / f"{f.stem}.{tag}.png"
+                        write_png(img, target, aspect_of=f)
+                        written.append(target)
+                    if grid:
+                        columns = [images]
+                        if len(effect) > 1 and model is not None:
+                            columns += [
+                                model.edit(images, [name], prompt=prompt, steps=steps, seed=seed)
+                                for name in effect
+                            ]
+                        columns.append(edited)
+                        rows += [[c[j] for c in columns] for j in range(len(chunk))]
+                    bar.advance(task, len(chunk))
         if grid:
             sheet = (out.parent if single_file else out) / f"grid.{tag}.png"
             contact_sheet(rows, sheet)

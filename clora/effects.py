@@ -8,19 +8,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+from clora.bases import get_factory
 from clora.errors import CloraError, InvalidNameError
 from clora.lora import check_fits, read_lora
 from clora.plugins import Components
 from clora.registry import Effect, Registry
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_BASE_KEY = "default_base"
 
 
 def validate_name(name: str) -> None:
     """Raise unless ``name`` is a safe identifier (no path separators, no '..', 1-64 chars)."""
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidNameError(
             f"invalid effect name {name!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a "
             "letter or digit, without '..' or path separators"
@@ -40,7 +41,7 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 
 def resolve_base(registry: Registry, base: str | None) -> str | None:
     """The base an effect binds to: ``base``, else the workspace default, else None (unbound)."""
-    return base or registry.get_setting(DEFAULT_BASE_KEY)
+    return base or registry.get_setting(DEFAULT_BASE_KEY) or None
 
 
 def add_effect(
@@ -78,7 +79,7 @@ def _lora_fields(
 ) -> dict[str, Any]:
     """Read and check a LoRA file against the base; the registry columns that describe it."""
     base_id = resolve_base(registry, base)
-    shapes = components.get_backbone(base_id).module_shapes() if base_id else None
+    shapes = get_factory(components, registry, base_id).module_shapes() if base_id else None
     lora = read_lora(lora_path, components.teacher_providers(), module_names=shapes)
     if base_id and shapes is not None:
         check_fits(lora.modules, shapes, base_id)

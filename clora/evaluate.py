@@ -16,17 +16,29 @@ import torch
 
 from clora.backbone import Backbone
 from clora.distill.config import DistillConfig
-from clora.distill.prepare import digest, effect_seed, load_images, tensor_digest
+from clora.distill.prepare import NEUTRAL_INSTRUCTIONS, digest, effect_seed, tensor_digest
+from clora.effects import list_images
 from clora.errors import CloraError
 from clora.fileio import save_safetensors, sha256_file
-from clora.generate import UnifiedModel, cascade_edit, drop_adapters, full_edit, teacher_edit, unfuse
+from clora.generate import (
+    UnifiedModel,
+    cascade_edit,
+    drop_adapters,
+    full_edit,
+    load_teacher,
+    sample_few_steps,
+    sample_full,
+    teacher_edit,
+    unfuse,
+)
+from clora.images import read_image
 from clora.merge import MERGE_TYPES, merge_teachers
 from clora.metrics import nearest
 from clora.paths import clora_home
 from clora.plugins import Components
 from clora.progress import progress_bar
 from clora.registry import Collection, Registry
-from clora.sampling import euler_sample, few_step_sample, noise_key
+from clora.sampling import noise_key
 
 #: what each per-effect row compares, scored with every metric (result key -> label)
 COMPARISONS = {
@@ -67,12 +79,13 @@ class OutputCache:
 
     def __init__(self, bb: Backbone, cfg: DistillConfig, sources: torch.Tensor, seed: int) -> None:
         self.root = clora_home() / "cache" / "eval"
-        #: the CFG scale of every full-sampler baseline
+        #: the guidance scale and steps of every full-sampler baseline
         self.guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
+        self.steps: int = cfg.teacher_steps or bb.default_teacher_steps
         self.common = {
             "base": bb.fingerprint,
             "images": tensor_digest(sources),
-            "steps": cfg.teacher_steps,
+            "steps": self.steps,
             "guidance": self.guidance,
             "shift": cfg.shift,
             "seed": seed,
@@ -110,6 +123,7 @@ def evaluate(
     options: EvalOptions | None = None,
     device: str = "cpu",
     show_progress: bool = True,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Score ``collection`` against its teachers (and the truth, where known); see README for the shape."""
     opt = options or EvalOptions()
@@ -120,17 +134,16 @@ def evaluate(
         problem = metric.unavailable() if hasattr(metric, "unavailable") else None
         if problem:
             raise CloraError(f"metric '{metric_id}' is not available: {problem}")
-    model = UnifiedModel.load(components, collection.file, device=device)
+    model = UnifiedModel.load(components, collection.file, device=device, dtype=dtype, registry=registry)
     bb = model.backbone
     names = effects or model.effects
     for n in names:
         model.check_effect(n)
     registered = {e.name: e for e in registry.list_effects()}
-
-    if opt.images_dir:
-        sources = load_images(opt.images_dir, bb.image_size, opt.n_images).to(bb.device, bb.dtype)
-    else:
-        sources = bb.sample_sources(opt.n_images, effect_seed("clora-eval", opt.seed)).to(bb.device, bb.dtype)
+    cfg = cfg.model_copy(update={"teacher_steps": cfg.teacher_steps or bb.default_teacher_steps})
+    sources = eval_sources(
+        bb, opt, cfg.resolution, [registered[n].examples_dir for n in names if n in registered]
+    )
 
     def score(a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
         return None if b is None else {m: _mean(fn(a, b)) for m, fn in metrics.items()}
@@ -161,7 +174,7 @@ def evaluate(
                         e.lora_path,
                         e.teacher_prompt,
                         sources,
-                        steps=cfg.teacher_steps,
+                        steps=cache.steps,
                         guidance=cache.guidance,
                         shift=cfg.shift,
                         seed=opt.seed,
@@ -209,7 +222,7 @@ def evaluate(
         "effects": per,
         "overall": _overall(per),
         "bleeding": _bleeding(names, outputs),
-        "retention": _retention(model, opt, cfg),
+        "retention": _retention(model, opt, cfg, sources),
         "cost": _cost(
             bb,
             model,
@@ -226,6 +239,30 @@ def evaluate(
     }
     result["_outputs"] = {"sources": sources, "per_effect": outputs}
     return result
+
+
+def eval_sources(
+    bb: Backbone, opt: EvalOptions, resolution: int | None, examples: list[str | None]
+) -> torch.Tensor:
+    """The held-out images every effect is scored on, one size for all (square crops at the
+    collection's resolution): ``--images``, else the base's built-in sources, else the effects' examples."""
+    size = bb.image_size_for(1, 1, resolution)
+    if opt.images_dir:
+        files = list_images(opt.images_dir)
+    else:
+        try:
+            return bb.sample_sources(opt.n_images, effect_seed("clora-eval", opt.seed)).to(
+                bb.device, bb.dtype
+            )
+        except CloraError:
+            files = [p for d in sorted({e for e in examples if e}) for p in list_images(d)]
+            if not files:
+                raise CloraError(
+                    f"base '{bb.base_id}' has no built-in images and the effects have no examples; "
+                    "pass --images DIR"
+                ) from None
+    images = [read_image(f, size, crop=True) for f in files[: opt.n_images]]
+    return torch.stack(images).to(bb.device, bb.dtype)
 
 
 def _merged(
@@ -269,7 +306,7 @@ def _merged(
                 images, _ = cache.get(
                     where[n],
                     lambda e=e, a=adapter: full_edit(
-                        bb, a, e.teacher_prompt, sources, cfg.teacher_steps, guidance, cfg.shift, opt.seed
+                        bb, a, e.teacher_prompt, sources, cache.steps, guidance, cfg.shift, opt.seed
                     ),
                 )
                 out[n][merge] = images.to(sources)
@@ -329,27 +366,26 @@ def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> 
     return out
 
 
-def _retention(model: UnifiedModel, opt: EvalOptions, cfg: DistillConfig) -> dict[str, Any] | None:
-    """General edits with the unified LoRA (few steps) vs the base model alone (full sampler)."""
+def _retention(
+    model: UnifiedModel, opt: EvalOptions, cfg: DistillConfig, sources: torch.Tensor
+) -> dict[str, Any] | None:
+    """General edits with the unified LoRA (few steps) vs the base model alone (full sampler, no
+    guidance): the base's built-in general edits, else the held-out images with neutral instructions."""
     bb = model.backbone
     try:
         images, prompts = bb.general_edits(opt.general_prompts, effect_seed("clora-eval-general", opt.seed))
-    except Exception:  # a base without built-in general edits: nothing to measure
-        return None
+    except CloraError:
+        images = sources[: opt.general_prompts]
+        prompts = [NEUTRAL_INSTRUCTIONS[i % len(NEUTRAL_INSTRUCTIONS)] for i in range(len(images))]
     from clora.metrics import psnr
 
-    source = bb.encode_images(images)
-    g = torch.Generator().manual_seed(opt.seed)
+    assert cfg.teacher_steps is not None
     tr = bb.transformer
     unfuse(tr)
     tr.disable_adapters()
-    base = bb.decode_latents(
-        euler_sample(bb, source, prompts, steps=cfg.teacher_steps, guidance=0.0, generator=g, shift=cfg.shift)
-    )
+    base = sample_full(bb, images, prompts, cfg.teacher_steps, 0.0, cfg.shift, opt.seed)
     model.activate()
-    g = torch.Generator().manual_seed(opt.seed)
-    sigmas = model.sigmas(None).to(bb.device, bb.dtype)
-    student = bb.decode_latents(few_step_sample(bb, source, prompts, sigmas, g))
+    student = sample_few_steps(bb, images, prompts, model.sigmas(None), opt.seed)
     return {"prompts": len(prompts), "student_vs_base_psnr": _mean(psnr(student, base))}
 
 
@@ -375,11 +411,11 @@ def _cost(
     for i, n in enumerate(names):
         bb.encode_prompts([model.prompt([n], extra=f"request {i}")])
     unified_switch = (time.perf_counter() - t0) / max(len(names), 1)
-    # one LoRA per effect: load the effect's file into the model and activate it (diffusers)
+    # one LoRA per effect: read the effect's file (its own format), load it into the model, activate it
     t0 = time.perf_counter()
     for i, f in enumerate(teacher_files):
         name = f"switch{i}"
-        tr.load_lora_adapter(str(f), prefix="transformer", adapter_name=name, use_safetensors=True)
+        load_teacher(bb, components, str(f), name)
         tr.set_adapter(name)
         tr.delete_adapters([name])
     per_file_switch = (time.perf_counter() - t0) / max(len(teacher_files), 1)
@@ -397,7 +433,7 @@ def _cost(
             "files": len(teacher_files),
             "bytes": sum(f.stat().st_size for f in teacher_files),
             "switch_ms": round(per_file_switch * 1e3, 3),
-            "nfe": 2 * cfg.teacher_steps,
+            "nfe": 2 * (cfg.teacher_steps or bb.default_teacher_steps),
             "ms_per_image": round(t_teacher / n_calls * 1e3, 3),
         },
     }

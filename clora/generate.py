@@ -10,9 +10,13 @@ from typing import Any
 import torch
 
 from clora.backbone import Backbone
+from clora.bases import get_factory
+from clora.devices import pick
 from clora.errors import CloraError, UnknownEffectError
+from clora.lora import add_lora_adapter, linear_shapes, read_lora
 from clora.plugins import Components
-from clora.sampling import few_step_sample, few_step_sigmas
+from clora.registry import Registry
+from clora.sampling import euler_sample, few_step_sample, few_step_sigmas
 from clora.unified import UnifiedHeader, read_header
 
 ADAPTER = "unified"
@@ -60,16 +64,21 @@ class UnifiedModel:
         components: Components,
         file: str | os.PathLike[str],
         device: str = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         backbone: Backbone | None = None,
         fuse: bool = True,
+        registry: Registry | None = None,
     ) -> UnifiedModel:
-        """Load the base named in ``file``'s header (or use ``backbone``) and attach the unified LoRA
-        (``fuse``: merge it into the base weights when editing; see the class)."""
+        """Load the base named in ``file``'s header (a folder recorded in ``registry``, or a plugin's base;
+        or use ``backbone``) and attach the unified LoRA (``fuse``: merge it into the base weights when
+        editing; see the class). ``dtype`` None: the base's default on ``device``."""
         path = Path(file)
         header = read_header(path)
         if backbone is None:
-            backbone = components.get_backbone(header.base_id).load(device, dtype)
+            factory = get_factory(components, registry, header.base_id)
+            name = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")
+            dev, dt, _ = pick(device, name, factory.default_dtype(device))
+            backbone = factory.load(dev, dt)
         if backbone.fingerprint != header.base_fingerprint:
             raise CloraError(
                 f"{path} was distilled on other weights of base '{header.base_id}' than the ones installed; "
@@ -128,6 +137,11 @@ class UnifiedModel:
             return torch.tensor(self.header.few_step_sigmas)
         return few_step_sigmas(steps, self.header.shift)
 
+    @property
+    def resolution(self) -> int | None:
+        """The resolution the collection was distilled at (its sources' size)."""
+        return self.header.resolution
+
     @torch.no_grad()
     def edit(
         self,
@@ -137,20 +151,62 @@ class UnifiedModel:
         steps: int | None = None,
         seed: int = 0,
     ) -> torch.Tensor:
-        """Edit ``images [B,3,H,W]`` in [0,1] with ``effects`` (composed in order); images in [0,1] out."""
-        bb = self.backbone
+        """Edit ``images [B,3,H,W]`` in [0,1] (one size; see ``Backbone.image_size_for``) with ``effects``
+        (composed in order); images in [0,1] out."""
         self.activate()
         text = self.prompt(effects, prompt)
-        source = bb.encode_images(images)
-        g = torch.Generator().manual_seed(seed)
-        out = few_step_sample(bb, source, [text] * len(images), self.sigmas(steps).to(bb.device, bb.dtype), g)
-        return bb.decode_latents(out)
+        return sample_few_steps(self.backbone, images, [text] * len(images), self.sigmas(steps), seed)
+
+
+def sample_few_steps(
+    backbone: Backbone, images: torch.Tensor, prompts: list[str], sigmas: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """The few-step sampler with whatever adapters are active, from pixels to pixels."""
+    bb = backbone
+    images = images.to(bb.device, bb.dtype)
+    source = bb.encode_sources(images)
+    cond = bb.encode_prompts(prompts, images)
+    first, renoise = bb.sampler_generators(seed)
+    shape = (len(images), *bb.latent_shape(int(images.shape[-2]), int(images.shape[-1])))
+    out = few_step_sample(
+        bb, source, cond, sigmas.to(bb.device, bb.dtype), first, shape=shape, renoise_generator=renoise
+    )
+    return bb.decode_latents(out)
+
+
+def sample_full(
+    backbone: Backbone,
+    images: torch.Tensor,
+    prompts: list[str],
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+) -> torch.Tensor:
+    """The full Euler sampler with the backbone's guidance and whatever adapters are active."""
+    bb = backbone
+    images = images.to(bb.device, bb.dtype)
+    source = bb.encode_sources(images)
+    shape = (len(images), *bb.latent_shape(int(images.shape[-2]), int(images.shape[-1])))
+    g = torch.Generator().manual_seed(seed)
+    out = euler_sample(
+        bb,
+        source,
+        prompts,
+        steps=steps,
+        guidance=guidance,
+        generator=g,
+        shift=shift,
+        images=images,
+        shape=shape,
+    )
+    return bb.decode_latents(out)
 
 
 @torch.no_grad()
 def full_edit(
     backbone: Backbone,
-    adapter: str,
+    adapter: str | None,
     prompt: str,
     images: torch.Tensor,
     steps: int = 20,
@@ -158,19 +214,26 @@ def full_edit(
     shift: float = 3.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """The base with the loaded adapter ``adapter`` and ``prompt``: full Euler sampler with CFG."""
-    from clora.sampling import euler_sample
-
+    """The base with the loaded adapter ``adapter`` (None: no adapter) and ``prompt``: full Euler
+    sampler with guidance."""
     tr = backbone.transformer
     unfuse(tr)
-    tr.enable_adapters()
-    tr.set_adapter(adapter)
-    g = torch.Generator().manual_seed(seed)
-    source = backbone.encode_images(images)
-    out = euler_sample(
-        backbone, source, [prompt] * len(images), steps=steps, guidance=guidance, generator=g, shift=shift
-    )
-    return backbone.decode_latents(out)
+    if adapter is None:
+        tr.disable_adapters()
+    else:
+        tr.enable_adapters()
+        tr.set_adapter(adapter)
+    return sample_full(backbone, images, [prompt] * len(images), steps, guidance, shift, seed)
+
+
+def load_teacher(backbone: Backbone, components: Components, lora_path: str, adapter: str) -> None:
+    """Load an effect's LoRA file (any registered format) as adapter ``adapter`` of the backbone: the one
+    way every command loads a teacher."""
+    tr = backbone.transformer
+    unfuse(tr)
+    lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
+    drop_adapters(tr, [adapter])
+    add_lora_adapter(tr, lora.modules, adapter)
 
 
 @torch.no_grad()
@@ -185,19 +248,13 @@ def teacher_edit(
     shift: float = 3.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """The old way: base + the effect's own LoRA, full Euler sampler with CFG."""
-    from clora.lora import add_lora_adapter, linear_shapes, read_lora
-
-    tr = backbone.transformer
-    unfuse(tr)
-    lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
+    """The old way: base + the effect's own LoRA, full Euler sampler with guidance."""
     name = "teacher_edit"
-    drop_adapters(tr, [name])
-    add_lora_adapter(tr, lora.modules, name)
+    load_teacher(backbone, components, lora_path, name)
     try:
         return full_edit(backbone, name, teacher_prompt, images, steps, guidance, shift, seed)
     finally:
-        tr.delete_adapters([name])
+        backbone.transformer.delete_adapters([name])
 
 
 @torch.no_grad()
@@ -212,14 +269,10 @@ def cascade_edit(
     seed: int = 0,
 ) -> torch.Tensor:
     """The paper's baseline: the effect LoRA stacked with an acceleration LoRA, sampled in few steps."""
-    from clora.lora import add_lora_adapter, linear_shapes, read_lora
-
     header = read_header(accel_file)
     tr = backbone.transformer
-    unfuse(tr)
-    lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
-    drop_adapters(tr, ["cascade_effect", "cascade_accel"])
-    add_lora_adapter(tr, lora.modules, "cascade_effect")
+    load_teacher(backbone, components, lora_path, "cascade_effect")
+    drop_adapters(tr, ["cascade_accel"])
     tr.load_lora_adapter(
         str(accel_file), prefix="transformer", adapter_name="cascade_accel", use_safetensors=True
     )
@@ -231,11 +284,6 @@ def cascade_edit(
             if steps is None or steps == len(header.few_step_sigmas)
             else few_step_sigmas(steps, header.shift)
         )
-        g = torch.Generator().manual_seed(seed)
-        source = backbone.encode_images(images)
-        out = few_step_sample(
-            backbone, source, [teacher_prompt] * len(images), sigmas.to(backbone.device, backbone.dtype), g
-        )
-        return backbone.decode_latents(out)
+        return sample_few_steps(backbone, images, [teacher_prompt] * len(images), sigmas, seed)
     finally:
         tr.delete_adapters(["cascade_effect", "cascade_accel"])

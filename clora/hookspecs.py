@@ -35,6 +35,16 @@ def register_backbones(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_base_kinds(register: Callable[[Any], None]) -> None:
+    """Register kinds of local model folders that ``clora base add NAME --path DIR`` can record.
+
+    :param register: call with a :class:`clora.backbone.BaseKind`; its ``kind_id`` is stored on each
+        base added with it, and its ``detect(model_index)`` lets ``clora base add`` find the kind of a
+        folder from its ``model_index.json``.
+    """
+
+
+@hookspec
 def register_teacher_providers(register: Callable[[Any], None]) -> None:
     """Register readers that turn an effect's teacher (a LoRA file in some format) into an adapter.
 

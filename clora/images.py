@@ -14,17 +14,31 @@ from clora.errors import CloraError
 from clora.fileio import atomic_path
 
 
-def read_image(path: str | os.PathLike[str], size: tuple[int, int]) -> torch.Tensor:
-    """One image as ``[3,H,W]`` in [0,1], resized to ``size`` (H, W); a one-line error if unreadable."""
+def read_image(path: str | os.PathLike[str], size: tuple[int, int], crop: bool = False) -> torch.Tensor:
+    """One image as ``[3,H,W]`` in [0,1], resized to ``size`` (H, W) (``crop``: first cut to that aspect
+    around the centre, so nothing is stretched); a one-line error if unreadable."""
     p = Path(path)
     if not p.is_file():
         raise CloraError(f"image not found: {p}")
     try:
         with Image.open(p) as im:
-            rgb = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            rgb = im.convert("RGB")
+            if crop:
+                rgb = _centre_crop(rgb, size[1] / size[0])
+            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError) as e:
         raise CloraError(f"cannot read image {p} ({e.__class__.__name__}); use PNG or JPEG") from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _centre_crop(im: Image.Image, ratio: float) -> Image.Image:
+    """The largest centred part of ``im`` with width / height ``ratio``."""
+    w, h = im.size
+    if w / h > ratio:
+        cw = max(1, round(h * ratio))
+        return im.crop(((w - cw) // 2, 0, (w - cw) // 2 + cw, h))
+    ch = max(1, round(w / ratio))
+    return im.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch))
 
 
 def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
@@ -35,10 +49,24 @@ def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     return im
 
 
-def write_png(image: torch.Tensor, path: str | os.PathLike[str], scale: int = 1) -> None:
-    """Write ``[3,H,W]`` in [0,1] as a PNG, atomically."""
+def write_png(
+    image: torch.Tensor,
+    path: str | os.PathLike[str],
+    scale: int = 1,
+    aspect_of: str | os.PathLike[str] | None = None,
+) -> None:
+    """Write ``[3,H,W]`` in [0,1] as a PNG, atomically; ``aspect_of``: an image file whose aspect the
+    output takes (resized to it at the same number of pixels, when the two differ)."""
+    im = to_pil(image, scale)
+    if aspect_of is not None:
+        with Image.open(aspect_of) as src:
+            w0, h0 = src.size
+        if w0 * im.height != h0 * im.width:
+            area = im.width * im.height
+            h = max(1, round((area * h0 / w0) ** 0.5))
+            im = im.resize((max(1, round(h * w0 / h0)), h), Image.Resampling.BICUBIC)
     with atomic_path(path) as tmp:
-        to_pil(image, scale).save(tmp, format="PNG")
+        im.save(tmp, format="PNG")
 
 
 def contact_sheet(
@@ -47,7 +75,8 @@ def contact_sheet(
     """A grid PNG: one row per sequence of ``[3,H,W]`` images (e.g. source | truth | output)."""
     if not rows:
         raise CloraError("nothing to draw in the contact sheet")
-    h, w = rows[0][0].shape[-2:]
+    h = max(int(img.shape[-2]) for row in rows for img in row)
+    w = max(int(img.shape[-1]) for row in rows for img in row)
     pad = 2
     cols = max(len(r) for r in rows)
     sheet = Image.new(

@@ -20,6 +20,7 @@ from clora.errors import DuplicateIdError, UnknownBackboneError, UnknownComponen
 #: kind -> (hook name, id attribute)
 KINDS: dict[str, tuple[str, str]] = {
     "backbones": ("register_backbones", "backbone_id"),
+    "base_kinds": ("register_base_kinds", "kind_id"),
     "teacher_providers": ("register_teacher_providers", "format_id"),
     "captioners": ("register_captioners", "captioner_id"),
     "routers": ("register_routers", "router_id"),
@@ -113,6 +114,9 @@ class Components:
 
     def get_backbone(self, backbone_id: str) -> Any:
         return self.get("backbones", backbone_id)
+
+    def get_base_kind(self, kind_id: str) -> Any:
+        return self.get("base_kinds", kind_id)
 
     def get_router(self, router_id: str) -> Any:
         return self.get("routers", router_id)

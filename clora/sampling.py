@@ -1,8 +1,8 @@
 """Generic flow-matching samplers over any :class:`clora.backbone.Backbone` (nothing toy-specific).
 
 Convention: ``x_t = (1 - s) x0 + s eps``, the model predicts ``v = eps - x0``, so ``x0 = x_t - s v``.
-CFG is the DMD form ``cond + g * (cond - uncond)`` with the empty prompt as ``uncond``; ``g = 0``
-skips the unconditional pass.
+Guidance is the backbone's (``Backbone.combine_guidance``; by default DMD's ``cond + g * (cond -
+uncond)``) with its negative prompt as ``uncond``; ``g = 0`` skips the unconditional pass.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.view(-1, *([1] * (like.ndim - 1)))
 
 
-def _embeds(backbone: Backbone, prompts: PromptEmbeds | list[str]) -> PromptEmbeds:
-    return backbone.encode_prompts(prompts) if isinstance(prompts, list) else prompts
+def _embeds(
+    backbone: Backbone, prompts: PromptEmbeds | list[str], images: torch.Tensor | None
+) -> PromptEmbeds:
+    return backbone.encode_prompts(prompts, images) if isinstance(prompts, list) else prompts
 
 
 def guided_velocity(
@@ -69,10 +71,11 @@ def guided_velocity(
     uncond: PromptEmbeds | None,
     guidance: float,
 ) -> torch.Tensor:
-    """Velocity with DMD-style CFG ``cond + g (cond - uncond)`` (one batched pass for both)."""
+    """Velocity with the backbone's classifier-free guidance at scale ``guidance`` (one batched pass
+    for the conditional and unconditional rows; none when the scale needs no unconditional pass)."""
     b = noisy.shape[0]
     sigma = torch.as_tensor(sigma, dtype=noisy.dtype, device=noisy.device).expand(b)
-    if guidance == 0 or uncond is None:
+    if uncond is None or not backbone.guidance_active(guidance):
         return backbone.predict_velocity(noisy, sigma, source, cond)
     from clora.backbone import PromptEmbeds
 
@@ -82,8 +85,22 @@ def guided_velocity(
         torch.cat([source, source]),
         PromptEmbeds.cat([cond, uncond]),
     )
-    v_cond, v_uncond = both[:b], both[b:]
-    return v_cond + guidance * (v_cond - v_uncond)
+    return backbone.combine_guidance(both[:b], both[b:], guidance)
+
+
+def _start(
+    backbone: Backbone,
+    source_latents: torch.Tensor,
+    shape: torch.Size | tuple[int, ...] | None,
+    noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The sampler's first latents: ``noise``, else the backbone's initial noise of ``shape`` (default:
+    shaped like the source latents, as on bases whose target and source latents match)."""
+    if noise is None:
+        size = torch.Size(shape) if shape is not None else source_latents.shape
+        noise = backbone.initial_noise(size, generator)
+    return noise.to(source_latents.device, source_latents.dtype)
 
 
 @torch.no_grad()
@@ -96,14 +113,20 @@ def euler_sample(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     shift: float = 3.0,
+    *,
+    uncond: PromptEmbeds | None = None,
+    images: torch.Tensor | None = None,
+    shape: torch.Size | tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """Full Euler ODE sampling from pure noise; returns target latents like ``source_latents``."""
-    cond = _embeds(backbone, prompts)
-    uncond = backbone.encode_prompts([""] * len(cond)) if guidance else None
-    if noise is None:
-        noise = backbone.sampling_noise(source_latents.shape, generator)
-    x = noise.to(source_latents.device, source_latents.dtype)
-    sigmas = sigma_schedule(steps, shift).tolist()
+    """Full Euler ODE sampling from pure noise on the backbone's own schedule (``teacher_sigmas``);
+    returns target latents of ``shape`` (default: like ``source_latents``). ``prompts`` as text are
+    encoded with ``images`` (the sources, for models whose prompt encoder sees them); ``uncond``
+    defaults to the backbone's negative prompt."""
+    cond = _embeds(backbone, prompts, images)
+    if uncond is None and backbone.guidance_active(guidance):
+        uncond = backbone.encode_prompts([backbone.negative_prompt] * len(cond), images)
+    x = _start(backbone, source_latents, shape, noise, generator)
+    sigmas = backbone.teacher_sigmas(steps, tuple(x.shape[1:]), shift).tolist()
     for s, s_next in itertools.pairwise(sigmas):
         v = guided_velocity(backbone, x, torch.tensor(s), source_latents, cond, uncond, guidance)
         x = x + (s_next - s) * v
@@ -118,18 +141,22 @@ def few_step_sample(
     sigmas: torch.Tensor,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    images: torch.Tensor | None = None,
+    shape: torch.Size | tuple[int, ...] | None = None,
+    renoise_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Few-step sampling: at each level predict x0, then re-noise it to the next level with fresh noise."""
-    cond = _embeds(backbone, prompts)
-    if noise is None:
-        noise = backbone.sampling_noise(source_latents.shape, generator)
-    x = noise.to(source_latents.device, source_latents.dtype)
+    """Few-step sampling: at each level predict x0, then re-noise it to the next level with fresh noise
+    (drawn from ``renoise_generator``, default ``generator``)."""
+    cond = _embeds(backbone, prompts, images)
+    x = _start(backbone, source_latents, shape, noise, generator)
+    renoise = renoise_generator if renoise_generator is not None else generator
     levels = sigmas.tolist()
     x0 = x
     for i, s in enumerate(levels):
         sigma = torch.tensor(s)
         x0 = x0_from_velocity(x, backbone.predict_velocity(x, sigma, source_latents, cond), sigma)
         if i + 1 < len(levels):
-            fresh = backbone.sampling_noise(x0.shape, generator).to(x0)
+            fresh = backbone.sampling_noise(x0.shape, renoise).to(x0)
             x = add_noise(x0, fresh, torch.tensor(levels[i + 1]))
     return x0

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from clora.errors import TriggerError
 
-TRIGGER_RE = re.compile(r"^[a-z][a-z0-9]{3,23}$")
+TRIGGER_RE = re.compile(r"[a-z][a-z0-9]{3,23}")
 _WORD_RE = re.compile(r"[a-z0-9]+")
 #: words this short are ignored for containment (they are sub-words of almost everything)
 MIN_WORD = 3
@@ -43,7 +43,7 @@ def collision(trigger: str, triggers: Iterable[str], reserved_words: Iterable[st
 
 def validate_trigger(trigger: str, triggers: Iterable[str], reserved_words: Iterable[str]) -> None:
     """Raise :class:`TriggerError` unless ``trigger`` is well-formed and free."""
-    if not TRIGGER_RE.match(trigger):
+    if not TRIGGER_RE.fullmatch(trigger):
         raise TriggerError(
             f"invalid trigger '{trigger}': use one lower-case word of 4-24 letters/digits starting "
             "with a letter"

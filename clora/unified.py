@@ -42,6 +42,8 @@ class UnifiedHeader:
     target_modules: list[str]
     run_id: str
     parent_version: int | None
+    #: sources are resized to about resolution^2 pixels (None: files from before it was recorded)
+    resolution: int | None = None
     clora_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -82,7 +84,8 @@ def read_header(path: str | os.PathLike[str]) -> UnifiedHeader:
     if "clora" not in meta:
         raise CloraError(f"{p} is not a clora unified LoRA (no 'clora' header)")
     data: dict[str, Any] = json.loads(meta["clora"])
-    return UnifiedHeader(**data)
+    known = set(UnifiedHeader.__dataclass_fields__)
+    return UnifiedHeader(**{k: v for k, v in data.items() if k in known})
 
 
 def read_student_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

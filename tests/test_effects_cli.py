@@ -117,7 +117,8 @@ def test_unbound_without_base_then_default_base(pm, make_lora) -> None:  # type:
     r = run(pm, "effect", "add", "a1", "--lora", make_lora("a"), "--prompt", "first one")
     assert r.exit_code == 0 and "unbound" in r.stdout
     assert run(pm, "base", "use", "shapes-only").exit_code == 0
-    assert "* shapes-only" in run(pm, "base", "list").stdout
+    bases = json.loads(run(pm, "base", "list", "--json").stdout)
+    assert [b["name"] for b in bases if b["default"]] == ["shapes-only"]
     r = run(pm, "effect", "add", "b1", "--lora", make_lora("b"), "--prompt", "second one")
     assert r.exit_code == 0, r.output
     by_name = {e["name"]: e for e in effects_json(pm)}
@@ -223,7 +224,7 @@ def test_trigger_never_reused_after_remove(pm, make_lora) -> None:  # type: igno
 
 def test_unknown_base_and_unknown_effect(pm, make_lora) -> None:  # type: ignore[no-untyped-def]
     r = run(pm, "effect", "add", "a", "--lora", make_lora(), "--prompt", "p", "--base", "nosuch")
-    assert r.exit_code == 1 and "no backbone 'nosuch'" in r.stderr and "shapes-only" in r.stderr
+    assert r.exit_code == 1 and "no base 'nosuch'" in r.stderr and "shapes-only" in r.stderr
     run(pm, "effect", "add", "sepia", "--lora", make_lora(), "--prompt", "p")
     r = run(pm, "effect", "show", "sepai")
     assert r.exit_code == 1 and "did you mean 'sepia'" in r.stderr

@@ -44,6 +44,11 @@ class AdapterSet:
         for name in (STUDENT, CRITIC):
             self.transformer.add_adapter(self.config, adapter_name=name)
         self.params = {name: self._params(name) for name in (STUDENT, CRITIC)}
+        # the trained LoRAs (and so their optimizer state) stay float32 over a bfloat16 base; peft casts
+        # each layer's input to its LoRA's dtype and the sum back to the base's
+        for params in self.params.values():
+            for param in params:
+                param.data = param.data.float()
         self._teachers: OrderedDict[str, str] = OrderedDict()  # lora path -> adapter name
         self.teacher_loads = 0
         self._train_flags()
@@ -117,7 +122,7 @@ class AdapterSet:
         return [(p, a_rows if ".lora_A." in name else b_cols) for name, p in self._named(adapter)]
 
     def load_state_dict(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
-        ref = self.params[adapter][0]
+        ref = self.params[adapter][0]  # set_peft_model_state_dict copies into the float32 parameters
         result = set_peft_model_state_dict(
             self.transformer, {k: v.to(ref.device, ref.dtype) for k, v in state.items()}, adapter_name=adapter
         )

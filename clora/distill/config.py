@@ -137,6 +137,17 @@ class DistillConfig(BaseModel):
         "makes the first DMD gradients point far past the teachers)",
     )
     batch_size: int = Field(16, ge=1, description="images per step")
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        description="split each step's batch into this many micro-batches whose gradients add up before "
+        "the optimizer step (same result, less memory, when the batch does not fit)",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute the transformer's activations in the backward pass instead of keeping them "
+        "(default: on for real bases, off for the toy)",
+    )
     lr: float = Field(6e-3, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
     critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the critic (reference: 1e-4)")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -181,7 +192,27 @@ class DistillConfig(BaseModel):
         "its score): 0 is the base as `clora eval` scores its retention; on the toy, the effects' CFG of 1 "
         "made the general targets 1-17 dB worse against the truth",
     )
-    teacher_steps: int = Field(20, ge=1, description="Euler steps of the teacher's full sampler for targets")
+    teacher_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Euler steps of the teacher's full sampler for targets (default: the base model's "
+        "choice: 20 on the toy, 40 on Qwen-Image-Edit)",
+    )
+    teacher_batch_size: int | None = Field(
+        None, ge=1, description="images per batch when sampling teacher targets (default: batch_size)"
+    )
+    resolution: int | None = Field(
+        None,
+        ge=16,
+        description="sources are resized to about resolution^2 pixels, keeping their aspect, to sides the "
+        "base needs (default: the base's own; the toy edits one fixed size and ignores it)",
+    )
+    general_data: str | None = Field(
+        None,
+        description="folder of general-stream images with prompts.jsonl ({image, prompt} per line) or "
+        "prompt.txt (one instruction for all); default: the base's built-in general edits, else the "
+        "effects' example images with built-in neutral instructions",
+    )
     sources_per_effect: int = Field(
         128,
         ge=1,
@@ -207,8 +238,10 @@ class DistillConfig(BaseModel):
     captioner: str = Field("template", description="captioner plugin id for effects without a caption")
     seed: int = Field(0, description="seed of routing, noise and data order")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the base and adapters"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="dtype of the frozen base (default: bfloat16 for real bases on CUDA, else float32); "
+        "the trained LoRAs and their optimizer state stay float32",
     )
 
     @field_validator("losses")
@@ -222,6 +255,11 @@ class DistillConfig(BaseModel):
     def _check(self) -> DistillConfig:
         if self.target_levels > self.few_steps:
             self.target_levels = self.few_steps
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accumulation "
+                f"({self.grad_accumulation})"
+            )
         if self.frozen_rank >= self.rank:
             raise ValueError(f"frozen_rank ({self.frozen_rank}) must be below rank ({self.rank})")
         return self

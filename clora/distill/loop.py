@@ -65,6 +65,8 @@ def balance_weights(groups: list[Group], running: dict[str, float], power: float
 
 @dataclass
 class Batch:
+    """One step's rows (one image size): sources, teacher targets and each row's conditioning."""
+
     stream: Literal["effect", "general"]
     groups: list[Group]
     source: torch.Tensor
@@ -72,6 +74,38 @@ class Batch:
     student_prompt: PromptEmbeds
     uncond: PromptEmbeds
     targets: torch.Tensor | None
+    #: per-sample shape of the target latents (what the student samples)
+    latent_shape: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.source.shape[0])
+
+    def split(self, n: int) -> list[Batch]:
+        """The batch as ``n`` micro-batches of consecutive rows (gradient accumulation)."""
+        if n == 1:
+            return [self]
+        size, out = len(self) // n, []
+        for i in range(n):
+            lo, hi = i * size, (i + 1) * size
+            rows = slice(lo, hi)
+            groups = [
+                Group(g.lora, max(g.start, lo) - lo, min(g.stop, hi) - lo, g.name)
+                for g in self.groups
+                if g.start < hi and g.stop > lo
+            ]
+            out.append(
+                Batch(
+                    self.stream,
+                    groups,
+                    self.source[rows],
+                    self.teacher_prompt.index(rows),
+                    self.student_prompt.index(rows),
+                    self.uncond.index(rows),
+                    None if self.targets is None else self.targets[rows],
+                    self.latent_shape,
+                )
+            )
+        return out
 
 
 @dataclass
@@ -80,6 +114,8 @@ class LoopState:
 
     step: int = 0
     route: tuple[Literal["effect", "general"], tuple[str, ...]] = ("general", ())
+    #: the image size (a bucket of the prepared rows) of the current block's batches
+    bucket: tuple[int, int] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     #: running mean of each effect's regression loss per row (``effect_balance``)
     effect_loss: dict[str, float] = field(default_factory=dict)
@@ -168,37 +204,48 @@ class Distiller:
             for step in range(start, total):
                 # 1. route: a coin flip per block picks the stream; the router picks the effects
                 if step % cfg.block_len == 0:
-                    self.state.route = self.choose_route()
+                    self.state.route, self.state.bucket = self.choose_route()
                 stream, effects = self.state.route
                 effect = ",".join(effects) or None
                 if step == anchor_end and anchor_end > 0 and cfg.critic_from_student:
                     self.critic_from_student()
-                # 2. batch
-                batch = self.make_batch(stream, effects)
+                # 2. batch (in micro-batches whose gradients add up, with grad_accumulation)
+                batch = self.make_batch(stream, effects, self.state.bucket)
+                micro = batch.split(cfg.grad_accumulation)
                 self.set_student_lr(step)
                 logged: dict[str, float] = {}
                 if step < anchor_end:
                     # the anchoring phase: regression onto the teacher targets, no simulation
                     if batch.targets is not None:
                         with self.timer("generator"):
-                            ctx = self.loss_context(batch, None)
-                            self.turn(ctx, "generator", step, logged)
-                            self.track_effect_losses(batch, ctx)
+                            for mb in micro:
+                                ctx = self.loss_context(mb, None)
+                                self.backward(ctx, "generator", step, logged, len(micro))
+                                self.track_effect_losses(mb, ctx)
+                            self.optimizer_step("generator")
                 else:
                     # 3. backward simulation; the last simulated step keeps its graph on generator turns
                     gen_turn = step >= warm_end and (step - warm_end) % cfg.gen_every == 0
-                    with self.timer("simulation"):
-                        sample = self.simulate(batch, with_grad=gen_turn)
-                    ctx = self.loss_context(batch, sample)
-                    # 4. generator turn
+                    contexts = []
+                    for mb in micro:
+                        with self.timer("simulation"):
+                            sample = self.simulate(mb, with_grad=gen_turn)
+                        ctx = self.loss_context(mb, sample)
+                        # 4. generator turn
+                        if gen_turn:
+                            with self.timer("generator"):
+                                self.backward(ctx, "generator", step, logged, len(micro))
+                                self.track_effect_losses(mb, ctx)
+                        ctx.sample = sample.detach()
+                        contexts.append(ctx)
                     if gen_turn:
                         with self.timer("generator"):
-                            self.turn(ctx, "generator", step, logged)
-                            self.track_effect_losses(batch, ctx)
-                    # 5. critic turn, on the same (now detached) student sample
-                    ctx.sample = sample.detach()
+                            self.optimizer_step("generator")
+                    # 5. critic turn, on the same (now detached) student samples
                     with self.timer("critic"):
-                        self.turn(ctx, "critic", step, logged)
+                        for ctx in contexts:
+                            self.backward(ctx, "critic", step, logged, len(micro))
+                        self.optimizer_step("critic")
                 # 6. log and checkpoint
                 self.state.step = step + 1
                 final.update(logged)
@@ -225,58 +272,71 @@ class Distiller:
     def _rng(self) -> random.Random:
         return random.Random(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
 
-    def choose_route(self) -> tuple[Literal["effect", "general"], tuple[str, ...]]:
-        """The next block: general, or effect with ``effects_per_batch`` distinct effects from the router."""
+    def choose_route(
+        self,
+    ) -> tuple[tuple[Literal["effect", "general"], tuple[str, ...]], tuple[int, int] | None]:
+        """The next block: general, or effect with ``effects_per_batch`` distinct effects from the router;
+        and the image size its batches have. The router's first effect picks the size (one of its own
+        images'); the others come from the effects that have images of that size."""
         rng = self._rng()
-        if not self.plan.effects or (rng.random() >= self.cfg.p_switch and len(self.data.general_prompts)):
-            return ("general", ())
+        if not self.plan.effects or (rng.random() >= self.cfg.p_switch and self.data.general_rows):
+            return ("general", ()), self._pick_bucket({s: len(r) for s, r in self.data.general.items()}, rng)
         chosen: list[str] = []
+        bucket: tuple[int, int] | None = None
         for _ in range(min(self.cfg.effects_per_batch, len(self.plan.effects), self.cfg.batch_size)):
-            names = [e.name for e in self.plan.effects if e.name not in chosen]
-            new = [n for n in self.plan.new_effects if n not in chosen]
+            names = [
+                e.name
+                for e in self.plan.effects
+                if e.name not in chosen and (bucket is None or bucket in self.data.effects[e.name])
+            ]
+            if not names:
+                break
+            new = [n for n in self.plan.new_effects if n in names]
             effect = self.router.choose(names, new, self.state.counts, self.cfg, rng)
             if effect not in names:
                 raise CloraError(f"router '{self.cfg.router}' chose unknown or repeated effect '{effect}'")
             self.state.counts[effect] = self.state.counts.get(effect, 0) + 1
             chosen.append(effect)
-        return ("effect", tuple(chosen))
+            if bucket is None:
+                bucket = self._pick_bucket({s: len(r) for s, r in self.data.effects[effect].items()}, rng)
+        return ("effect", tuple(chosen)), bucket
 
-    def make_batch(self, stream: Literal["effect", "general"], effects: tuple[str, ...]) -> Batch:
-        b, p = self.cfg.batch_size, self.data.prompts
-        uncond = PromptEmbeds.cat([p[""]] * b)
+    @staticmethod
+    def _pick_bucket(sizes: dict[tuple[int, int], int], rng: random.Random) -> tuple[int, int] | None:
+        """An image size, with probability by its number of images (no draw when there is one)."""
+        if len(sizes) <= 1:
+            return next(iter(sizes), None)
+        shapes = sorted(sizes)
+        return rng.choices(shapes, weights=[sizes[s] for s in shapes])[0]
+
+    def make_batch(
+        self, stream: Literal["effect", "general"], effects: tuple[str, ...], bucket: tuple[int, int] | None
+    ) -> Batch:
+        b, device, dtype = self.cfg.batch_size, self.backbone.device, self.backbone.dtype
         if stream == "effect" and effects:
-            groups, sources, targets, teacher, student = [], [], [], [], []
+            assert bucket is not None
+            groups, parts = [], []
             for i, name in enumerate(effects):  # rows split as evenly as possible, one group per effect
                 start, stop = b * i // len(effects), b * (i + 1) // len(effects)
-                e = self.effects[name]
-                idx = torch.randint(len(self.data.sources[name]), (stop - start,), generator=self.generator)
-                groups.append(Group(e.lora_path, start, stop, name))
-                sources.append(self.data.sources[name][idx])
-                targets.append(self.data.targets[name][idx])
-                student_text = e.trained_prompt(self.cfg.asymmetric_prompts)
-                teacher += [p[e.teacher_prompt]] * (stop - start)
-                student += [p[student_text]] * (stop - start)
-            return Batch(
-                stream,
-                groups,
-                source=torch.cat(sources),
-                teacher_prompt=PromptEmbeds.cat(teacher),
-                student_prompt=PromptEmbeds.cat(student),
-                uncond=uncond,
-                targets=torch.cat(targets),
-            )
-        idx = torch.randint(len(self.data.general_prompts), (b,), generator=self.generator)
-        texts = [self.data.general_prompts[int(i)] for i in idx]
-        prompts = PromptEmbeds.cat([p[t] for t in texts])
-        general = self.data.general_targets
+                rows = self.data.effects[name][bucket]
+                idx = torch.randint(len(rows), (stop - start,), generator=self.generator)
+                groups.append(Group(self.effects[name].lora_path, start, stop, name))
+                parts.append(rows.take(idx, device, dtype))
+        else:
+            assert bucket is not None
+            rows = self.data.general[bucket]
+            idx = torch.randint(len(rows), (b,), generator=self.generator)
+            groups, parts = [Group(None, 0, b)], [rows.take(idx, device, dtype)]
+        targets = [p.targets for p in parts]
         return Batch(
             stream,
-            [Group(None, 0, b)],
-            self.data.general_sources[idx],
-            prompts,
-            prompts,
-            uncond,
-            general[idx] if general is not None else None,
+            groups,
+            source=torch.cat([p.sources for p in parts]),
+            teacher_prompt=PromptEmbeds.cat([p.teacher for p in parts]),
+            student_prompt=PromptEmbeds.cat([p.student for p in parts]),
+            uncond=PromptEmbeds.cat([p.uncond for p in parts]),
+            targets=None if any(t is None for t in targets) else torch.cat(targets),  # type: ignore[arg-type]
+            latent_shape=parts[0].latent_shape,
         )
 
     def sampler_noise(self, like: torch.Tensor) -> torch.Tensor:
@@ -287,7 +347,8 @@ class Distiller:
         """Run the student's few-step sampler from noise, stop at a random step k, return step k's x0."""
         k = int(torch.randint(len(self.sigmas), (1,), generator=self.generator))
         self.adapters.use(STUDENT)
-        x = self.sampler_noise(batch.source)
+        shape = torch.Size((len(batch), *batch.latent_shape))
+        x = self.backbone.initial_noise(shape, self.generator).to(batch.source)
         with torch.no_grad():
             for i in range(k):
                 s = self.sigmas[i]
@@ -384,20 +445,26 @@ class Distiller:
         for group in self.opt_student.param_groups:
             group["lr"] = self.cfg.lr_at(step)
 
-    def turn(self, ctx: LossContext, role: str, step: int, logged: dict[str, float]) -> None:
-        """One optimizer step of ``role`` (generator: the student, critic: the critic) on its terms."""
-        loss = self.weighted(ctx, role, step, logged)
-        if loss is None:
-            return
+    def backward(self, ctx: LossContext, role: str, step: int, logged: dict[str, float], parts: int) -> None:
+        """Add the gradients of ``role``'s weighted terms (generator: the student, critic: the critic) on
+        one of ``parts`` micro-batches; :meth:`optimizer_step` applies them."""
+        loss = self.weighted(ctx, role, step, logged, parts)
+        if loss is not None:
+            (loss / parts).backward()
+
+    def optimizer_step(self, role: str) -> None:
+        """One optimizer step of ``role`` on the gradients gathered since the last one."""
         adapter, opt = (STUDENT, self.opt_student) if role == "generator" else (CRITIC, self.opt_critic)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        params = self.adapters.params[adapter]
+        if all(p.grad is None for p in params):
+            return
         frozen = self._frozen() if adapter == STUDENT else []
         for p, lead, _ in frozen:
             if p.grad is not None:
                 p.grad[lead] = 0
-        torch.nn.utils.clip_grad_norm_(self.adapters.params[adapter], self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for p, lead, value in frozen:  # AdamW's weight decay and momentum would still move them
                 p[lead] = value
@@ -416,9 +483,10 @@ class Distiller:
         return self._frozen_values
 
     def weighted(
-        self, ctx: LossContext, role: str, step: int, logged: dict[str, float]
+        self, ctx: LossContext, role: str, step: int, logged: dict[str, float], parts: int = 1
     ) -> torch.Tensor | None:
-        """Sum of the config's weighted terms of ``role``; every named loss is logged."""
+        """Sum of the config's weighted terms of ``role``; every named loss is logged (the mean over
+        ``parts`` micro-batches)."""
         total: torch.Tensor | None = None
         for loss_id, term in self.terms.items():
             if getattr(term, "role", "generator") != role:
@@ -436,7 +504,7 @@ class Distiller:
                         f"checkpoint (step {self.last_checkpoint_step()}); lower --lr or check the teachers, "
                         "then `clora distill --resume`"
                     )
-                logged[f"loss/{name}"] = v
+                logged[f"loss/{name}"] = logged.get(f"loss/{name}", 0.0) + v / parts
                 logged[f"weight/{name}"] = weight
                 total = value * weight if total is None else total + value * weight
         return total
@@ -454,6 +522,7 @@ class Distiller:
             {
                 "step": self.state.step,
                 "route": [self.state.route[0], list(self.state.route[1])],
+                "bucket": list(self.state.bucket) if self.state.bucket else [],
                 "counts": dict(self.state.counts),
                 "effect_loss": dict(self.state.effect_loss),
                 "generator": self.generator.get_state(),
@@ -481,6 +550,7 @@ class Distiller:
         self.state = LoopState(
             step=int(ck["step"]),
             route=(stream, tuple(effects)),
+            bucket=tuple(ck["bucket"]) if ck.get("bucket") else None,
             counts=dict(ck["counts"]),
             effect_loss=dict(ck.get("effect_loss", {})),
         )

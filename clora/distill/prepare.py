@@ -1,43 +1,99 @@
-"""The prepare stage: source images, teacher targets and encoded prompts, cached on disk by content.
+"""The prepare stage: source images, their encodings, prompt conditioning and teacher targets, cached
+on disk by content.
 
-Teacher targets ``y_T`` (each source image run through its teacher's full sampler with CFG) are
-the expensive part; they are keyed by everything that determines them, so a rerun or an
-incremental run reuses them. Prompts are encoded once, after which the text encoder can be freed.
+Sources are read at the size the base edits them at (``Backbone.image_size_for``: the run's
+``resolution`` with each image's own aspect) and grouped into buckets of one size; a batch always
+comes from one bucket. Conditioning is per row (a Qwen2.5-VL prompt encoder sees the row's image),
+so each row carries its teacher, student and unconditional prompt encodings. Teacher targets ``y_T``
+(each source run through its teacher's full sampler with guidance) are the expensive part; they are
+keyed by everything that determines them, so a rerun or an incremental run reuses them. The prompt
+and image encoders are offloaded before the targets are sampled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from clora.backbone import Backbone, PromptEmbeds
 from clora.distill.adapters import AdapterSet
 from clora.distill.config import DistillConfig
 from clora.distill.plan import Plan
 from clora.effects import list_images
+from clora.errors import CloraError
 from clora.fileio import save_safetensors
 from clora.images import read_image
 from clora.paths import clora_home
 from clora.progress import progress_bar
 from clora.sampling import euler_sample, noise_key
 
+#: an image bucket: the pixel size ``(H, W)`` every image in it has
+Shape = tuple[int, int]
+
+#: general-stream instructions for bases without built-in general edits and without --general-data:
+#: edits a base model does well on its own, so the unified LoRA keeps doing them as the base does
+NEUTRAL_INSTRUCTIONS = (
+    "keep the image exactly as it is",
+    "make the image slightly brighter",
+    "make the image slightly darker",
+    "increase the contrast a little",
+    "make the colors a little more vivid",
+    "make the colors a little warmer",
+    "sharpen the details slightly",
+    "remove the noise from the image",
+)
+GENERAL_PROMPTS_FILE = "prompts.jsonl"
+GENERAL_PROMPT_FILE = "prompt.txt"
+
+
+@dataclass
+class Rows:
+    """Rows of one image size: source latents, teacher outputs and each row's conditioning."""
+
+    sources: torch.Tensor  # [N, *source latent shape]
+    targets: torch.Tensor | None  # [N, *target latent shape]: teacher (or base) outputs
+    teacher: PromptEmbeds  # the teacher's prompt (general stream: the instruction), per row
+    student: PromptEmbeds  # what the student and critic are prompted with, per row
+    uncond: PromptEmbeds  # the negative prompt, per row
+    latent_shape: tuple[int, ...]  # per-sample shape of the target latents
+
+    def __len__(self) -> int:
+        return int(self.sources.shape[0])
+
+    def take(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Rows:
+        """Rows ``idx``, moved to ``device`` (latents and embeddings in ``dtype``)."""
+
+        def move(p: PromptEmbeds) -> PromptEmbeds:
+            mask = p.mask[idx]
+            n = int((mask != 0).sum(1).max()) if len(mask) else 0  # no padding beyond these rows' own
+            return PromptEmbeds(p.embeds[idx, :n].to(device, dtype), mask[:, :n].to(device))
+
+        return Rows(
+            self.sources[idx].to(device, dtype),
+            None if self.targets is None else self.targets[idx].to(device, dtype),
+            move(self.teacher),
+            move(self.student),
+            move(self.uncond),
+            self.latent_shape,
+        )
+
 
 @dataclass
 class Prepared:
-    """Everything the loop reads, already on the run's device."""
+    """Everything the loop reads, by image bucket (kept on the CPU; batches move to the device)."""
 
-    sources: dict[str, torch.Tensor]  # effect -> source latents [N, ...]
-    targets: dict[str, torch.Tensor]  # effect -> teacher output latents [N, ...]
-    general_sources: torch.Tensor  # [M, ...]
-    general_prompts: list[str]  # M instructions
-    general_targets: torch.Tensor | None  # the base's own outputs for them (cfg.general_targets)
-    prompts: dict[str, PromptEmbeds]  # text -> embeds of one row
+    effects: dict[str, dict[Shape, Rows]]
+    general: dict[Shape, Rows]
+
+    @property
+    def general_rows(self) -> int:
+        return sum(len(r) for r in self.general.values())
 
 
 def digest(obj: object) -> str:
@@ -46,25 +102,130 @@ def digest(obj: object) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """A short content key of a tensor's bytes."""
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:24]
+    """A short content key of a tensor's dtype, shape and bytes (any dtype, bfloat16 included)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{flat.dtype}:{tuple(t.shape)}:".encode())
+    h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def buckets_digest(buckets: dict[Shape, torch.Tensor]) -> str:
+    return digest({f"{h}x{w}": tensor_digest(images) for (h, w), images in sorted(buckets.items())})
 
 
 def effect_seed(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{name}:{seed}".encode()).digest()[:4], "big")
 
 
-def load_images(folder: str | Path, size: tuple[int, int], limit: int) -> torch.Tensor:
-    """Up to ``limit`` images of ``folder`` as ``[N,3,H,W]`` in [0,1], resized to ``size``."""
-    return torch.stack([read_image(p, size) for p in list_images(folder)[:limit]])
+def read_source(path: str | Path, backbone: Backbone, resolution: int | None) -> torch.Tensor:
+    """One source image ``[3,H,W]`` at the size the base edits it at (its aspect kept)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except OSError as e:
+        raise CloraError(f"cannot read image {path} ({e.__class__.__name__}); use PNG or JPEG") from None
+    return read_image(path, backbone.image_size_for(height, width, resolution))
 
 
-def source_images(
+def bucketed(images: Iterable[torch.Tensor]) -> dict[Shape, torch.Tensor]:
+    """Images of several sizes as one ``[N,3,H,W]`` stack per size (order kept within a size)."""
+    groups: dict[Shape, list[torch.Tensor]] = {}
+    for img in images:
+        groups.setdefault((int(img.shape[-2]), int(img.shape[-1])), []).append(img)
+    return {shape: torch.stack(group) for shape, group in groups.items()}
+
+
+def load_images(
+    folder: str | Path, backbone: Backbone, resolution: int | None, limit: int
+) -> dict[Shape, torch.Tensor]:
+    """Up to ``limit`` images of ``folder``, each at its edit size, bucketed by size."""
+    return bucketed(read_source(p, backbone, resolution) for p in list_images(folder)[:limit])
+
+
+def effect_sources(
     backbone: Backbone, examples_dir: str | None, name: str, cfg: DistillConfig
-) -> torch.Tensor:
+) -> dict[Shape, torch.Tensor]:
+    """An effect's source images: its examples folder, else the base's built-in sources."""
     if examples_dir:
-        return load_images(examples_dir, backbone.image_size, cfg.sources_per_effect)
-    return backbone.sample_sources(cfg.sources_per_effect, effect_seed(name, cfg.seed))
+        return load_images(examples_dir, backbone, cfg.resolution, cfg.sources_per_effect)
+    return bucketed(backbone.sample_sources(cfg.sources_per_effect, effect_seed(name, cfg.seed)))
+
+
+def general_pool(
+    backbone: Backbone, cfg: DistillConfig, examples: Iterable[str | None]
+) -> tuple[dict[Shape, torch.Tensor], dict[Shape, list[str]]]:
+    """The general stream's (image, instruction) pairs, bucketed: ``--general-data``, else the base's
+    built-in general edits, else the effects' example images with :data:`NEUTRAL_INSTRUCTIONS`."""
+    pairs: list[tuple[torch.Tensor, str]]
+    if cfg.general_data:
+        pairs = read_general_data(Path(cfg.general_data), backbone, cfg.resolution, cfg.general_pool)
+    else:
+        try:
+            images, prompts = backbone.general_edits(cfg.general_pool, cfg.seed)
+            pairs = list(zip(images, prompts, strict=True))
+        except CloraError:
+            folders = sorted({e for e in examples if e})
+            if not folders:
+                raise CloraError(
+                    f"base '{backbone.base_id}' has no built-in general edits and the effects have no "
+                    "example images; pass --general-data DIR or --p-switch 1 (effect stream only)"
+                ) from None
+            files = [p for folder in folders for p in list_images(folder)][: cfg.general_pool]
+            pairs = [
+                (
+                    read_source(p, backbone, cfg.resolution),
+                    NEUTRAL_INSTRUCTIONS[i % len(NEUTRAL_INSTRUCTIONS)],
+                )
+                for i, p in enumerate(files)
+            ]
+    images_by: dict[Shape, list[torch.Tensor]] = {}
+    prompts_by: dict[Shape, list[str]] = {}
+    for img, prompt in pairs:
+        shape = (int(img.shape[-2]), int(img.shape[-1]))
+        images_by.setdefault(shape, []).append(img)
+        prompts_by.setdefault(shape, []).append(prompt)
+    return {s: torch.stack(v) for s, v in images_by.items()}, prompts_by
+
+
+def read_general_data(
+    folder: Path, backbone: Backbone, resolution: int | None, limit: int
+) -> list[tuple[torch.Tensor, str]]:
+    """``--general-data DIR``: images with ``prompts.jsonl`` lines ``{"image": NAME, "prompt": TEXT}``, or
+    every image of the folder with the one instruction in ``prompt.txt``."""
+    if not folder.is_dir():
+        raise CloraError(f"--general-data folder not found: {folder}")
+    jsonl, single = folder / GENERAL_PROMPTS_FILE, folder / GENERAL_PROMPT_FILE
+    if jsonl.is_file():
+        pairs = []
+        for i, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, prompt = str(row["image"]), str(row["prompt"]).strip()
+            except (ValueError, KeyError, TypeError):
+                raise CloraError(
+                    f'{jsonl}:{i}: expected {{"image": "file.png", "prompt": "an instruction"}}'
+                ) from None
+            if not prompt:
+                raise CloraError(f"{jsonl}:{i}: the prompt is empty")
+            pairs.append((read_source(folder / name, backbone, resolution), prompt))
+            if len(pairs) == limit:
+                break
+        if not pairs:
+            raise CloraError(f"{jsonl} lists no images")
+        return pairs
+    if single.is_file():
+        prompt = single.read_text().strip()
+        if not prompt:
+            raise CloraError(f"{single} is empty; write the instruction for every image in it")
+        return [(read_source(p, backbone, resolution), prompt) for p in list_images(folder)[:limit]]
+    raise CloraError(
+        f"--general-data {folder} needs {GENERAL_PROMPTS_FILE} (one JSON object per line: image, prompt) "
+        f"or {GENERAL_PROMPT_FILE} (one instruction for every image)"
+    )
 
 
 def prepare(
@@ -75,150 +236,183 @@ def prepare(
     examples: dict[str, str | None],
     show_progress: bool = True,
 ) -> Prepared:
-    """Build (or load from the cache) targets and prompt encodings for ``plan``."""
+    """Build (or load from the cache) every effect's and the general pool's rows for ``plan``."""
     cache = clora_home() / "cache"
-    sources: dict[str, torch.Tensor] = {}
-    targets: dict[str, torch.Tensor] = {}
-    todo = []
+    images = {e.name: effect_sources(backbone, examples.get(e.name), e.name, cfg) for e in plan.effects}
+    general_images: dict[Shape, torch.Tensor] = {}
+    general_prompts: dict[Shape, list[str]] = {}
+    if cfg.p_switch < 1.0 or not plan.effects:
+        general_images, general_prompts = general_pool(backbone, cfg, examples.values())
+
+    # 1. everything the prompt and image encoders produce, then they leave the device
+    effects: dict[str, dict[Shape, Rows]] = {}
     for e in plan.effects:
-        images = source_images(backbone, examples.get(e.name), e.name, cfg)
-        key = digest(
-            {
-                "base": backbone.fingerprint,
-                "teacher": e.lora_sha256,
-                "prompt": e.teacher_prompt,
-                "steps": cfg.teacher_steps,
-                "guidance": cfg.guidance,
-                "shift": cfg.shift,
-                "images": tensor_digest(images),
-                "seed": cfg.seed,
-                "dtype": cfg.dtype,
-                **noise_key(backbone),
-            }
-        )
-        path = cache / "targets" / f"{key}.safetensors"
-        if path.exists():
-            data = load_file(str(path), device=str(backbone.device))
-            sources[e.name], targets[e.name] = (
-                data["sources"].to(backbone.dtype),
-                data["targets"].to(backbone.dtype),
-            )
-        else:
-            todo.append((e, images, path))
-    if todo:
-        total = sum(len(images) for _, images, _ in todo)
-        with progress_bar(show_progress) as bar:
-            task = bar.add_task("teacher targets", total=total, info="")
-            for e, images, path in todo:
-                src = backbone.encode_images(images)
-                adapters.use_teacher(e.lora_path)
-                g = torch.Generator().manual_seed(effect_seed(e.name, cfg.seed + 1))
-                out = _full_sampler(
-                    backbone, src, [e.teacher_prompt] * len(src), cfg, g, lambda n: bar.advance(task, n)
+        student_text = e.trained_prompt(cfg.asymmetric_prompts)
+        effects[e.name] = {
+            shape: _rows(backbone, imgs, [e.teacher_prompt] * len(imgs), [student_text] * len(imgs), cache)
+            for shape, imgs in images[e.name].items()
+        }
+    general = {
+        shape: _rows(backbone, imgs, general_prompts[shape], general_prompts[shape], cache)
+        for shape, imgs in general_images.items()
+    }
+    backbone.offload_encoders()
+
+    # 2. teacher targets: each effect's teacher, full sampler with guidance; the base on the general pool
+    assert cfg.guidance is not None  # resolved from the backbone before prepare
+    jobs: list[_Job] = []
+    for e in plan.effects:
+        for shape, imgs in images[e.name].items():
+            key = _target_key(backbone, cfg, imgs, e.lora_sha256, e.teacher_prompt, cfg.guidance)
+            path = cache / "targets" / f"{key}.safetensors"
+            jobs.append(
+                _Job(
+                    effects[e.name][shape], path, e.lora_path, cfg.guidance, effect_seed(e.name, cfg.seed + 1)
                 )
-                sources[e.name], targets[e.name] = src, out
-                save_safetensors({"sources": src, "targets": targets[e.name]}, path)
-        adapters.use(None)
-
-    general_sources = torch.empty(0)
-    general_prompts: list[str] = []
-    general_targets = None
-    if cfg.p_switch < 1.0:
-        images, general_prompts = backbone.general_edits(cfg.general_pool, cfg.seed)
-        general_sources = backbone.encode_images(images)
-        if cfg.general_targets:
-            general_targets = _general_targets(
-                backbone, adapters, general_sources, general_prompts, cfg, cache, show_progress
             )
+    if cfg.general_targets:
+        for shape, imgs in general_images.items():
+            key = _target_key(backbone, cfg, imgs, None, general_prompts[shape], cfg.general_guidance)
+            path = cache / "targets" / f"general-{key}.safetensors"
+            jobs.append(_Job(general[shape], path, None, cfg.general_guidance, cfg.seed + 2))
+    missing = sum(len(j.rows) for j in jobs if not j.path.exists())
+    with progress_bar(show_progress and missing > 0) as bar:
+        task = bar.add_task("teacher targets", total=missing, info="")
+        for job in jobs:
+            if job.path.exists():
+                job.rows.targets = _read(job.path, "targets")
+                continue
+            adapters.use_teacher(job.lora)
+            g = torch.Generator().manual_seed(job.seed)
+            job.rows.targets = _full_sampler(
+                backbone, job.rows, cfg, g, job.guidance, lambda n: bar.advance(task, n)
+            )
+            save_safetensors({"targets": job.rows.targets}, job.path)
+    adapters.use(None)
+    return Prepared(effects, general)
 
-    texts = {""} | set(general_prompts)
-    for e in plan.effects:
-        texts |= {e.teacher_prompt, e.student_prompt}
-    prompts = encode_prompts_cached(backbone, sorted(texts), cache)
-    return Prepared(sources, targets, general_sources, general_prompts, general_targets, prompts)
+
+@dataclass
+class _Job:
+    """One bucket's teacher targets: sampled with ``lora`` (None: the base) into ``rows.targets``."""
+
+    rows: Rows
+    path: Path
+    lora: str | None
+    guidance: float
+    seed: int
 
 
-def _general_targets(
+def _target_key(
     backbone: Backbone,
-    adapters: AdapterSet,
-    sources: torch.Tensor,
-    prompts: list[str],
     cfg: DistillConfig,
-    cache: Path,
-    show_progress: bool,
-) -> torch.Tensor:
-    """The base model's own full-sampler outputs on the general pool (cached like teacher targets)."""
-    key = digest(
+    images: torch.Tensor,
+    teacher_sha256: str | None,
+    prompt: str | list[str],
+    guidance: float,
+) -> str:
+    return digest(
         {
             "base": backbone.fingerprint,
-            "prompts": prompts,
-            "images": tensor_digest(sources),
+            "teacher": teacher_sha256,
+            "prompt": prompt,
             "steps": cfg.teacher_steps,
-            "guidance": cfg.general_guidance,
+            "guidance": guidance,
             "shift": cfg.shift,
+            "images": tensor_digest(images),
             "seed": cfg.seed,
             "dtype": cfg.dtype,
             **noise_key(backbone),
         }
     )
-    path = cache / "targets" / f"general-{key}.safetensors"
+
+
+def _read(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _rows(
+    backbone: Backbone, images: torch.Tensor, teacher: list[str], student: list[str], cache: Path
+) -> Rows:
+    """Source latents and per-row conditioning of one bucket (from the cache when it has them)."""
+    source_key = digest(
+        {"base": backbone.fingerprint, "images": tensor_digest(images), "dtype": str(backbone.dtype)}
+    )
+    path = cache / "sources" / f"{source_key}.safetensors"
     if path.exists():
-        return load_file(str(path), device=str(backbone.device))["targets"].to(backbone.dtype)
-    adapters.use(None)
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    with progress_bar(show_progress) as bar:
-        task = bar.add_task("base targets", total=len(sources), info="")
-        targets = _full_sampler(
-            backbone, sources, prompts, cfg, g, lambda n: bar.advance(task, n), cfg.general_guidance
-        )
-    save_safetensors({"targets": targets}, path)
-    return targets
+        sources = _read(path, "sources")
+    else:
+        sources = backbone.encode_sources(images.to(backbone.device, backbone.dtype)).cpu()
+        save_safetensors({"sources": sources}, path)
+    negative = [backbone.negative_prompt] * len(images)
+    return Rows(
+        sources=sources,
+        targets=None,
+        teacher=condition(backbone, images, teacher, cache),
+        student=condition(backbone, images, student, cache),
+        uncond=condition(backbone, images, negative, cache),
+        latent_shape=backbone.latent_shape(int(images.shape[-2]), int(images.shape[-1])),
+    )
+
+
+def condition(backbone: Backbone, images: torch.Tensor, texts: list[str], cache: Path) -> PromptEmbeds:
+    """Each row's prompt encoding (with its image, where the prompt encoder sees images), on the CPU,
+    cached on disk: per (images, prompts) for such models, per prompt text for the others."""
+    if backbone.prompt_sees_image:
+        key = digest({"base": backbone.fingerprint, "texts": texts, "images": tensor_digest(images)})
+        path = cache / "conditions" / f"{key}.safetensors"
+        if not path.exists():
+            enc = backbone.encode_prompts(texts, images.to(backbone.device, backbone.dtype))
+            save_safetensors({"embeds": enc.embeds, "mask": enc.mask}, path)
+        return PromptEmbeds(_read(path, "embeds"), _read(path, "mask"))
+    unique = sorted(set(texts))
+    by_text = encode_prompts_cached(backbone, unique, cache)
+    return PromptEmbeds.cat([by_text[t] for t in texts])
 
 
 def encode_prompts_cached(backbone: Backbone, texts: list[str], cache: Path) -> dict[str, PromptEmbeds]:
-    """Encode ``texts`` once per base, on disk, then release the text encoder."""
+    """Encode ``texts`` (a text-only prompt encoder) once per base, on disk; rows on the CPU."""
     path = cache / "prompts" / f"{digest({'base': backbone.fingerprint, 'texts': texts})}.safetensors"
     if path.exists():
-        data = load_file(str(path), device=str(backbone.device))
+        with safe_open(str(path), framework="pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     else:
         data = {}
         for i, text in enumerate(texts):
             enc = backbone.encode_prompts([text])
-            data[f"embeds.{i}"], data[f"mask.{i}"] = enc.embeds, enc.mask
+            data[f"embeds.{i}"], data[f"mask.{i}"] = enc.embeds.cpu(), enc.mask.cpu()
         save_safetensors(data, path, metadata={"texts": json.dumps(texts)})
-    backbone.release_text_encoder()
-    return {
-        t: PromptEmbeds(data[f"embeds.{i}"].to(backbone.dtype), data[f"mask.{i}"])
-        for i, t in enumerate(texts)
-    }
+    return {t: PromptEmbeds(data[f"embeds.{i}"], data[f"mask.{i}"]) for i, t in enumerate(texts)}
 
 
 def _full_sampler(
     backbone: Backbone,
-    sources: torch.Tensor,
-    prompts: list[str],
+    rows: Rows,
     cfg: DistillConfig,
     generator: torch.Generator,
+    guidance: float,
     advance: Callable[[int], object],
-    guidance: float | None = None,
 ) -> torch.Tensor:
-    """The teacher's full Euler sampler with CFG (``guidance``, default the effects' teachers') over
-    ``sources``, in batches of ``cfg.batch_size``."""
-    if guidance is None:
-        guidance = cfg.guidance if cfg.guidance is not None else backbone.default_guidance
+    """The full Euler sampler with guidance over ``rows``, in batches of ``teacher_batch_size``; the
+    outputs on the CPU."""
+    size = cfg.teacher_batch_size or cfg.batch_size
+    assert cfg.teacher_steps is not None  # resolved from the backbone before prepare
     outs = []
-    for i in range(0, len(sources), cfg.batch_size):
-        chunk = sources[i : i + cfg.batch_size]
+    for i in range(0, len(rows), size):
+        chunk = rows.take(torch.arange(i, min(i + size, len(rows))), backbone.device, backbone.dtype)
         outs.append(
             euler_sample(
                 backbone,
-                chunk,
-                prompts[i : i + cfg.batch_size],
+                chunk.sources,
+                chunk.teacher,
                 steps=cfg.teacher_steps,
                 guidance=guidance,
                 generator=generator,
                 shift=cfg.shift,
-            )
+                uncond=chunk.uncond,
+                shape=(len(chunk), *chunk.latent_shape),
+            ).cpu()
         )
         advance(len(chunk))
     return torch.cat(outs)

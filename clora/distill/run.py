@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from clora.backbone import Backbone
+from clora.bases import get_factory
+from clora.devices import pick
 from clora.distill.adapters import CRITIC, STUDENT, AdapterSet
 from clora.distill.config import DistillConfig
 from clora.distill.loop import Distiller, NonFiniteLossError
@@ -33,8 +36,6 @@ from clora.sampling import few_step_sigmas
 from clora.unified import UnifiedHeader, read_header, write_unified
 
 __all__ = ["DistillConfig", "DistillOutcome", "run_distill"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -119,7 +120,7 @@ def plan_run(
     if parent is not None and parent.base_id != base_id:
         raise CloraError(f"collection v{parent.version} is for base '{parent.base_id}', not '{base_id}'")
 
-    factory = components.get_backbone(base_id)
+    factory = get_factory(components, registry, base_id)
     if parent is not None and read_header(parent.file).base_fingerprint != factory.fingerprint:
         raise CloraError(
             f"collection v{parent.version} was distilled on other weights of base '{base_id}' than the "
@@ -274,8 +275,14 @@ def run_distill(
                     f"ignoring {', '.join(ignored)}"
                 )
             cfg = cfg.model_copy(update={**shape, "frozen_rank": parent_rank if grow else 0})
-        if cfg.target_modules is not None:  # checked before the run exists, so nothing is left behind
-            layers = components.get_backbone(plan.base_id).module_shapes()
+        # checked before the run exists, so nothing is left behind
+        factory = get_factory(components, registry, plan.base_id)
+        _, _, dtype_name = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
+        cfg = cfg.model_copy(update={"dtype": dtype_name})
+        if cfg.general_data is not None and not Path(cfg.general_data).is_dir():
+            raise CloraError(f"--general-data folder not found: {cfg.general_data}")
+        if cfg.target_modules is not None:
+            layers = factory.module_shapes()
             missing = [
                 m for m in cfg.target_modules if not any(n == m or n.endswith("." + m) for n in layers)
             ]
@@ -317,18 +324,14 @@ def _execute(
 ) -> DistillOutcome:
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
-    factory = components.get_backbone(plan.base_id)
-    backbone = factory.load(cfg.device, DTYPES[cfg.dtype])
-    modules = cfg.target_modules or list(backbone.lora_target_modules)
-    if cfg.guidance is None or cfg.target_modules is None:
-        # the base model's own choices, fixed into the run's config from here on
-        cfg = cfg.model_copy(
-            update={
-                "guidance": backbone.default_guidance if cfg.guidance is None else cfg.guidance,
-                "target_modules": modules,
-            }
-        )
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    factory = get_factory(components, registry, plan.base_id)
+    device, dtype, _ = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
+    backbone = factory.load(device, dtype)
+    cfg = resolve_config(cfg, backbone)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    modules = list(cfg.target_modules or [])
+    if cfg.gradient_checkpointing:
+        backbone.transformer.enable_gradient_checkpointing()
     base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
     adapters = AdapterSet(backbone, cfg.rank, cfg.lora_alpha, modules, cfg.max_resident_teachers, components)
     say(
@@ -368,6 +371,7 @@ def _execute(
         target_modules=list(modules),
         run_id=plan.run_id,
         parent_version=plan.parent_version,
+        resolution=cfg.resolution,
     )
     out = Path(plan.out_file)
     write_unified(out, adapters.state_dict(STUDENT), header)
@@ -415,6 +419,19 @@ def _execute(
     return DistillOutcome(
         collection, plan.run_id, f"collection v{collection.version} written to {out}", metrics
     )
+
+
+def resolve_config(cfg: DistillConfig, backbone: Backbone) -> DistillConfig:
+    """The run's config with every field left to the base model filled in from ``backbone``."""
+    real = backbone.image_size is None  # a base of free image size: a real model, not the toy
+    defaults = {
+        "guidance": backbone.default_guidance,
+        "target_modules": list(backbone.lora_target_modules),
+        "teacher_steps": backbone.default_teacher_steps,
+        "resolution": backbone.image_size[0] if backbone.image_size else backbone.default_resolution,
+        "gradient_checkpointing": real,
+    }
+    return cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
 def peak_memory_mb(device: str) -> float:

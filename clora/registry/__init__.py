@@ -25,10 +25,11 @@ from sqlalchemy.pool import NullPool
 
 from clora.errors import DuplicateEffectError, RegistryError, TriggerError, UnknownEffectError
 from clora.registry.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
-from clora.registry.models import Collection, CollectionMember, Effect, Run, Setting, Trigger
+from clora.registry.models import BaseModelRow, Collection, CollectionMember, Effect, Run, Setting, Trigger
 from clora.triggers import allocate_trigger, collision, validate_trigger, words
 
 __all__ = [
+    "BaseModelRow",
     "Collection",
     "CollectionMember",
     "Effect",
@@ -258,6 +259,58 @@ class Registry:
             if trig is not None:
                 trig.retired_at = now()
             s.delete(effect)
+
+    # ---- bases ---------------------------------------------------------------------------------
+
+    def list_bases(self) -> list[BaseModelRow]:
+        with self.session(write=False) as s:
+            return list(s.scalars(select(BaseModelRow).order_by(BaseModelRow.name)))
+
+    def get_base(self, name: str) -> BaseModelRow | None:
+        with self.session(write=False) as s:
+            return s.get(BaseModelRow, name)
+
+    def add_base(
+        self,
+        *,
+        name: str,
+        kind: str,
+        path: str,
+        options: dict[str, str],
+        fingerprint: str,
+        info: dict[str, Any],
+        replace: bool = False,
+    ) -> BaseModelRow:
+        """Record a base model folder under ``name`` (``replace``: overwrite an existing record)."""
+        with self.session() as s:
+            row = s.get(BaseModelRow, name)
+            if row is not None and not replace:
+                raise RegistryError(
+                    f"base '{name}' already exists in {self.path} (at {row.path}); pass --force to "
+                    "replace it or pick another name"
+                )
+            if row is None:
+                row = BaseModelRow(name=name, created_at=now())
+                s.add(row)
+            row.kind, row.path, row.fingerprint = kind, path, fingerprint
+            row.options_json = json.dumps(options, sort_keys=True)
+            row.info_json = json.dumps(info, sort_keys=True)
+            s.flush()
+            return row
+
+    def remove_base(self, name: str) -> None:
+        """Forget a recorded base (its folder is not touched); refused while effects are bound to it."""
+        with self.session() as s:
+            row = s.get(BaseModelRow, name)
+            if row is None:
+                raise RegistryError(f"no base '{name}' in {self.path}; see `clora base list`")
+            bound = list(s.scalars(select(Effect.name).where(Effect.base_id == name)))
+            if bound:
+                more = f" (+{len(bound) - 3} more)" if len(bound) > 3 else ""
+                raise RegistryError(
+                    f"effects {', '.join(bound[:3])}{more} are bound to base '{name}'; remove them first"
+                )
+            s.delete(row)
 
     # ---- settings ------------------------------------------------------------------------------
 

@@ -76,6 +76,18 @@ MIGRATIONS: list[list[str]] = [
             value TEXT NOT NULL
         )""",
     ],
+    # 2: base models recorded from local folders (`clora base add`)
+    [
+        """CREATE TABLE bases (
+            name TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            path TEXT NOT NULL,
+            options TEXT NOT NULL DEFAULT '{}',
+            fingerprint TEXT NOT NULL,
+            info TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL
+        )""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -134,6 +134,28 @@ class Run(Base):
     updated_at: Mapped[str]
 
 
+class BaseModelRow(Base):
+    """A base model recorded from a local folder (``clora base add``)."""
+
+    __tablename__ = "bases"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    path: Mapped[str]
+    options_json: Mapped[str] = mapped_column("options", Text, default="{}")
+    fingerprint: Mapped[str]
+    info_json: Mapped[str] = mapped_column("info", Text, default="{}")
+    created_at: Mapped[str]
+
+    @property
+    def options(self) -> dict[str, str]:
+        return dict(json.loads(self.options_json))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(json.loads(self.info_json))
+
+
 class Setting(Base):
     __tablename__ = "settings"
 

@@ -121,6 +121,8 @@ def unpack(latents: torch.Tensor, size: int, patch: int) -> torch.Tensor:
 class ToyBackbone(Backbone):
     """Loaded toy base: transformer, frozen text encoder, and pixel 'latents' in [-1, 1]."""
 
+    image_size: tuple[int, int]  # the toy edits one fixed size
+
     def __init__(
         self,
         base_id: str,
@@ -188,12 +190,12 @@ class ToyBackbone(Backbone):
         effect = find_effect(effect_name)
         return None if effect is None else effect.apply(images.float()).to(images)
 
-    def release_text_encoder(self) -> None:
+    def offload_encoders(self) -> None:
         # prompts already encoded stay cached; a new prompt after this is a programming error
         self.text_encoder = None
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+    def encode_prompts(self, prompts: list[str], images: torch.Tensor | None = None) -> PromptEmbeds:
         missing = sorted({p for p in prompts if p not in self._prompt_cache})
         if missing:
             if self.text_encoder is None:

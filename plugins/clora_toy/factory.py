@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 class ToyBackboneFactory(BackboneFactory):
     """Builds the toy backbone from the weights ``clora toy build-base`` wrote to the cache."""
 
+    kind = "toy"
+
     def __init__(self, backbone_id: str, config: ToyConfig, build_hint: str, description: str) -> None:
         self.backbone_id = backbone_id
         self.config = config
@@ -100,6 +102,15 @@ class ToyBackboneFactory(BackboneFactory):
             device,
             torch.float32,
         )
+
+    def info(self) -> dict[str, Any]:
+        path = self.weights_path
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            "dtype": "float32",
+            "bytes": path.stat().st_size if path.exists() else None,
+        }
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         import torch
