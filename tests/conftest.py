@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -138,8 +139,15 @@ def make_lora(tmp_path: Path, shapes_factory: ShapesOnlyFactory):  # type: ignor
     """``make_lora(name, fmt, rank, shapes) -> Path``: a LoRA file fitting the test base."""
 
     def make(name: str = "effect", fmt: str = "diffusers", rank: int = 4, shapes=None, seed: int = 0) -> Path:  # type: ignore[no-untyped-def]
-        path = tmp_path / f"{name}.{fmt}.safetensors"
-        save_safetensors(lora_tensors(shapes or shapes_factory.module_shapes(), fmt, rank, seed=seed), path)
+        tensors = lora_tensors(shapes or shapes_factory.module_shapes(), fmt, rank, seed=seed)
+        if fmt == "peft":  # peft keeps alpha in adapter_config.json beside the weights
+            path = tmp_path / f"{name}.peft" / "adapter_model.safetensors"
+            path.parent.mkdir(exist_ok=True)
+            config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(TARGETS)}
+            (path.parent / "adapter_config.json").write_text(json.dumps(config))
+        else:
+            path = tmp_path / f"{name}.{fmt}.safetensors"
+        save_safetensors(tensors, path)
         return path
 
     return make

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from clora.errors import IncompatibleLoraError, LoraFileError
+from clora.errors import CloraError, IncompatibleLoraError, LoraFileError
 from clora.fileio import sha256_file
 
 if TYPE_CHECKING:
@@ -48,7 +48,13 @@ class LoraModule:
 
 
 class TeacherProvider(Protocol):
-    """What a LoRA-format plugin registers."""
+    """What a LoRA-format plugin registers.
+
+    A provider may also define ``locate(path) -> tuple[Path, dict[str, str]] | None`` for formats kept
+    as a folder or as weights plus companion files (peft's ``adapter_config.json``): given the path the
+    user passed, the weights file to read and extra header entries made from the companions, or None if
+    the format does not keep LoRAs that way. :func:`read_lora` asks every provider that has one.
+    """
 
     #: format name stored on the effect (``peft``, ``diffusers``, ``kohya``, ...)
     format_id: str
@@ -63,7 +69,11 @@ class TeacherProvider(Protocol):
         metadata: Mapping[str, str],
         module_names: Collection[str] | None,
     ) -> dict[str, LoraModule]:
-        """Modules keyed by base module name (``module_names`` resolves ambiguous spellings)."""
+        """Modules keyed by base module name (``module_names`` resolves ambiguous spellings).
+
+        Raises :class:`~clora.errors.LoraFileError` for tensors it cannot honour rather than dropping
+        them; the message is one line, read after the file's path.
+        """
         ...
 
 
@@ -137,26 +147,31 @@ def read_lora(
     providers: Iterable[TeacherProvider],
     module_names: Collection[str] | None = None,
 ) -> LoraFile:
-    """Read and parse a LoRA file with the first provider that recognises it."""
-    tensors, metadata = read_safetensors(path)
+    """Read and parse a LoRA file (or a folder a provider can ``locate``) with the first provider that
+    recognises it."""
+    providers = list(providers)
+    weights, extra = _locate(Path(path), providers)
+    tensors, metadata = read_safetensors(weights)
     if not tensors:
         raise LoraFileError(f"{path} holds no tensors; expected LoRA weights")
+    metadata = {**metadata, **extra}
     keys = list(tensors)
-    providers = list(providers)
     for provider in providers:
         if provider.sniff(keys, metadata):
-            modules = provider.parse(tensors, metadata, module_names)
+            try:
+                modules = provider.parse(tensors, metadata, module_names)
+            except CloraError as e:
+                raise type(e)(f"{path}: {e}") from None
             if not modules:
                 break
-            p = Path(path)
             first = next(iter(modules.values()))
             return LoraFile(
-                path=p.resolve(),
+                path=weights.resolve(),
                 format_id=provider.format_id,
                 modules=modules,
                 metadata=metadata,
-                sha256=sha256_file(p),
-                size=p.stat().st_size,
+                sha256=sha256_file(weights),
+                size=weights.stat().st_size,
                 dtype=str(first.down.dtype).removeprefix("torch."),
             )
     known = ", ".join(sorted(p.format_id for p in providers)) or "none installed"
@@ -164,6 +179,21 @@ def read_lora(
         f"{path} holds no LoRA tensors in a known format (known: {known}); "
         "expected keys like '<module>.lora_A.weight' or '<module>.lora_down.weight'"
     )
+
+
+def _locate(path: Path, providers: Iterable[TeacherProvider]) -> tuple[Path, dict[str, str]]:
+    """The weights file behind ``path`` and the header entries its format keeps beside it."""
+    for provider in providers:
+        locate = getattr(provider, "locate", None)
+        found = locate(path) if locate is not None else None
+        if found is not None:
+            return found[0], dict(found[1])
+    if path.is_dir():
+        raise LoraFileError(
+            f"{path} is a folder without a LoRA weights file any installed format knows "
+            "(like peft's adapter_model.safetensors); pass the .safetensors file itself"
+        )
+    return path, {}
 
 
 def check_fits(
