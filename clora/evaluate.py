@@ -229,7 +229,7 @@ def evaluate(
             components,
             registered,
             names,
-            len(sources),
+            sources,
             cfg,
             t_student,
             t_teacher,
@@ -395,7 +395,7 @@ def _cost(
     components: Components,
     registered: dict[str, Any],
     names: list[str],
-    n_images: int,
+    sources: torch.Tensor,
     cfg: DistillConfig,
     t_student: float,
     t_teacher: float,
@@ -406,10 +406,12 @@ def _cost(
     tr = bb.transformer
     unfuse(tr)
     teacher_files = [Path(registered[n].lora_path) for n in names if n in registered]
-    # unified: switching effects is building and encoding a new prompt
+    # unified: switching effects is building and encoding a new prompt (with its image, where the prompt
+    # encoder sees it)
+    n_images = len(sources)
     t0 = time.perf_counter()
     for i, n in enumerate(names):
-        bb.encode_prompts([model.prompt([n], extra=f"request {i}")])
+        bb.encode_prompts([model.prompt([n], extra=f"request {i}")], sources[:1])
     unified_switch = (time.perf_counter() - t0) / max(len(names), 1)
     # one LoRA per effect: read the effect's file (its own format), load it into the model, activate it
     t0 = time.perf_counter()

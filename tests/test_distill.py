@@ -507,3 +507,101 @@ def test_sim_anchor_regresses_the_step_after_the_students_own_sampler() -> None:
 
     out = term(_ctx(x, targets=y, student_x0=student_x0, student_velocity=exact))
     assert float(out["sim_anchor"]) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_bfloat16_distill_on_cpu_keeps_float32_loras(tiny_world, tmp_path: Path, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    """A bfloat16 base trains float32 LoRAs (and optimizer state); the collection records the dtype and
+    generates in bfloat16."""
+    pm = tiny_world
+    r = run(pm, "distill", *FAST, "--dtype", "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    assert col["config"]["dtype"] == "bfloat16"
+    with safe_open(col["file"], framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+    state = torch.load(Path(col["file"]).with_name(Path(col["file"]).stem + ".state.pt"), weights_only=True)
+    moments = [s["exp_avg"] for s in state["opt_student"]["state"].values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    images = tmp_path / "in"
+    assert run(pm, "toy", "sources", "--out", images, "-n", "2", "--size", "tiny").exit_code == 0
+    r = run(
+        pm,
+        "generate",
+        "--effect",
+        "sepia",
+        "--image",
+        images,
+        "--out",
+        tmp_path / "out",
+        "--dtype",
+        "bfloat16",
+        "--no-progress",
+    )
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_unavailable_device_or_dtype_is_one_line_and_records_no_run(tiny_world, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    for args, says in (
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "float8"], "dtype"),
+    ):
+        r = run(pm, "distill", *FAST, *args)
+        assert r.exit_code == 1 and r.stderr.startswith("Error: ") and says in r.stderr, (args, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1
+    with Registry(registry_file) as reg:
+        assert reg.list_runs() == [] and reg.list_collections() == []
+
+
+def test_bfloat16_is_refused_on_a_gpu_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clora.devices import resolve_dtype
+    from clora.errors import CloraError
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(CloraError, match="bfloat16 is not supported on cuda"):
+        resolve_dtype("bfloat16", torch.device("cuda"))
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_gradient_accumulation_splits_batches_into_rebased_groups() -> None:
+    from clora.backbone import PromptEmbeds
+    from clora.distill.loop import Batch
+
+    def embeds(n: int) -> PromptEmbeds:
+        return PromptEmbeds(torch.arange(n, dtype=torch.float32).view(n, 1, 1), torch.ones(n, 1))
+
+    batch = Batch(
+        "effect",
+        [Group("a", 0, 3, "a"), Group("b", 3, 8, "b")],
+        torch.arange(8.0).view(8, 1),
+        embeds(8),
+        embeds(8),
+        embeds(8),
+        torch.arange(8.0).view(8, 1) + 10,
+        (1,),
+    )
+    parts = batch.split(2)
+    assert [len(p) for p in parts] == [4, 4]
+    assert [(g.name, g.start, g.stop) for g in parts[0].groups] == [("a", 0, 3), ("b", 3, 4)]
+    assert [(g.name, g.start, g.stop) for g in parts[1].groups] == [("b", 0, 4)]
+    assert parts[1].source.flatten().tolist() == [4, 5, 6, 7] and parts[1].targets is not None
+    assert parts[1].student_prompt.embeds.flatten().tolist() == [4, 5, 6, 7]
+
+
+def test_gradient_accumulation_trains_the_whole_batch(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A step in micro-batches updates the student on every group of rows, once per step."""
+    pm = tiny_world
+    cfg = _config_file(
+        tmp_path, steps=2, batch_size=4, grad_accumulation=2, anchor_share=0.5, critic_warmup=0
+    )
+    r = run(pm, "distill", "--config", cfg, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    log = [json.loads(line) for line in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]
+    assert len(log) == 2
+    assert "loss/level_anchor" in log[0] and "loss/critic_fm" in log[1] and "loss/dmd" in log[1]
+    assert all(v == v and abs(v) < 1e6 for row in log for k, v in row.items() if k.startswith("loss/"))
+    with safe_open(col["file"], framework="pt") as f:
+        assert any(f.get_tensor(k).abs().max() > 0 for k in f.keys() if ".lora_B." in k)  # noqa: SIM118

@@ -1,0 +1,280 @@
+"""The real-model path on tiny random-weight Qwen-Image-Edit(-Plus) pipelines saved as diffusers folders:
+``base add``, ``effect add`` in each LoRA layout users have, distill, incremental, generate, eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import plugin_manager, run
+from PIL import Image
+from safetensors.torch import save_file
+from tiny_qwen import build_tiny_qwen_edit
+
+from clora.bases import get_factory
+from clora.plugins import Components
+from clora.registry import Registry
+
+#: small image areas for the tiny pipelines (the real ones resize sources to 1024x1024 for the VAE)
+OPTIONS = ["--option", "vae_area=4096", "--option", "condition_area=3136"]
+#: 4 teacher steps and small batches keep a distill a few seconds on the tiny model
+FAST_CONFIG = {
+    "teacher_steps": 4,
+    "batch_size": 2,
+    "effects_per_batch": 2,
+    "general_pool": 4,
+    "resolution": 128,
+}
+
+
+@pytest.fixture(scope="session")
+def qwen_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen")
+    return {
+        "plus": build_tiny_qwen_edit(root / "Qwen-Image-Edit-2509", plus=True),
+        "edit": build_tiny_qwen_edit(root / "Qwen-Image-Edit", plus=False),
+    }
+
+
+def write_photos(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> Path:
+    """PNG photos of the given (width, height), smooth random colours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        small = g.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(folder / f"photo{i}.png")
+    return folder
+
+
+def lora_file(path: Path, shapes: dict[str, tuple[int, int]], fmt: str, seed: int) -> Path:
+    """A LoRA on the attention projections, written as diffusers, kohya (alpha != rank) or a peft folder
+    with a rank_pattern."""
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(n for n in shapes if n.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        fan_in, fan_out = shapes[name]
+        rank = 2 if (fmt == "peft" and name.endswith("to_q")) else 4
+        down, up = torch.randn(rank, fan_in, generator=g) * 0.3, torch.randn(fan_out, rank, generator=g) * 0.3
+        if fmt == "diffusers":
+            tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = (
+                down,
+                up,
+            )
+        elif fmt == "kohya":
+            flat = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{flat}.lora_down.weight"], tensors[f"{flat}.lora_up.weight"] = down, up
+            tensors[f"{flat}.alpha"] = torch.tensor(2.0)
+        else:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = down
+            tensors[f"base_model.model.{name}.lora_B.weight"] = up
+    if fmt == "peft":
+        path.mkdir(parents=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA",
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {"to_q": 2},
+            "alpha_pattern": {"to_q": 2},
+            "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+        }
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        return path
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture
+def qwen_world(qwen_folders: dict[str, Path], tmp_path: Path, registry_file: Path):  # type: ignore[no-untyped-def]
+    """The Plus base recorded as 'qe' and three effects, one per LoRA layout, with example photos."""
+    pm = plugin_manager()
+    r = run(pm, "base", "add", "qe", "--path", qwen_folders["plus"], *OPTIONS, "--json")
+    assert r.exit_code == 0, r.output
+    with Registry(registry_file) as reg:
+        shapes = get_factory(Components.collect(pm), reg, "qe").module_shapes()
+    photos = write_photos(tmp_path / "photos", [(160, 96), (96, 160), (128, 128), (150, 100)])
+    for name, fmt, seed in (("ghibli", "diffusers", 1), ("plush", "kohya", 2), ("neon", "peft", 3)):
+        path = lora_file(tmp_path / f"{name}.{fmt}.safetensors", shapes, fmt, seed)
+        r = run(
+            pm,
+            "effect",
+            "add",
+            name,
+            "--lora",
+            path,
+            "--prompt",
+            f"turn it into {name} art",
+            "--base",
+            "qe",
+            "--examples",
+            photos,
+        )
+        assert r.exit_code == 0, r.output
+    (tmp_path / "cfg.json").write_text(json.dumps(FAST_CONFIG))
+    return pm
+
+
+def test_base_add_detects_the_kind_and_lists_it(qwen_folders: dict[str, Path], registry_file: Path) -> None:
+    pm = plugin_manager()
+    r = run(pm, "base", "add", "qe", "--path", qwen_folders["plus"], "--json")
+    assert r.exit_code == 0, r.output
+    added = json.loads(r.stdout)
+    assert added["kind"] == "qwen-image-edit-plus" and added["weights"]["transformer"]["dtype"] == "float32"
+    r = run(pm, "base", "add", "old", "--path", qwen_folders["edit"])
+    assert r.exit_code == 0 and "qwen-image-edit," in r.stdout, r.output
+    rows = {b["name"]: b for b in json.loads(run(pm, "base", "list", "--json").stdout)}
+    assert {"toy", "toy-tiny", "qe", "old"} <= set(rows)
+    assert rows["old"]["kind"] == "qwen-image-edit" and rows["toy"]["kind"] == "toy"
+    shown = json.loads(run(pm, "base", "show", "qe").stdout)
+    assert shown["fingerprint"] == added["fingerprint"] and shown["path"] == str(qwen_folders["plus"])
+    # the fingerprint reads configs and safetensors headers: another copy of the folder has the same one
+    assert run(pm, "base", "remove", "old").exit_code == 0
+    assert "old" not in {b["name"] for b in json.loads(run(pm, "base", "list", "--json").stdout)}
+
+
+def test_bad_base_folders_are_one_line_errors(tmp_path: Path, registry_file: Path) -> None:
+    pm = plugin_manager()
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    cases = [
+        (tmp_path / "missing", "not found"),
+        (tmp_path, "no model_index.json"),
+        (other, "StableDiffusionPipeline pipeline, which clora cannot load"),
+    ]
+    for folder, says in cases:
+        r = run(pm, "base", "add", "x", "--path", folder)
+        assert r.exit_code == 1 and r.stderr.startswith("Error: ") and says in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = run(pm, "base", "add", "toy", "--path", other)
+    assert r.exit_code == 1 and "installed base model plugin" in r.stderr
+    assert not registry_file.exists() or Registry(registry_file).list_bases() == []
+
+
+def test_distill_generate_eval_and_grow_on_a_real_pipeline(
+    qwen_world, tmp_path: Path, registry_file: Path
+) -> None:  # type: ignore[no-untyped-def]
+    pm = qwen_world
+    effects = {e["name"]: e for e in json.loads(run(pm, "effect", "list", "--json").stdout)}
+    assert {n: e["lora"]["format"] for n, e in effects.items()} == {
+        "ghibli": "diffusers",
+        "plush": "kohya",
+        "neon": "peft",
+    }
+    assert effects["plush"]["lora"]["alpha"] == 2.0 and effects["neon"]["lora"]["rank"] == 4
+
+    r = run(
+        pm,
+        "distill",
+        "--effects",
+        "ghibli,plush",
+        "--steps",
+        "3",
+        "--config",
+        tmp_path / "cfg.json",
+        "--no-progress",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    assert col["base"] == "qe" and col["config"]["resolution"] == 128 and col["config"]["dtype"] == "float32"
+    assert col["config"]["gradient_checkpointing"] is True and col["config"]["guidance"] == 4.0
+
+    # grow it with the peft effect
+    r = run(
+        pm,
+        "distill",
+        "--incremental",
+        "--steps",
+        "2",
+        "--config",
+        tmp_path / "cfg.json",
+        "--no-progress",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    v2 = json.loads(r.stdout)
+    assert v2["parent_version"] == 1 and {m["effect"] for m in v2["members"]} == {"ghibli", "plush", "neon"}
+
+    # generate keeps the input's aspect (edited at the collection's resolution)
+    me = write_photos(tmp_path / "me", [(300, 200)], seed=9) / "photo0.png"
+    r = run(
+        pm, "generate", "--effect", "neon", "--image", me, "--out", tmp_path / "neon.png", "--no-progress"
+    )
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "neon.png") as out:
+        assert abs(out.width / out.height - 1.5) < 0.02, out.size
+    r = run(
+        pm,
+        "generate",
+        "--effect",
+        "plush",
+        "--teacher",
+        "--image",
+        me,
+        "--out",
+        tmp_path / "t.png",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
+    assert r.exit_code == 0, r.output
+
+    # eval scores on the effects' example photos (no built-in images), teachers from their own layouts
+    r = run(pm, "eval", "--n-images", "2", "--merge", "none", "--json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert set(result["effects"]) == {"ghibli", "plush", "neon"}
+    assert result["effects"]["plush"]["student_vs_teacher"]["psnr"] > 0
+    assert result["cost"]["per_effect_loras"]["files"] == 3 and result["retention"]["prompts"] > 0
+
+
+def test_the_first_qwen_image_edit_release_distills_and_generates(  # type: ignore[no-untyped-def]
+    qwen_folders: dict[str, Path], tmp_path: Path, registry_file: Path
+) -> None:
+    pm = plugin_manager()
+    assert run(pm, "base", "add", "edit", "--path", qwen_folders["edit"], *OPTIONS).exit_code == 0
+    with Registry(registry_file) as reg:
+        shapes = get_factory(Components.collect(pm), reg, "edit").module_shapes()
+    photos = write_photos(tmp_path / "photos", [(128, 128), (160, 96)])
+    lora = lora_file(tmp_path / "a.safetensors", shapes, "diffusers", 4)
+    r = run(
+        pm,
+        "effect",
+        "add",
+        "a",
+        "--lora",
+        lora,
+        "--prompt",
+        "make it a watercolor",
+        "--base",
+        "edit",
+        "--examples",
+        photos,
+    )
+    assert r.exit_code == 0, r.output
+    (tmp_path / "cfg.json").write_text(json.dumps({**FAST_CONFIG, "p_switch": 1.0}))
+    r = run(pm, "distill", "--steps", "2", "--config", tmp_path / "cfg.json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = run(pm, "generate", "--effect", "a", "--image", photos, "--out", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+def test_a_lora_for_another_model_is_refused(qwen_world, tmp_path: Path, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = qwen_world
+    flux = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
+    }
+    save_file(flux, str(tmp_path / "flux.safetensors"))
+    before = json.loads(run(pm, "effect", "list", "--json").stdout)
+    r = run(
+        pm, "effect", "add", "f", "--lora", tmp_path / "flux.safetensors", "--prompt", "p", "--base", "qe"
+    )
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert json.loads(run(pm, "effect", "list", "--json").stdout) == before
