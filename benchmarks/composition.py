@@ -29,6 +29,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     model = UnifiedModel.load(Components.collect(get_plugin_manager()), args.collection)
+    assert model.backbone.image_size is not None, "a toy-world benchmark"
     images = held_out_sources(args.n_images, model.backbone.image_size[0], seed=7)
     truth = get_effect(args.then).apply(get_effect(args.first).apply(images))
     rows = {

@@ -53,6 +53,7 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
 def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
     """PSNR vs truth of the general edits: base alone (full sampler) and with the unified LoRA (few steps)."""
     bb = model.backbone
+    assert bb.image_size is not None, "a toy-world benchmark"
     sources, truth, prompts = general_batch(n, bb.image_size[0], seed=424242)
     src = bb.encode_images(sources)
     tr = bb.transformer
@@ -119,7 +120,7 @@ def main() -> None:
         ev = evaluate(reg, comps, col, options=opts, show_progress=False)
         outputs = ev.pop("_outputs")
         model = UnifiedModel.load(comps, col.file, backbone=None)
-        ret = retention(model, 32, cfg.teacher_steps)
+        ret = retention(model, 32, cfg.teacher_steps or model.backbone.default_teacher_steps)
         labels = ev["bleeding"]["labels"]
         m = ev["bleeding"]["matrix"]
         results[key] = {

@@ -278,3 +278,163 @@ def test_a_lora_for_another_model_is_refused(qwen_world, tmp_path: Path, registr
     )
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1
     assert json.loads(run(pm, "effect", "list", "--json").stdout) == before
+
+
+def test_the_pipeline_with_the_model_cards_settings_gives_clora_generates_image(  # type: ignore[no-untyped-def]
+    qwen_world, qwen_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """The unified LoRA loaded by QwenImageEditPlusPipeline.load_lora_weights and sampled with the
+    scheduler settings clora documents reproduces `clora generate` (same seed, float32, CPU)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from tiny_qwen import load_qwen_edit_pipeline, small_edit_sizes
+
+    from clora.unified import read_header
+
+    pm = qwen_world
+    r = run(
+        pm,
+        "distill",
+        "--effects",
+        "ghibli",
+        "--steps",
+        "2",
+        "--config",
+        tmp_path / "cfg.json",
+        "--no-progress",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    lora = json.loads(r.stdout)["file"]
+    header = read_header(lora)
+    # an input already at the edit size (160x96 at resolution 128), so neither side resizes it
+    me = write_photos(tmp_path / "me", [(160, 96)], seed=5) / "photo0.png"
+    r = run(
+        pm,
+        "generate",
+        "--effect",
+        "ghibli",
+        "--image",
+        me,
+        "--out",
+        tmp_path / "clora.png",
+        "--seed",
+        "7",
+        "--no-fuse",
+        "--no-progress",
+    )
+    assert r.exit_code == 0, r.output
+
+    pipe = load_qwen_edit_pipeline(qwen_folders["plus"])
+    pipe.load_lora_weights(lora)
+    shift = header.shift
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config,
+        shift=shift,
+        use_dynamic_shifting=False,
+        shift_terminal=None,
+        stochastic_sampling=True,
+    )
+    unshifted = [s / (shift - (shift - 1) * s) for s in header.few_step_sigmas]
+
+    def sample(seed: int) -> np.ndarray:
+        with small_edit_sizes(vae_area=4096, condition_area=3136), Image.open(me) as image:
+            torch.manual_seed(seed)
+            return pipe(  # type: ignore[no-any-return]
+                image=image.convert("RGB"),
+                prompt=header.effects["ghibli"]["prompt"],
+                sigmas=unshifted,
+                num_inference_steps=len(unshifted),
+                true_cfg_scale=1.0,
+                height=96,
+                width=160,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            ).images[0]
+
+    out = sample(7)
+    ours = np.asarray(Image.open(tmp_path / "clora.png"), dtype=np.float32) / 255
+    assert ours.shape == out.shape == (96, 160, 3)
+    assert np.abs(ours - out).max() <= 1.5 / 255, np.abs(ours - out).max()
+    assert (
+        np.abs(ours - sample(8)).mean() > 20 * np.abs(ours - out).mean()
+    )  # the seed matters: not a flat image
+
+
+def test_general_data_folder_feeds_the_general_stream(
+    qwen_world, tmp_path: Path, registry_file: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from clora.paths import clora_home
+
+    pm = qwen_world
+    data = write_photos(tmp_path / "general", [(128, 128), (160, 96)], seed=3)
+    (data / "prompts.jsonl").write_text(
+        json.dumps({"image": "photo0.png", "prompt": "add a hat"})
+        + "\n"
+        + json.dumps({"image": "photo1.png", "prompt": "make it night"})
+        + "\n"
+    )
+    before = set((clora_home() / "cache" / "targets").glob("general-*"))
+    cfg = tmp_path / "cfg.json"
+    r = run(
+        pm,
+        "distill",
+        "--effects",
+        "ghibli",
+        "--steps",
+        "2",
+        "--config",
+        cfg,
+        "--general-data",
+        data,
+        "--p-switch",
+        "0.5",
+        "--no-progress",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["general_data"] == str(data.resolve())
+    made = set((clora_home() / "cache" / "targets").glob("general-*")) - before
+    assert len(made) == 2  # the base's own outputs, one file per image size
+
+    (data / "prompts.jsonl").write_text('{"image": "photo0.png"}\n')
+    bad = [
+        (data, "prompts.jsonl:1"),
+        (tmp_path / "nowhere", "--general-data folder not found"),
+        (tmp_path / "me", "needs prompts.jsonl"),
+    ]
+    write_photos(tmp_path / "me", [(64, 64)])
+    runs = len(Registry(registry_file).list_runs())
+    for folder, says in bad:
+        r = run(
+            pm,
+            "distill",
+            "--effects",
+            "ghibli",
+            "--steps",
+            "2",
+            "--config",
+            cfg,
+            "--general-data",
+            folder,
+            "--no-progress",
+        )
+        assert r.exit_code == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert len(Registry(registry_file).list_runs()) == runs  # refused before a run was recorded
+    (data / "prompts.jsonl").unlink()
+    (data / "prompt.txt").write_text("keep it as it is\n")
+    r = run(
+        pm,
+        "distill",
+        "--effects",
+        "ghibli",
+        "--steps",
+        "1",
+        "--config",
+        cfg,
+        "--general-data",
+        data,
+        "--p-switch",
+        "0",
+        "--no-progress",
+    )
+    assert r.exit_code == 0, r.output

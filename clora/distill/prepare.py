@@ -189,11 +189,10 @@ def general_pool(
     return {s: torch.stack(v) for s, v in images_by.items()}, prompts_by
 
 
-def read_general_data(
-    folder: Path, backbone: Backbone, resolution: int | None, limit: int
-) -> list[tuple[torch.Tensor, str]]:
-    """``--general-data DIR``: images with ``prompts.jsonl`` lines ``{"image": NAME, "prompt": TEXT}``, or
-    every image of the folder with the one instruction in ``prompt.txt``."""
+def general_data_pairs(folder: Path, limit: int) -> list[tuple[Path, str]]:
+    """``--general-data DIR``: (image file, instruction) pairs from ``prompts.jsonl`` lines
+    ``{"image": NAME, "prompt": TEXT}``, or every image of the folder with the one instruction in
+    ``prompt.txt``; checked without reading the images, so a bad folder fails before a run starts."""
     if not folder.is_dir():
         raise CloraError(f"--general-data folder not found: {folder}")
     jsonl, single = folder / GENERAL_PROMPTS_FILE, folder / GENERAL_PROMPT_FILE
@@ -211,21 +210,28 @@ def read_general_data(
                 ) from None
             if not prompt:
                 raise CloraError(f"{jsonl}:{i}: the prompt is empty")
-            pairs.append((read_source(folder / name, backbone, resolution), prompt))
-            if len(pairs) == limit:
-                break
+            if not (folder / name).is_file():
+                raise CloraError(f"{jsonl}:{i}: image not found: {folder / name}")
+            pairs.append((folder / name, prompt))
         if not pairs:
             raise CloraError(f"{jsonl} lists no images")
-        return pairs
+        return pairs[:limit]
     if single.is_file():
         prompt = single.read_text().strip()
         if not prompt:
             raise CloraError(f"{single} is empty; write the instruction for every image in it")
-        return [(read_source(p, backbone, resolution), prompt) for p in list_images(folder)[:limit]]
+        return [(p, prompt) for p in list_images(folder)[:limit]]
     raise CloraError(
         f"--general-data {folder} needs {GENERAL_PROMPTS_FILE} (one JSON object per line: image, prompt) "
         f"or {GENERAL_PROMPT_FILE} (one instruction for every image)"
     )
+
+
+def read_general_data(
+    folder: Path, backbone: Backbone, resolution: int | None, limit: int
+) -> list[tuple[torch.Tensor, str]]:
+    """The ``--general-data`` pairs with each image read at its edit size."""
+    return [(read_source(p, backbone, resolution), t) for p, t in general_data_pairs(folder, limit)]
 
 
 def prepare(

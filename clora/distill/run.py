@@ -24,7 +24,7 @@ from clora.distill.adapters import CRITIC, STUDENT, AdapterSet
 from clora.distill.config import DistillConfig
 from clora.distill.loop import Distiller, NonFiniteLossError
 from clora.distill.plan import EffectPlan, Plan
-from clora.distill.prepare import prepare
+from clora.distill.prepare import general_data_pairs, prepare
 from clora.effects import resolve_base
 from clora.errors import CloraError
 from clora.fileio import save_torch, sha256_file
@@ -279,8 +279,8 @@ def run_distill(
         factory = get_factory(components, registry, plan.base_id)
         _, _, dtype_name = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
         cfg = cfg.model_copy(update={"dtype": dtype_name})
-        if cfg.general_data is not None and not Path(cfg.general_data).is_dir():
-            raise CloraError(f"--general-data folder not found: {cfg.general_data}")
+        if cfg.general_data is not None:
+            general_data_pairs(Path(cfg.general_data), cfg.general_pool)
         if cfg.target_modules is not None:
             layers = factory.module_shapes()
             missing = [
@@ -305,7 +305,7 @@ def run_distill(
 
     try:
         return _execute(registry, components, cfg, plan, run_dir, show_progress, say)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CloraError) as e:
         registry.update_run(plan.run_id, status="failed", message=str(e))
         raise
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ video processor, and hands it to the pipeline's ``from_pretrained``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -54,7 +55,20 @@ def load_processor(folder: Path) -> Any:
 def load_pipeline(pipeline_class: Any, folder: Path, dtype: Any) -> Any:
     """``pipeline_class.from_pretrained(folder)`` offline, safetensors only, every component in ``dtype``
     (the text encoder too: transformers would keep its saved dtype)."""
+    import diffusers
+    import transformers
+
     processor = load_processor(folder / "processor")
-    return pipeline_class.from_pretrained(
-        str(folder), processor=processor, dtype=dtype, use_safetensors=True, local_files_only=True
-    )
+    # the libraries' loading bars help at a terminal (a real base loads for minutes), not in logs
+    quiet = not sys.stderr.isatty()
+    if quiet:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        return pipeline_class.from_pretrained(
+            str(folder), processor=processor, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    finally:
+        if quiet:
+            diffusers.utils.logging.enable_progress_bar()
+            transformers.utils.logging.enable_progress_bar()
