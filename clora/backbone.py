@@ -234,11 +234,6 @@ class Backbone(ABC):
         first, *rest = instructions
         return f"first {first}, then " + ", then ".join(rest)
 
-    def pipeline_usage(self, lora_file: str, sigmas: list[float], shift: float, seed: int) -> str | None:
-        """Python code that runs an exported unified LoRA with this model's own diffusers pipeline and
-        clora's few-step sampler (for the model card), or None when there is no such pipeline."""
-        return None
-
 
 class BackboneFactory(ABC):
     """What a backbone plugin registers (or a :class:`BaseKind` builds): a :class:`Backbone` on demand."""
@@ -274,6 +269,12 @@ class BackboneFactory(ABC):
     def info(self) -> dict[str, Any]:
         """What ``clora base list/show`` prints about the base (kind, dtype, size, path, ...)."""
         return {"kind": self.kind, "description": self.description}
+
+    def pipeline_usage(self, lora_file: str, sigmas: list[float], shift: float, seed: int) -> str | None:
+        """Python code that runs an exported unified LoRA (``lora_file``) with this model's own diffusers
+        pipeline and clora's few-step sampler (levels ``sigmas``, ``shift``) for the model card, or None
+        when the model has no such pipeline. Known without loading the weights."""
+        return None
 
 
 class BaseKind(ABC):

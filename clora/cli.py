@@ -79,11 +79,12 @@ def make_app(pm: pluggy.PluginManager) -> typer.Typer:
             table.add_row(r["name"], r["version"] or "-", ", ".join(r["hooks"]), regs or "-")
         console.print(table)
 
-    from clora import cli_distill, cli_eval, cli_generate
+    from clora import cli_distill, cli_eval, cli_export, cli_generate
 
     cli_distill.add_commands(app)
     cli_generate.add_commands(app)
     cli_eval.add_commands(app)
+    cli_export.add_commands(app)
     pm.hook.register_commands(app=app)
     return app
 

@@ -280,11 +280,11 @@ def test_a_lora_for_another_model_is_refused(qwen_world, tmp_path: Path, registr
     assert json.loads(run(pm, "effect", "list", "--json").stdout) == before
 
 
-def test_the_pipeline_with_the_model_cards_settings_gives_clora_generates_image(  # type: ignore[no-untyped-def]
+def test_exports_run_in_the_pipeline_with_the_model_cards_settings_as_clora_generate(  # type: ignore[no-untyped-def]
     qwen_world, qwen_folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The unified LoRA loaded by QwenImageEditPlusPipeline.load_lora_weights and sampled with the
-    scheduler settings clora documents reproduces `clora generate` (same seed, float32, CPU)."""
+    """The diffusers and comfyui exports loaded by QwenImageEditPlusPipeline.load_lora_weights and sampled
+    with the scheduler settings of the model card reproduce `clora generate` (same seed, float32, CPU)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from tiny_qwen import load_qwen_edit_pipeline, small_edit_sizes
 
@@ -304,7 +304,17 @@ def test_the_pipeline_with_the_model_cards_settings_gives_clora_generates_image(
         "--json",
     )
     assert r.exit_code == 0, r.output
-    lora = json.loads(r.stdout)["file"]
+    version = json.loads(r.stdout)["version"]
+    exported = {}
+    for fmt in ("diffusers", "comfyui", "peft"):
+        out = tmp_path / "export" / fmt
+        r = run(pm, "export", "--collection", version, "--format", fmt, "--out", out, "--json")
+        assert r.exit_code == 0, r.output
+        exported[fmt] = json.loads(r.stdout)
+    lora = exported["diffusers"]["lora"]
+    card = Path(exported["diffusers"]["card"]).read_text()
+    assert "QwenImageEditPlusPipeline" in card and "stochastic_sampling=True" in card
+    assert "pipe.load_lora_weights(" in card and str(qwen_folders["plus"]) not in card
     header = read_header(lora)
     # an input already at the edit size (160x96 at resolution 128), so neither side resizes it
     me = write_photos(tmp_path / "me", [(160, 96)], seed=5) / "photo0.png"
@@ -325,7 +335,8 @@ def test_the_pipeline_with_the_model_cards_settings_gives_clora_generates_image(
     assert r.exit_code == 0, r.output
 
     pipe = load_qwen_edit_pipeline(qwen_folders["plus"])
-    pipe.load_lora_weights(lora)
+    pipe.load_lora_weights(lora, adapter_name="diffusers")
+    pipe.load_lora_weights(exported["comfyui"]["lora"], adapter_name="comfyui")
     shift = header.shift
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config,
@@ -351,13 +362,17 @@ def test_the_pipeline_with_the_model_cards_settings_gives_clora_generates_image(
                 output_type="np",
             ).images[0]
 
-    out = sample(7)
     ours = np.asarray(Image.open(tmp_path / "clora.png"), dtype=np.float32) / 255
-    assert ours.shape == out.shape == (96, 160, 3)
-    assert np.abs(ours - out).max() <= 1.5 / 255, np.abs(ours - out).max()
-    assert (
-        np.abs(ours - sample(8)).mean() > 20 * np.abs(ours - out).mean()
-    )  # the seed matters: not a flat image
+    for adapter in ("diffusers", "comfyui"):  # the two layouts a pipeline loads
+        pipe.set_adapters(adapter)
+        out = sample(7)
+        assert ours.shape == out.shape == (96, 160, 3)
+        assert np.abs(ours - out).max() <= 1.5 / 255, (adapter, np.abs(ours - out).max())
+    closeness = np.abs(ours - out).mean()
+    assert np.abs(ours - sample(8)).mean() > 20 * closeness  # the seed matters
+    # the LoRA is applied (two steps move it little: scaled up, it moves the image)
+    pipe.set_adapters("diffusers", 100.0)
+    assert np.abs(ours - sample(7)).mean() > 20 * closeness
 
 
 def test_general_data_folder_feeds_the_general_stream(

@@ -120,6 +120,34 @@ class QwenEditFactory(BackboneFactory):
             model = QwenImageTransformer2DModel.from_config(config)
         return linear_shapes(model)
 
+    def pipeline_usage(self, lora_file: str, sigmas: list[float], shift: float, seed: int) -> str | None:
+        u = [
+            round((s / (shift - (shift - 1) * s)), 6) for s in sigmas
+        ]  # undo the shift: the scheduler applies it
+        cls = self.edit_kind.class_name
+        return f"""import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, {cls}
+from PIL import Image
+
+# the folder of the base the LoRA was distilled on ({self.kind}, clora fingerprint {self.fingerprint})
+pipe = {cls}.from_pretrained("{self.folder.name}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{lora_file}")
+# clora's few-step sampler: predict x0, re-noise to the next level (shift {shift:g}, no dynamic shifting)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+    pipe.scheduler.config, shift={shift:g}, use_dynamic_shifting=False, shift_terminal=None,
+    stochastic_sampling=True,
+)
+torch.manual_seed({seed})  # the scheduler re-noises from torch's global generator
+image = pipe(
+    image=Image.open("input.png").convert("RGB"),
+    prompt="<trigger> <caption>",  # an effect's prompt from the table above
+    sigmas={u},
+    num_inference_steps={len(sigmas)},
+    true_cfg_scale=1.0,  # the distilled LoRA samples without guidance
+    generator=torch.Generator().manual_seed({seed}),
+).images[0]
+"""
+
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> QwenEditBackbone:
         import torch
 
@@ -366,33 +394,6 @@ class QwenEditBackbone(Backbone):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         sigmas: torch.Tensor = scheduler.sigmas.float().cpu()
         return sigmas
-
-    def pipeline_usage(self, lora_file: str, sigmas: list[float], shift: float, seed: int) -> str | None:
-        u = [
-            round((s / (shift - (shift - 1) * s)), 6) for s in sigmas
-        ]  # undo the shift: the scheduler applies it
-        cls = self.factory.edit_kind.class_name
-        return f"""import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, {cls}
-from PIL import Image
-
-pipe = {cls}.from_pretrained("{self.factory.folder}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{lora_file}")
-# clora's few-step sampler: predict x0, re-noise to the next level (shift {shift:g}, no dynamic shifting)
-pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-    pipe.scheduler.config, shift={shift:g}, use_dynamic_shifting=False, shift_terminal=None,
-    stochastic_sampling=True,
-)
-torch.manual_seed({seed})  # the scheduler re-noises from torch's global generator
-image = pipe(
-    image=Image.open("input.png").convert("RGB"),
-    prompt="<trigger> <caption>",  # an effect's prompt from the table above
-    sigmas={u},
-    num_inference_steps={len(sigmas)},
-    true_cfg_scale=1.0,  # the distilled LoRA samples without guidance
-    generator=torch.Generator().manual_seed({seed}),
-).images[0]
-"""
 
 
 KINDS = [
