@@ -96,7 +96,14 @@ def _effect_app() -> typer.Typer:
     def add(
         ctx: typer.Context,
         name: Annotated[str, typer.Argument(help="Effect name: 1-64 letters, digits, '-', '_', '.'.")],
-        lora: Annotated[Path, typer.Option("--lora", help="The effect's LoRA file (.safetensors).")],
+        lora: Annotated[
+            Path,
+            typer.Option(
+                "--lora",
+                help="The effect's LoRA: a .safetensors file (diffusers, kohya/musubi, ComfyUI, ai-toolkit "
+                "layouts) or a peft adapter folder.",
+            ),
+        ],
         prompt: Annotated[str, typer.Option("--prompt", help="The prompt the LoRA was trained with.")],
         trigger: Annotated[
             str | None,
@@ -138,7 +145,9 @@ def _effect_app() -> typer.Typer:
     def update(
         ctx: typer.Context,
         name: Annotated[str, typer.Argument(help="Name of a registered effect.")],
-        lora: Annotated[Path, typer.Option("--lora", help="The effect's new LoRA file (.safetensors).")],
+        lora: Annotated[
+            Path, typer.Option("--lora", help="The effect's new LoRA (.safetensors file or peft folder).")
+        ],
         base: Annotated[
             str | None,
             typer.Option("--base", help="Base model id (default: the effect's current base)."),

@@ -50,8 +50,8 @@ def add_commands(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--no-card",
-                help="Write no model card. The card of a diffusers or comfyui export loads the base model on "
-                "the CPU in float32 for its diffusers pipeline code; for a large base, --no-card skips that.",
+                help="Write no model card (README.md: base, effects and triggers, the few-step sampler as "
+                "diffusers code, the evaluation table).",
             ),
         ] = False,
         as_json: Annotated[
