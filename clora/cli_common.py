@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pluggy
 import typer
@@ -19,6 +19,17 @@ from clora.plugins import Components
 from clora.registry import Registry
 
 console = Console()
+
+#: ``--device`` and ``--dtype`` of the commands that run a base model
+DeviceOption = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="float32, bfloat16 or float16 for the base model (default: bfloat16 for real bases on CUDA, "
+        "else float32; trained LoRAs stay float32).",
+    ),
+]
 
 
 class CloraGroup(TyperGroup):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from clora.cli_common import console, print_json, state
+from clora.cli_common import DtypeOption, console, print_json, state
 
 
 def _names(values: list[str] | None) -> list[str] | None:
@@ -93,14 +93,7 @@ def add_commands(app: typer.Typer) -> None:
         device: Annotated[
             str | None, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ... (default cpu).")
         ] = None,
-        dtype: Annotated[
-            str | None,
-            typer.Option(
-                "--dtype",
-                help="dtype of the frozen base: float32, bfloat16 or float16 (default: bfloat16 for real "
-                "bases on CUDA, else float32); the trained LoRAs stay float32.",
-            ),
-        ] = None,
+        dtype: DtypeOption = None,
         resolution: Annotated[
             int | None,
             typer.Option(

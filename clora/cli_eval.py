@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clora.cli_common import console, state
+from clora.cli_common import DeviceOption, DtypeOption, console, state
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -61,14 +61,8 @@ def add_commands(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--report", help="Write an HTML report (tables, sheets, heat map) here."),
         ] = None,
-        device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
-        dtype: Annotated[
-            str | None,
-            typer.Option(
-                "--dtype",
-                help="float32, bfloat16 or float16 (default: bfloat16 for real bases on CUDA, else float32).",
-            ),
-        ] = None,
+        device: DeviceOption = "cpu",
+        dtype: DtypeOption = None,
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="Do not draw a progress bar.")
         ] = False,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from clora.cli_common import state
+from clora.cli_common import DeviceOption, DtypeOption, state
 from clora.effects import list_images
 from clora.errors import CloraError, UnknownEffectError
 
@@ -78,14 +78,8 @@ def add_commands(app: typer.Typer) -> None:
                 "collection's; the toy edits one fixed size).",
             ),
         ] = None,
-        device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1 ...")] = "cpu",
-        dtype: Annotated[
-            str | None,
-            typer.Option(
-                "--dtype",
-                help="float32, bfloat16 or float16 (default: bfloat16 for real bases on CUDA, else float32).",
-            ),
-        ] = None,
+        device: DeviceOption = "cpu",
+        dtype: DtypeOption = None,
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="Do not draw a progress bar.")
         ] = False,

@@ -389,23 +389,8 @@ def test_general_data_folder_feeds_the_general_stream(
         + "\n"
     )
     before = set((clora_home() / "cache" / "targets").glob("general-*"))
-    cfg = tmp_path / "cfg.json"
-    r = run(
-        pm,
-        "distill",
-        "--effects",
-        "ghibli",
-        "--steps",
-        "2",
-        "--config",
-        cfg,
-        "--general-data",
-        data,
-        "--p-switch",
-        "0.5",
-        "--no-progress",
-        "--json",
-    )
+    distill = ["distill", "--effects", "ghibli", "--config", tmp_path / "cfg.json", "--no-progress"]
+    r = run(pm, *distill, "--steps", "2", "--general-data", data, "--p-switch", "0.5", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"]["general_data"] == str(data.resolve())
     made = set((clora_home() / "cache" / "targets").glob("general-*")) - before
@@ -420,36 +405,10 @@ def test_general_data_folder_feeds_the_general_stream(
     write_photos(tmp_path / "me", [(64, 64)])
     runs = len(Registry(registry_file).list_runs())
     for folder, says in bad:
-        r = run(
-            pm,
-            "distill",
-            "--effects",
-            "ghibli",
-            "--steps",
-            "2",
-            "--config",
-            cfg,
-            "--general-data",
-            folder,
-            "--no-progress",
-        )
+        r = run(pm, *distill, "--steps", "2", "--general-data", folder)
         assert r.exit_code == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert len(Registry(registry_file).list_runs()) == runs  # refused before a run was recorded
     (data / "prompts.jsonl").unlink()
     (data / "prompt.txt").write_text("keep it as it is\n")
-    r = run(
-        pm,
-        "distill",
-        "--effects",
-        "ghibli",
-        "--steps",
-        "1",
-        "--config",
-        cfg,
-        "--general-data",
-        data,
-        "--p-switch",
-        "0",
-        "--no-progress",
-    )
+    r = run(pm, *distill, "--steps", "1", "--general-data", data, "--p-switch", "0")
     assert r.exit_code == 0, r.output

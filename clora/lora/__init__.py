@@ -7,7 +7,6 @@ the rest of clora sees one shape whatever wrote the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -125,21 +124,6 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
             f"{p} is not a readable safetensors file ({reason}); LoRA files must be .safetensors"
         ) from None
     return tensors, metadata
-
-
-def header_alpha(metadata: Mapping[str, str]) -> float | None:
-    """``lora_alpha`` from a diffusers/peft header (``lora_adapter_metadata``), if present."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    for key, value in cfg.items():
-        if key.rsplit(".", 1)[-1] == "lora_alpha" and isinstance(value, int | float):
-            return float(value)
-    return None
 
 
 def read_lora(
