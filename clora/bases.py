@@ -154,7 +154,18 @@ def add_base(
         raise CloraError(f"'{name}' is the id of an installed base model plugin; pick another name")
     folder = Path(path).expanduser().resolve()
     read_model_index(folder)
-    kind = components.get_base_kind(kind_id) if kind_id else detect_kind(components, folder)
+    if kind_id:
+        kind = components.get_base_kind(kind_id)
+        try:
+            detected: BaseKind | None = detect_kind(components, folder)
+        except CloraError:
+            detected = None  # a pipeline no kind knows: the user says what it is
+        if detected is not None and detected.kind_id != kind.kind_id:
+            raise CloraError(
+                f"{folder} holds a {detected.kind_id} pipeline, not {kind.kind_id}; leave --kind out"
+            )
+    else:
+        kind = detect_kind(components, folder)
     opts = parse_options(kind, options)
     factory = kind.factory(name, folder, opts)  # checks the folder's components and the options
     info = {**factory.info(), "weights": weights_info(folder)}

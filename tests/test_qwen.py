@@ -265,7 +265,9 @@ def test_the_first_qwen_image_edit_release_distills_and_generates(  # type: igno
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
-def test_a_lora_for_another_model_is_refused(qwen_world, tmp_path: Path, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lora_for_another_model_is_refused(  # type: ignore[no-untyped-def]
+    qwen_world, qwen_folders: dict[str, Path], tmp_path: Path, registry_file: Path
+) -> None:
     pm = qwen_world
     flux = {
         "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
@@ -278,6 +280,11 @@ def test_a_lora_for_another_model_is_refused(qwen_world, tmp_path: Path, registr
     )
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1
     assert json.loads(run(pm, "effect", "list", "--json").stdout) == before
+    # the base its effects are bound to stays, and a kind that is not the folder's is refused
+    r = run(pm, "base", "remove", "qe")
+    assert r.exit_code == 1 and "bound to base 'qe'" in r.stderr
+    r = run(pm, "base", "add", "other", "--path", qwen_folders["plus"], "--kind", "qwen-image-edit")
+    assert r.exit_code == 1 and "holds a qwen-image-edit-plus pipeline" in r.stderr
 
 
 def test_exports_run_in_the_pipeline_with_the_model_cards_settings_as_clora_generate(  # type: ignore[no-untyped-def]
