@@ -120,7 +120,7 @@ def main() -> None:
         ev = evaluate(reg, comps, col, options=opts, show_progress=False)
         outputs = ev.pop("_outputs")
         model = UnifiedModel.load(comps, col.file, backbone=None)
-        ret = retention(model, 32, cfg.teacher_steps or model.backbone.default_teacher_steps)
+        ret = retention(model, 32, cfg.teachers.steps or model.backbone.default_teacher_steps)
         labels = ev["bleeding"]["labels"]
         m = ev["bleeding"]["matrix"]
         results[key] = {

@@ -87,7 +87,17 @@ def add_commands(app: typer.Typer) -> None:
         config: Annotated[
             Path | None,
             typer.Option(
-                "--config", help="JSON file with any DistillConfig fields; options above override it."
+                "--config",
+                help="JSON file with any config fields, in sections (clora/distill/config.py); --set and the "
+                "options here override it.",
+            ),
+        ] = None,
+        settings: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set",
+                help="Set any config field: section.field=value (JSON value or text), repeatable, e.g. "
+                "--set optimizer.lr=0.002 --set data.p_switch=0.5 --set teachers.steps=20.",
             ),
         ] = None,
         device: Annotated[
@@ -173,7 +183,7 @@ def add_commands(app: typer.Typer) -> None:
             "seed": seed,
             "incremental_grow_rank": grow_rank,
         }
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, settings)
         with st.open_registry() as reg:
             outcome = run_distill(
                 reg,

@@ -92,7 +92,7 @@ def add_commands(app: typer.Typer) -> None:
 
         from clora.bases import get_factory
         from clora.devices import pick
-        from clora.distill.config import DistillConfig
+        from clora.distill.config import DistillConfig, read_config
         from clora.distill.prepare import read_source
         from clora.generate import UnifiedModel, cascade_edit, teacher_edit
         from clora.images import contact_sheet, write_png
@@ -130,7 +130,7 @@ def add_commands(app: typer.Typer) -> None:
                             else "it needs a distill (`clora distill --incremental`)"
                         )
                         raise CloraError(f"effect '{name}' is not in collection v{col.version}; {where}")
-            cfg = DistillConfig.model_validate_json(col.config_json) if col is not None else DistillConfig()
+            cfg = read_config(col.config_json) if col is not None else DistillConfig()
             if teacher or cascade:
                 e = registered[effect[0]]
                 base_id = e.base_id or (col.base_id if col is not None else None)
@@ -146,7 +146,7 @@ def add_commands(app: typer.Typer) -> None:
                     st.components, col.file, device=device, dtype=dtype, fuse=fuse, registry=reg
                 )
                 bb = model.backbone
-        res = resolution or cfg.resolution
+        res, g = resolution or cfg.data.resolution, cfg.teachers.guidance
         single_file = len(files) == 1 and out.suffix.lower() == ".png"
         if not single_file:
             out.mkdir(parents=True, exist_ok=True)
@@ -172,9 +172,8 @@ def add_commands(app: typer.Typer) -> None:
                                 e.lora_path,
                                 e.teacher_prompt,
                                 images,
-                                steps=steps or cfg.teacher_steps or bb.default_teacher_steps,
-                                guidance=cfg.guidance if cfg.guidance is not None else bb.default_guidance,
-                                shift=cfg.shift,
+                                steps=steps or cfg.teachers.steps or bb.default_teacher_steps,
+                                guidance=bb.default_guidance if g is None else g,
                                 seed=seed,
                             )
                         else:

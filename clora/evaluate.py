@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from clora.backbone import Backbone
-from clora.distill.config import DistillConfig
+from clora.distill.config import DistillConfig, read_config
 from clora.distill.prepare import NEUTRAL_INSTRUCTIONS, digest, effect_seed, tensor_digest
 from clora.effects import list_images
 from clora.errors import CloraError
@@ -80,14 +80,14 @@ class OutputCache:
     def __init__(self, bb: Backbone, cfg: DistillConfig, sources: torch.Tensor, seed: int) -> None:
         self.root = clora_home() / "cache" / "eval"
         #: the guidance scale and steps of every full-sampler baseline
-        self.guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
-        self.steps: int = cfg.teacher_steps or bb.default_teacher_steps
+        teachers = cfg.teachers
+        self.guidance = teachers.guidance if teachers.guidance is not None else bb.default_guidance
+        self.steps: int = teachers.steps or bb.default_teacher_steps
         self.common = {
             "base": bb.fingerprint,
             "images": tensor_digest(sources),
             "steps": self.steps,
             "guidance": self.guidance,
-            "shift": cfg.shift,
             "seed": seed,
             "device": str(bb.device),
             "dtype": str(bb.dtype),
@@ -127,7 +127,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``collection`` against its teachers (and the truth, where known); see README for the shape."""
     opt = options or EvalOptions()
-    cfg = DistillConfig.model_validate_json(collection.config_json)
+    cfg = read_config(collection.config_json)
     metrics = {m: components.get_metric(m) for m in opt.metrics}
     for metric_id, metric in metrics.items():
         # a learned metric whose weights are missing says so before the model loads
@@ -140,9 +140,9 @@ def evaluate(
     for n in names:
         model.check_effect(n)
     registered = {e.name: e for e in registry.list_effects()}
-    cfg = cfg.model_copy(update={"teacher_steps": cfg.teacher_steps or bb.default_teacher_steps})
+    cfg.teachers.steps = cfg.teachers.steps or bb.default_teacher_steps
     sources = eval_sources(
-        bb, opt, cfg.resolution, [registered[n].examples_dir for n in names if n in registered]
+        bb, opt, cfg.data.resolution, [registered[n].examples_dir for n in names if n in registered]
     )
 
     def score(a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
@@ -176,7 +176,6 @@ def evaluate(
                         sources,
                         steps=cache.steps,
                         guidance=cache.guidance,
-                        shift=cfg.shift,
                         seed=opt.seed,
                     ),
                 )
@@ -218,7 +217,7 @@ def evaluate(
         "collection": collection.version,
         "base": collection.base_id,
         "n_images": len(sources),
-        "steps": {"student": len(model.header.few_step_sigmas), "teacher": cfg.teacher_steps},
+        "steps": {"student": len(model.header.few_step_sigmas), "teacher": cfg.teachers.steps},
         "effects": per,
         "overall": _overall(per),
         "bleeding": _bleeding(names, outputs),
@@ -306,7 +305,7 @@ def _merged(
                 images, _ = cache.get(
                     where[n],
                     lambda e=e, a=adapter: full_edit(
-                        bb, a, e.teacher_prompt, sources, cache.steps, guidance, cfg.shift, opt.seed
+                        bb, a, e.teacher_prompt, sources, cache.steps, guidance, seed=opt.seed
                     ),
                 )
                 out[n][merge] = images.to(sources)
@@ -379,11 +378,12 @@ def _retention(
         prompts = [NEUTRAL_INSTRUCTIONS[i % len(NEUTRAL_INSTRUCTIONS)] for i in range(len(images))]
     from clora.metrics import psnr
 
-    assert cfg.teacher_steps is not None
+    steps = cfg.teachers.steps
+    assert steps is not None
     tr = bb.transformer
     unfuse(tr)
     tr.disable_adapters()
-    base = sample_full(bb, images, prompts, cfg.teacher_steps, 0.0, cfg.shift, opt.seed)
+    base = sample_full(bb, images, prompts, steps, 0.0, seed=opt.seed)
     model.activate()
     student = sample_few_steps(bb, images, prompts, model.sigmas(None), opt.seed)
     return {"prompts": len(prompts), "student_vs_base_psnr": _mean(psnr(student, base))}
@@ -435,7 +435,7 @@ def _cost(
             "files": len(teacher_files),
             "bytes": sum(f.stat().st_size for f in teacher_files),
             "switch_ms": round(per_file_switch * 1e3, 3),
-            "nfe": 2 * (cfg.teacher_steps or bb.default_teacher_steps),
+            "nfe": 2 * (cfg.teachers.steps or bb.default_teacher_steps),
             "ms_per_image": round(t_teacher / n_calls * 1e3, 3),
         },
     }

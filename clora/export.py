@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clora.distill.config import read_config
 from clora.errors import CloraError
 from clora.fileio import atomic_path
 from clora.registry import Collection, Registry
@@ -366,7 +367,7 @@ def model_card(
     parent_version: int | None,
 ) -> str:
     """The Markdown model card of an export: base, effects, sampler, usage, evaluation, training."""
-    cfg: dict[str, Any] = json.loads(col.config_json or "{}")
+    cfg = read_config(col.config_json or "{}")
     metrics: dict[str, Any] = json.loads(col.metrics_json or "{}")
     steps = len(header.few_step_sigmas)
     names = sorted(header.effects)
@@ -459,11 +460,11 @@ def model_card(
         "",
         f"- run: `{header.run_id}`, clora {header.clora_version}",
         f"- parent: {f'collection v{parent_version}' if parent_version else 'none (a full distill)'}",
-        f"- distill steps: {cfg.get('steps', '-')}",
+        f"- distill steps: {cfg.steps}",
         f"- rank {header.rank}, alpha {header.alpha:g}; target modules: "
         + ", ".join(f"`{m}`" for m in header.target_modules),
-        f"- resolution: {header.resolution or cfg.get('resolution') or '-'}",
-        f"- teachers: {cfg.get('teacher_steps') or '-'} steps, guidance {cfg.get('guidance', '-')}",
+        f"- resolution: {header.resolution or cfg.data.resolution or '-'}",
+        f"- teachers: {cfg.teachers.steps or '-'} steps, guidance {_cell(cfg.teachers.guidance)}",
         "",
     ]
     return "\n".join(lines)

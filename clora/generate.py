@@ -180,8 +180,8 @@ def sample_full(
     prompts: list[str],
     steps: int,
     guidance: float,
-    shift: float,
-    seed: int,
+    shift: float = 3.0,
+    seed: int = 0,
 ) -> torch.Tensor:
     """The full Euler sampler with the backbone's guidance and whatever adapters are active."""
     bb = backbone

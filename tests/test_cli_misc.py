@@ -51,15 +51,15 @@ def test_distill_help_states_the_config_defaults() -> None:
     d = DistillConfig()
     # rich wraps the help in a box: drop its borders and line breaks
     text = " ".join(run(plugin_manager(), "distill", "--help").stdout.replace("│", " ").split())
-    assert d.anchor_share == 1.0 and "the whole run anchors" in text
+    assert d.anchoring.share == 1.0 and "the whole run anchors" in text
     for phrase in (
         f"max({d.steps}, {d.steps_per_effect} per effect)",
-        f"incremental: {d.steps_per_new_effect} per new effect",
-        f"(default {d.rank})",
-        f"(default {d.few_steps})",
-        f"(default {d.p_switch})",
-        f"(default {d.batch_size})",
-        f"(default {d.incremental_grow_rank})",
+        f"incremental: {d.incremental.steps_per_new_effect} per new effect",
+        f"(default {d.student.rank})",
+        f"(default {d.student.few_steps})",
+        f"(default {d.data.p_switch})",
+        f"(default {d.optimizer.batch_size})",
+        f"(default {d.incremental.grow_rank})",
     ):
         assert phrase in text, phrase
 

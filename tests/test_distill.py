@@ -323,7 +323,7 @@ def test_bad_options_are_one_line_errors(tiny_world, tmp_path) -> None:  # type:
 
 def _ctx(sample: torch.Tensor, targets: torch.Tensor | None = None, seed: int = 0, **calls) -> LossContext:  # type: ignore[no-untyped-def]
     zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    cfg = DistillConfig(few_steps=4)
+    cfg = DistillConfig(student={"few_steps": 4})
     return LossContext(
         sample=sample,
         stream="effect",
@@ -449,11 +449,11 @@ def test_effect_balance_weighs_each_effects_rows_by_its_running_loss() -> None:
 
 
 def test_student_lr_schedule() -> None:
-    cfg = DistillConfig(steps=11, lr=2e-3, lr_final_ratio=0.1)
+    cfg = DistillConfig(steps=11, optimizer={"lr": 2e-3, "lr_final_ratio": 0.1})
     lrs = [cfg.lr_at(i) for i in range(11)]
     assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4)
     assert lrs[5] == pytest.approx(1.1e-3) and all(a > b for a, b in itertools.pairwise(lrs))
-    flat = DistillConfig(steps=11, lr=2e-3, lr_schedule="constant")
+    flat = DistillConfig(steps=11, optimizer={"lr": 2e-3, "lr_schedule": "constant"})
     assert {flat.lr_at(i) for i in range(11)} == {2e-3}
 
 

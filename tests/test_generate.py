@@ -11,6 +11,7 @@ from helpers import file_digest, plugin_manager, run
 from PIL import Image
 from safetensors import safe_open
 
+from clora.paths import clora_home
 from clora.registry import Registry
 from clora.unified import read_header
 
@@ -184,10 +185,11 @@ def test_incremental_grows_the_collection(distilled, registry_file: Path) -> Non
     v2 = json.loads(r.stdout)
     assert v2["version"] == 2 and v2["parent_version"] == 1
     assert {m["effect"] for m in v2["members"]} == {"sepia", "invert", "posterize"}
-    assert v2["config"]["steps"] == v2["config"]["steps_per_new_effect"] * 1
-    v1_lr = json.loads(v1.config_json)["lr"]
-    assert v2["config"]["lr"] == pytest.approx(v1_lr * v2["config"]["incremental_lr_ratio"])
-    assert v2["config"]["effects_per_batch"] == v2["config"]["incremental_effects_per_batch"]
+    c2 = v2["config"]
+    assert c2["steps"] == c2["incremental"]["steps_per_new_effect"] * 1
+    v1_lr = json.loads(v1.config_json)["optimizer"]["lr"]
+    assert c2["optimizer"]["lr"] == pytest.approx(v1_lr * c2["incremental"]["lr_ratio"])
+    assert c2["data"]["effects_per_batch"] == c2["incremental"]["effects_per_batch"]
     for m in v2["members"]:
         if m["effect"] in triggers_before:
             assert m["trigger"] == triggers_before[m["effect"]]
@@ -241,7 +243,7 @@ def test_incremental_keeps_the_parents_lora_shape(registry_file: Path, tmp_path:
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
     # the parent's rank 4, grown by the default incremental_grow_rank
-    assert v2["config"]["target_modules"] == narrow and v2["config"]["rank"] == 4 + 16
+    assert v2["config"]["student"]["target_modules"] == narrow and v2["config"]["student"]["rank"] == 4 + 16
     with Registry(registry_file) as reg:
         v2_file = Path(reg.get_collection(2).file)  # type: ignore[union-attr]
     assert read_header(v2_file).target_modules == narrow
@@ -264,7 +266,9 @@ def test_incremental_growth_keeps_the_parents_components(registry_file: Path, tm
     r = run(pm, "distill", "--incremental", "--grow-rank", "2", "--config", cfg, *FAST, "--json")
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
-    assert (v2["config"]["rank"], v2["config"]["alpha"], v2["config"]["frozen_rank"]) == (6, 6.0, 4)
+    student = v2["config"]["student"]
+    plan = json.loads((clora_home() / "runs" / v2["run_id"] / "plan.json").read_text())
+    assert (student["rank"], student["alpha"], plan["frozen_rank"]) == (6, 6.0, 4)
     assert "ignoring rank 4, alpha 8.0" in r.stderr  # the config's own shape is the parent's, grown
     with Registry(registry_file) as reg:
         files = [Path(reg.get_collection(v).file) for v in (1, 2)]  # type: ignore[union-attr]

@@ -181,8 +181,9 @@ def test_distill_generate_eval_and_grow_on_a_real_pipeline(
     )
     assert r.exit_code == 0, r.output
     col = json.loads(r.stdout)
-    assert col["base"] == "qe" and col["config"]["resolution"] == 128 and col["config"]["dtype"] == "float32"
-    assert col["config"]["gradient_checkpointing"] is True and col["config"]["guidance"] == 4.0
+    config = col["config"]
+    assert col["base"] == "qe" and config["data"]["resolution"] == 128 and config["dtype"] == "float32"
+    assert config["optimizer"]["gradient_checkpointing"] is True and config["teachers"]["guidance"] == 4.0
 
     # grow it with the peft effect
     r = run(
@@ -399,7 +400,7 @@ def test_general_data_folder_feeds_the_general_stream(
     distill = ["distill", "--effects", "ghibli", "--config", tmp_path / "cfg.json", "--no-progress"]
     r = run(pm, *distill, "--steps", "2", "--general-data", data, "--p-switch", "0.5", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["config"]["general_data"] == str(data.resolve())
+    assert json.loads(r.stdout)["config"]["data"]["general_data"] == str(data.resolve())
     made = set((clora_home() / "cache" / "targets").glob("general-*")) - before
     assert len(made) == 2  # the base's own outputs, one file per image size
 

@@ -24,7 +24,9 @@ CRITIC = "critic"
 
 
 class AdapterSet:
-    """Switches which adapter the base runs with; loads teacher LoRAs on demand (LRU-bounded)."""
+    """Switches which adapter the base runs with; loads teacher LoRAs on demand (LRU-bounded).
+
+    The student (and, when the run has an on-policy phase, the critic) are trainable float32 adapters."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class AdapterSet:
         target_modules: list[str],
         max_teachers: int,
         components: Components,
+        with_critic: bool = True,
     ):
         self.backbone = backbone
         self.transformer: Any = backbone.transformer
@@ -41,9 +44,11 @@ class AdapterSet:
         self.max_teachers = max_teachers
         self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))  # type: ignore[arg-type]
         self.transformer.requires_grad_(False)
-        for name in (STUDENT, CRITIC):
+        # a run that only anchors never uses a critic: it gets no adapter
+        self.trained = (STUDENT, CRITIC) if with_critic else (STUDENT,)
+        for name in self.trained:
             self.transformer.add_adapter(self.config, adapter_name=name)
-        self.params = {name: self._params(name) for name in (STUDENT, CRITIC)}
+        self.params = {name: self._params(name) for name in self.trained}
         # the trained LoRAs (and so their optimizer state) stay float32 over a bfloat16 base; peft casts
         # each layer's input to its LoRA's dtype and the sum back to the base's
         for params in self.params.values():

@@ -1,20 +1,40 @@
-"""The distiller's typed configuration. It is saved in every checkpoint and collection row."""
+"""The distiller's typed configuration, in named sections. A run stores its resolved config once (the
+run folder, the run's and the collection's registry rows); :func:`read_config` reads any stored one.
+
+A config file (``clora distill --config FILE``) is JSON with any of these fields, nested by section::
+
+    {"steps": 2000, "student": {"rank": 32}, "anchoring": {"share": 0.5},
+     "losses": {"level_anchor": {"weight": 1.0, "schedule": "cosine", "final_weight": 0.1}}}
+
+``clora distill --set section.field=value`` sets one field. Fields left ``None`` are filled by
+:func:`clora.distill.resolve.resolve` from the base model (guidance, steps of the teacher's sampler,
+resolution, ...). Measurements behind the defaults are in benchmarks/README.md.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clora.errors import CloraError
 
 
-class LossSpec(BaseModel):
-    """One loss term's weight, optionally following a schedule over training."""
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model_config = ConfigDict(extra="forbid")
+
+def cosine_mix(frac: float) -> float:
+    """0 at ``frac`` 0, 1 at ``frac`` 1, along half a cosine: the shape of every cosine schedule here."""
+    frac = min(max(frac, 0.0), 1.0)
+    return 0.5 * (1 - math.cos(math.pi * frac))
+
+
+class LossSpec(_Section):
+    """One loss term's weight, optionally following a schedule over training."""
 
     weight: float = Field(1.0, ge=0, description="weight at step 0")
     schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -24,21 +44,16 @@ class LossSpec(BaseModel):
 
     def at(self, step: int, total: int) -> float:
         """The weight at ``step`` of ``total``."""
-        import math
-
         if self.schedule == "constant" or total <= 1:
             return self.weight
         frac = min(max(step / (total - 1), 0.0), 1.0)
-        mix = frac if self.schedule == "linear" else 0.5 * (1 - math.cos(math.pi * frac))
+        mix = frac if self.schedule == "linear" else cosine_mix(frac)
         return self.weight + (self.final_weight - self.weight) * mix
 
 
 def default_losses() -> dict[str, LossSpec]:
-    # Trajectory anchoring at the sampler's own levels leads. On the toy world the on-policy terms
-    # (DMD, target simulation) cost fidelity: the edits are deterministic, the student can match its
-    # teachers' outputs almost exactly, and DMD's normalised gradient stays O(1) however close it is
-    # (measured; see benchmarks/README.md). They are kept, with the reference's roles, for runs with
-    # anchor_share < 1.
+    # anchoring at the sampler's own levels leads; the on-policy terms (DMD, target simulation) train
+    # in the on-policy phase of runs with anchoring.share < 1, the critic's term on student samples
     return {
         "level_anchor": LossSpec(weight=1.0),
         "dmd": LossSpec(weight=0.1),
@@ -47,44 +62,94 @@ def default_losses() -> dict[str, LossSpec]:
     }
 
 
-class DistillConfig(BaseModel):
-    """Everything that determines a distill run ("reference: X" notes the reference's own value)."""
+class StudentConfig(_Section):
+    """The unified LoRA: its shape, its sampler and the prompts it learns under."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(
-        600,
-        ge=1,
-        description="training steps (each trains the critic; every gen_every also the student); "
-        "a full run without --steps trains at least steps_per_effect per effect",
-    )
-    steps_per_effect: int = Field(
-        375, ge=1, description="full runs without --steps train max(steps, this x effects) steps"
-    )
-    steps_per_new_effect: int = Field(
-        600,
-        ge=1,
-        description="incremental runs without --steps train this many steps per new effect (more than a "
-        "full run's share: the new effects start from zero; 2 new of 10 cost ~1/3 of a full run)",
-    )
     rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
-        description="module-name suffixes the student and critic LoRAs adapt (None: the base model's "
-        "choice, Backbone.lora_target_modules; an incremental run keeps its parent's)",
+        description="module-name suffixes the student and critic adapt (default: the base model's choice, "
+        "Backbone.lora_target_modules; an incremental run keeps its parent's)",
     )
     few_steps: Literal[4, 8] = Field(4, description="sampling steps of the unified LoRA")
     shift: float = Field(
-        3.0, gt=0, description="timestep shift of every schedule: s = shift*u / (1 + (shift-1)*u)"
+        3.0, gt=0, description="timestep shift of the few-step schedule: s = shift*u / (1 + (shift-1)*u)"
+    )
+    asymmetric_prompts: bool = Field(
+        True,
+        description="the student learns each effect under its trigger + caption; off: under the teacher's "
+        "own prompt (an ablation)",
+    )
+    captioner: str = Field("template", description="captioner plugin id for effects without a caption")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class OptimizerConfig(_Section):
+    """AdamW for the student and the critic, and the batch each step trains on."""
+
+    batch_size: int = Field(16, ge=1, description="images per step")
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        description="split each step's batch into this many micro-batches whose gradients add up before the "
+        "optimizer step (less memory when the batch does not fit)",
+    )
+    lr: float = Field(6e-3, gt=0, description="learning rate of the student (reference: 1e-4)")
+    critic_lr: float = Field(5e-4, gt=0, description="learning rate of the critic (reference: 1e-4)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine",
+        description="the student's learning rate over the run: constant, or cosine to lr_final_ratio",
+    )
+    lr_final_ratio: float = Field(0.01, ge=0, le=1, description="final / initial student lr (cosine)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (both optimizers)")
+    grad_clip: float = Field(10.0, gt=0, description="max gradient norm (both optimizers)")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute the transformer's activations in the backward pass instead of keeping them "
+        "(default: on for real bases, off for the toy)",
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> OptimizerConfig:
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accumulation "
+                f"({self.grad_accumulation})"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """What each step trains on: sources, the two streams and how effects share a batch."""
+
+    resolution: int | None = Field(
+        None,
+        ge=16,
+        description="sources are resized to about resolution^2 pixels, keeping their aspect, to sides the "
+        "base needs (default: the base's own; the toy edits one fixed size)",
+    )
+    sources_per_effect: int = Field(
+        128,
+        ge=1,
+        description="source images per effect (at most its examples), each with its teacher's output",
+    )
+    general_pool: int = Field(256, ge=1, description="general-stream (image, instruction) pairs")
+    general_data: str | None = Field(
+        None,
+        description="folder of general-stream images with prompts.jsonl ({image, prompt} per line) or "
+        "prompt.txt (one instruction for all); default: the base's built-in general edits, else the "
+        "effects' example images with built-in neutral instructions",
+    )
+    general_targets: bool = Field(
+        True, description="also anchor the general stream, onto the base's own outputs (retention)"
     )
     p_switch: float = Field(
-        0.9,
-        ge=0,
-        le=1,
-        description="probability that a block of steps is an effect-stream block (reference: 0.5; on 8 toy "
-        "effects 0.9 scored 0.7 dB over 0.75 and kept the general edits as well)",
+        0.9, ge=0, le=1, description="probability that a block of steps is an effect-stream block"
     )
     block_len: int = Field(5, ge=1, description="steps per routing block (reference: 20)")
     effects_per_batch: int = Field(
@@ -93,217 +158,288 @@ class DistillConfig(BaseModel):
         description="effects sharing one effect-stream batch, each with its own teacher (capped by the "
         "number of effects and the batch size; the reference trains one effect per block: 1)",
     )
-    incremental_effects_per_batch: int | None = Field(
-        6,
-        ge=1,
-        description="effects_per_batch of incremental runs (None: the same as full runs); fewer effects "
-        "a batch give each new effect more rows (+cool, solarize on 8 toy effects, one 1200-step run "
-        "each: 6 beat 8 for the new and the old effects; the demo's 300-step run ranked them the other way)",
-    )
     effect_balance: float = Field(
         0.5,
         ge=0,
         le=1,
         description="weigh each effect's rows in the regression terms by (its running loss)^-b, normalised "
-        "to mean 1 over the batch: 0 is plain MSE, where the effects with the largest errors steer the "
-        "shared LoRA; 1 makes every effect's relative error count alike, as PSNR does, and the hardest "
-        "effect falls back (on 8 toy effects 0.5 put all 8 within 2 dB of their teachers, 0 seven)",
+        "to mean 1: 0 is plain MSE; 1 makes every effect's relative error count alike",
     )
-    router: str = Field("balanced", description="router plugin id that picks the effect of each effect block")
-    new_effect_share: float = Field(
-        0.5, ge=0, le=1, description="incremental runs: share of effect slots given to the new effects"
+    router: str = Field("balanced", description="router plugin id that picks the effects of each block")
+
+
+class TeacherConfig(_Section):
+    """The teachers' full sampler, which makes the targets and scores the student on-policy."""
+
+    steps: int | None = Field(
+        None, ge=1, description="Euler steps of the full sampler (default: the base's: 20 toy, 40 Qwen)"
     )
-    gen_every: int = Field(
-        1, ge=1, description="one student update every gen_every steps (critic every step; reference: 5)"
+    batch_size: int | None = Field(
+        None, ge=1, description="images per batch when sampling targets (default: optimizer.batch_size)"
     )
-    anchor_share: float = Field(
-        1.0,
-        ge=0,
-        le=1,
-        description="share of the steps, at the start, that train the student by trajectory anchoring "
-        "alone (off-policy terms only: no simulation, teacher or critic calls, a few times cheaper a "
-        "step); the critic warm-up and the on-policy phase (DMD, target simulation) follow; 1: the "
-        "whole run anchors (the default: on the toy world the on-policy terms cost fidelity)",
-    )
-    critic_warmup: int = Field(
-        20,
-        ge=0,
-        description="critic-only steps before the first student update (at most a quarter of the run)",
-    )
-    critic_from_student: bool = Field(
-        True,
-        description="when the anchoring phase ends, the critic starts as a copy of the student (the "
-        "student is then the best model of its own samples; a critic that has to catch up from the base "
-        "makes the first DMD gradients point far past the teachers)",
-    )
-    batch_size: int = Field(16, ge=1, description="images per step")
-    grad_accumulation: int = Field(
-        1,
-        ge=1,
-        description="split each step's batch into this many micro-batches whose gradients add up before "
-        "the optimizer step (same result, less memory, when the batch does not fit)",
-    )
-    gradient_checkpointing: bool | None = Field(
-        None,
-        description="recompute the transformer's activations in the backward pass instead of keeping them "
-        "(default: on for real bases, off for the toy)",
-    )
-    lr: float = Field(6e-3, gt=0, description="AdamW learning rate of the student (reference: 1e-4)")
-    critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the critic (reference: 1e-4)")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "cosine",
-        description="student learning rate over the run: constant, or cosine decay to lr_final_ratio",
-    )
-    lr_final_ratio: float = Field(
-        0.01,
-        ge=0,
-        le=1,
-        description="final / initial student lr (cosine; 0.01 scored 0.3 dB over 0.1 on 8 toy effects)",
-    )
-    incremental_lr_ratio: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="incremental runs train the student at lr x this (default: 1 when the student grows, "
-        "0.25 when it trains the parent's own components, where a full-size restart makes it forget)",
-    )
-    incremental_grow_rank: int = Field(
-        16,
-        ge=0,
-        description="incremental runs: the student keeps its parent's LoRA components fixed and trains this "
-        "many new ones (the file's rank grows by this much each time); 0: it trains the parent's own "
-        "components (a fixed file size, but the old effects drift: up to -2 dB measured on the toy world)",
-    )
-    frozen_rank: int = Field(
-        0,
-        ge=0,
-        description="leading student LoRA components kept fixed (set by incremental runs that grow; "
-        "not for hand-written configs)",
-    )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (both optimizers)")
-    grad_clip: float = Field(10.0, gt=0, description="max gradient norm (both optimizers)")
     guidance: float | None = Field(
-        None, ge=0, description="teacher CFG g in cond + g*(cond - uncond) (default: the base model's choice)"
+        None, ge=0, description="the effects' teachers' guidance scale (default: the base model's choice)"
     )
     general_guidance: float = Field(
         0.0,
         ge=0,
-        description="CFG g of the base model as the general stream's teacher (its targets and, on-policy, "
-        "its score): 0 is the base as `clora eval` scores its retention; on the toy, the effects' CFG of 1 "
-        "made the general targets 1-17 dB worse against the truth",
+        description="guidance of the base model as the general stream's teacher (0: none, as `clora eval` "
+        "scores retention)",
     )
-    teacher_steps: int | None = Field(
-        None,
-        ge=1,
-        description="Euler steps of the teacher's full sampler for targets (default: the base model's "
-        "choice: 20 on the toy, 40 on Qwen-Image-Edit)",
+    max_resident: int = Field(8, ge=1, description="teacher adapters kept on the base at once")
+
+
+class AnchoringConfig(_Section):
+    """The anchoring phase: regression of the student onto the teachers' outputs, no simulation."""
+
+    share: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of the steps, at the start, that train by anchoring alone (off-policy terms, a "
+        "few times cheaper a step); the on-policy phase follows; 1: the whole run anchors",
     )
-    teacher_batch_size: int | None = Field(
-        None, ge=1, description="images per batch when sampling teacher targets (default: batch_size)"
+
+
+class OnPolicyConfig(_Section):
+    """The on-policy phase: the student's own samples scored by teacher vs critic (DMD)."""
+
+    gen_every: int = Field(1, ge=1, description="one student update every gen_every steps (reference: 5)")
+    critic_warmup: int = Field(
+        20, ge=0, description="critic-only steps before the first student update (at most a quarter)"
     )
-    resolution: int | None = Field(
-        None,
-        ge=16,
-        description="sources are resized to about resolution^2 pixels, keeping their aspect, to sides the "
-        "base needs (default: the base's own; the toy edits one fixed size and ignores it)",
-    )
-    general_data: str | None = Field(
-        None,
-        description="folder of general-stream images with prompts.jsonl ({image, prompt} per line) or "
-        "prompt.txt (one instruction for all); default: the base's built-in general edits, else the "
-        "effects' example images with built-in neutral instructions",
-    )
-    sources_per_effect: int = Field(
-        128,
-        ge=1,
-        description="source images per effect, each with its teacher's output (the prepare stage runs the "
-        "teacher's full sampler on every one; on 8 toy effects 128 scored 0.7 dB over 32)",
-    )
-    general_pool: int = Field(256, ge=1, description="general-stream (image, instruction) pairs")
-    general_targets: bool = Field(
-        True,
-        description="coarse-to-fine also on the general stream, toward the base's own outputs (retention)",
-    )
-    asymmetric_prompts: bool = Field(
-        True, description="student/critic get trigger + caption; off: they get the teacher prompt (ablation)"
+    critic_from_student: bool = Field(
+        True, description="the critic starts the phase as a copy of the student"
     )
     target_levels: int = Field(
         5, ge=1, description="target simulation noises y_T to one of the last N levels"
     )
-    losses: dict[str, LossSpec] = Field(
-        default_factory=default_losses, description="loss term id -> weight spec"
+
+
+class IncrementalConfig(_Section):
+    """Runs that grow an existing collection (``--incremental``)."""
+
+    steps_per_new_effect: int = Field(600, ge=1, description="steps per new effect when --steps is not given")
+    new_effect_share: float = Field(
+        0.5, ge=0, le=1, description="share of effect slots given to the new effects"
     )
-    max_resident_teachers: int = Field(8, ge=1, description="teacher adapters kept on the base at once")
-    checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N steps")
-    captioner: str = Field("template", description="captioner plugin id for effects without a caption")
+    effects_per_batch: int | None = Field(
+        6, ge=1, description="data.effects_per_batch of incremental runs (None: the same as full runs)"
+    )
+    lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="the student trains at optimizer.lr x this (default: 1 when it grows, 0.25 when it "
+        "trains the parent's own components)",
+    )
+    grow_rank: int = Field(
+        16,
+        ge=0,
+        description="the parent's LoRA components stay fixed and this many new ones train (the rank grows by "
+        "this much); 0: the parent's own components train (fixed size; old effects drift)",
+    )
+
+
+class DistillConfig(_Section):
+    """Everything that determines a distill run ("reference: X" notes the reference's own value)."""
+
+    steps: int = Field(
+        600,
+        ge=1,
+        description="training steps; full runs without --steps train max(steps, steps_per_effect x effects)",
+    )
+    steps_per_effect: int = Field(375, ge=1, description="see steps")
     seed: int = Field(0, description="seed of routing, noise and data order")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None,
-        description="dtype of the frozen base (default: bfloat16 for real bases on CUDA, else float32); "
-        "the trained LoRAs and their optimizer state stay float32",
+        description="dtype of the frozen base (default: bfloat16 for real bases on CUDA, else float32); the "
+        "trained LoRAs and their optimizer state stay float32",
     )
+    checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N steps")
+    losses: dict[str, LossSpec] = Field(default_factory=default_losses, description="loss term id -> weight")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teachers: TeacherConfig = Field(default_factory=TeacherConfig)
+    anchoring: AnchoringConfig = Field(default_factory=AnchoringConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
 
     @field_validator("losses")
     @classmethod
-    def _some_generator_loss(cls, v: dict[str, LossSpec]) -> dict[str, LossSpec]:
+    def _some_loss(cls, v: dict[str, LossSpec]) -> dict[str, LossSpec]:
         if not v:
             raise ValueError("at least one loss term is needed")
         return v
 
-    @model_validator(mode="after")
-    def _check(self) -> DistillConfig:
-        if self.target_levels > self.few_steps:
-            self.target_levels = self.few_steps
-        if self.batch_size % self.grad_accumulation:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of grad_accumulation "
-                f"({self.grad_accumulation})"
-            )
-        if self.frozen_rank >= self.rank:
-            raise ValueError(f"frozen_rank ({self.frozen_rank}) must be below rank ({self.rank})")
-        return self
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha if self.alpha is not None else self.rank)
-
     @property
     def anchor_steps(self) -> int:
         """Steps of the anchoring phase at the start of the run."""
-        return int(self.steps * self.anchor_share)
+        return int(self.steps * self.anchoring.share)
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the run has an on-policy phase (and so a critic)."""
+        return self.anchor_steps < self.steps
 
     def lr_at(self, step: int) -> float:
-        """The student's learning rate at ``step`` of this run (``lr_schedule``)."""
-        if self.lr_schedule == "constant" or self.steps <= 1:
-            return self.lr
-        import math
+        """The student's learning rate at ``step`` of this run (``optimizer.lr_schedule``)."""
+        opt = self.optimizer
+        if opt.lr_schedule == "constant" or self.steps <= 1:
+            return opt.lr
+        r = opt.lr_final_ratio
+        return opt.lr * (r + (1 - r) * (1 - cosine_mix(step / (self.steps - 1))))
 
-        frac = min(max(step / (self.steps - 1), 0.0), 1.0)
-        r = self.lr_final_ratio
-        return self.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    def to_json(self) -> dict[str, object]:
-        return json.loads(self.model_dump_json())
+    def to_json(self) -> dict[str, Any]:
+        return dict(json.loads(self.model_dump_json()))
 
 
-def load_config(path: str | Path | None, overrides: dict[str, object]) -> DistillConfig:
-    """A config from a JSON file (optional) with CLI overrides on top; one-line error when invalid."""
-    data: dict[str, object] = {}
+#: fields of the flat config clora stored before the sections (and still reads): name -> path
+FLAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "rank": ("student", "rank"),
+    "alpha": ("student", "alpha"),
+    "target_modules": ("student", "target_modules"),
+    "few_steps": ("student", "few_steps"),
+    "shift": ("student", "shift"),
+    "asymmetric_prompts": ("student", "asymmetric_prompts"),
+    "captioner": ("student", "captioner"),
+    "batch_size": ("optimizer", "batch_size"),
+    "grad_accumulation": ("optimizer", "grad_accumulation"),
+    "lr": ("optimizer", "lr"),
+    "critic_lr": ("optimizer", "critic_lr"),
+    "lr_schedule": ("optimizer", "lr_schedule"),
+    "lr_final_ratio": ("optimizer", "lr_final_ratio"),
+    "betas": ("optimizer", "betas"),
+    "grad_clip": ("optimizer", "grad_clip"),
+    "gradient_checkpointing": ("optimizer", "gradient_checkpointing"),
+    "resolution": ("data", "resolution"),
+    "sources_per_effect": ("data", "sources_per_effect"),
+    "general_pool": ("data", "general_pool"),
+    "general_data": ("data", "general_data"),
+    "general_targets": ("data", "general_targets"),
+    "p_switch": ("data", "p_switch"),
+    "block_len": ("data", "block_len"),
+    "effects_per_batch": ("data", "effects_per_batch"),
+    "effect_balance": ("data", "effect_balance"),
+    "router": ("data", "router"),
+    "teacher_steps": ("teachers", "steps"),
+    "teacher_batch_size": ("teachers", "batch_size"),
+    "guidance": ("teachers", "guidance"),
+    "general_guidance": ("teachers", "general_guidance"),
+    "max_resident_teachers": ("teachers", "max_resident"),
+    "anchor_share": ("anchoring", "share"),
+    "gen_every": ("on_policy", "gen_every"),
+    "critic_warmup": ("on_policy", "critic_warmup"),
+    "critic_from_student": ("on_policy", "critic_from_student"),
+    "target_levels": ("on_policy", "target_levels"),
+    "steps_per_new_effect": ("incremental", "steps_per_new_effect"),
+    "new_effect_share": ("incremental", "new_effect_share"),
+    "incremental_effects_per_batch": ("incremental", "effects_per_batch"),
+    "incremental_lr_ratio": ("incremental", "lr_ratio"),
+    "incremental_grow_rank": ("incremental", "grow_rank"),
+}
+#: fields no longer in the config (run state now kept in the run's plan)
+RETIRED_FIELDS = {"frozen_rank"}
+
+
+def set_path(data: dict[str, Any], path: tuple[str, ...] | list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, making sections as needed."""
+    node = data
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise CloraError(f"config field {'.'.join(path)}: '{key}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _nest(data: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """Flat (pre-section) field names moved to their sections; retired ones dropped; with ``strict``
+    other unknown top-level names stay (validation names them), else they are dropped."""
+    known = set(DistillConfig.model_fields)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in RETIRED_FIELDS:
+            continue
+        if key in FLAT_FIELDS:
+            set_path(out, FLAT_FIELDS[key], value)
+        elif key in known and isinstance(value, dict) and key not in ("losses",):
+            for sub, v in value.items():
+                set_path(out, (key, sub), v)
+        elif key in known or strict:
+            out[key] = value
+    return out
+
+
+def _prune(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """``data`` without fields ``model`` (and its sections) does not know."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            out[key] = _prune(value, sub)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(data: dict[str, Any], where: str) -> DistillConfig:
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "config"
+        raise CloraError(f"invalid distill config{where}: {field}: {err['msg']}") from None
+
+
+def read_config(stored: str | dict[str, Any]) -> DistillConfig:
+    """A config stored by any clora version (flat or in sections; fields since retired or added are
+    dropped or take their defaults)."""
+    data = json.loads(stored) if isinstance(stored, str) else dict(stored)
+    return _validate(_prune(_nest(data, strict=False), DistillConfig), " (stored)")
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``--set section.field=value``: the path and the value (JSON where it parses, else the text)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise CloraError(f"--set takes section.field=value, got {item!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) == 1 and path[0] in FLAT_FIELDS:
+        path = list(FLAT_FIELDS[path[0]])
+    return path, value
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, object], settings: list[str] | None = None
+) -> DistillConfig:
+    """A config from a JSON file (optional), then the CLI's ``--set`` values and option ``overrides``
+    (flat or dotted names; None values are left out); one-line error when invalid."""
+    data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise CloraError(f"config file not found: {p}")
         try:
-            data = json.loads(p.read_text())
+            raw = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise CloraError(f"config file {p} is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
+        if not isinstance(raw, dict):
             raise CloraError(f"config file {p} must hold a JSON object")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return DistillConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        raise CloraError(f"invalid distill config: {where}: {err['msg']}") from None
+        data = _nest(raw, strict=True)
+    for item in settings or []:
+        keys, value = parse_set(item)
+        set_path(data, keys, value)
+    for key, value in overrides.items():
+        if value is not None:
+            set_path(data, FLAT_FIELDS.get(key, tuple(key.split("."))), value)
+    return _validate(data, "")

@@ -177,12 +177,20 @@ class Distiller:
     ) -> None:
         self.backbone, self.adapters, self.data, self.plan, self.cfg = backbone, adapters, prepared, plan, cfg
         self.run_dir = run_dir
-        self.router = components.get_router(cfg.router)
+        self.router = components.get_router(cfg.data.router)
         self.terms = {loss_id: components.get_loss_term(loss_id) for loss_id in cfg.losses}
-        self.sigmas = few_step_sigmas(cfg.few_steps, cfg.shift).to(backbone.device, backbone.dtype)
+        self.sigmas = few_step_sigmas(cfg.student.few_steps, cfg.student.shift).to(
+            backbone.device, backbone.dtype
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.opt_student = torch.optim.AdamW(adapters.params[STUDENT], lr=cfg.lr, betas=cfg.betas)
-        self.opt_critic = torch.optim.AdamW(adapters.params[CRITIC], lr=cfg.critic_lr, betas=cfg.betas)
+        opt = cfg.optimizer
+        self.opt_student = torch.optim.AdamW(adapters.params[STUDENT], lr=opt.lr, betas=opt.betas)
+        # a run that only anchors has no critic (see AdapterSet)
+        self.opt_critic = (
+            torch.optim.AdamW(adapters.params[CRITIC], lr=opt.critic_lr, betas=opt.betas)
+            if CRITIC in adapters.params
+            else None
+        )
         self.state = LoopState(counts={e.name: 0 for e in plan.effects})
         self.effects = {e.name: e for e in plan.effects}
         self.timer = RoleTimer(torch.device(backbone.device))
@@ -197,21 +205,21 @@ class Distiller:
         start, t0, last = self.state.step, time.monotonic(), 0.0
         # phases: anchoring alone (cheap) -> critic warm-up on student samples -> on-policy DMD
         anchor_end = cfg.anchor_steps
-        warm_end = anchor_end + min(cfg.critic_warmup, (total - anchor_end) // 4)
+        warm_end = anchor_end + min(cfg.on_policy.critic_warmup, (total - anchor_end) // 4)
         final: dict[str, float] = {}
         with progress_bar(show_progress) as bar, open(self.run_dir / LOG, "a") as log:
             task = bar.add_task("distill", total=total, completed=start, info="")
             for step in range(start, total):
                 # 1. route: a coin flip per block picks the stream; the router picks the effects
-                if step % cfg.block_len == 0:
+                if step % cfg.data.block_len == 0:
                     self.state.route, self.state.bucket = self.choose_route()
                 stream, effects = self.state.route
                 effect = ",".join(effects) or None
-                if step == anchor_end and anchor_end > 0 and cfg.critic_from_student:
+                if step == anchor_end and anchor_end > 0 and cfg.on_policy.critic_from_student:
                     self.critic_from_student()
                 # 2. batch (in micro-batches whose gradients add up, with grad_accumulation)
                 batch = self.make_batch(stream, effects, self.state.bucket)
-                micro = batch.split(cfg.grad_accumulation)
+                micro = batch.split(cfg.optimizer.grad_accumulation)
                 self.set_student_lr(step)
                 logged: dict[str, float] = {}
                 if step < anchor_end:
@@ -225,7 +233,7 @@ class Distiller:
                             self.optimizer_step("generator")
                 else:
                     # 3. backward simulation; the last simulated step keeps its graph on generator turns
-                    gen_turn = step >= warm_end and (step - warm_end) % cfg.gen_every == 0
+                    gen_turn = step >= warm_end and (step - warm_end) % cfg.on_policy.gen_every == 0
                     contexts = []
                     for mb in micro:
                         with self.timer("simulation"):
@@ -279,11 +287,12 @@ class Distiller:
         and the image size its batches have. The router's first effect picks the size (one of its own
         images'); the others come from the effects that have images of that size."""
         rng = self._rng()
-        if not self.plan.effects or (rng.random() >= self.cfg.p_switch and self.data.general_rows):
+        data = self.cfg.data
+        if not self.plan.effects or (rng.random() >= data.p_switch and self.data.general_rows):
             return ("general", ()), self._pick_bucket({s: len(r) for s, r in self.data.general.items()}, rng)
         chosen: list[str] = []
         bucket: tuple[int, int] | None = None
-        for _ in range(min(self.cfg.effects_per_batch, len(self.plan.effects), self.cfg.batch_size)):
+        for _ in range(min(data.effects_per_batch, len(self.plan.effects), self.cfg.optimizer.batch_size)):
             names = [
                 e.name
                 for e in self.plan.effects
@@ -294,7 +303,7 @@ class Distiller:
             new = [n for n in self.plan.new_effects if n in names]
             effect = self.router.choose(names, new, self.state.counts, self.cfg, rng)
             if effect not in names:
-                raise CloraError(f"router '{self.cfg.router}' chose unknown or repeated effect '{effect}'")
+                raise CloraError(f"router '{data.router}' chose unknown or repeated effect '{effect}'")
             self.state.counts[effect] = self.state.counts.get(effect, 0) + 1
             chosen.append(effect)
             if bucket is None:
@@ -312,7 +321,7 @@ class Distiller:
     def make_batch(
         self, stream: Literal["effect", "general"], effects: tuple[str, ...], bucket: tuple[int, int] | None
     ) -> Batch:
-        b, device, dtype = self.cfg.batch_size, self.backbone.device, self.backbone.dtype
+        b, device, dtype = self.cfg.optimizer.batch_size, self.backbone.device, self.backbone.dtype
         if stream == "effect" and effects:
             assert bucket is not None
             groups, parts = [], []
@@ -364,11 +373,13 @@ class Distiller:
     def critic_from_student(self) -> None:
         """Copy the student into the critic and restart the critic's optimizer."""
         self.adapters.load_state_dict(CRITIC, self.adapters.state_dict(STUDENT))
+        assert self.opt_critic is not None  # a run with an on-policy phase has a critic
         self.opt_critic.state.clear()
 
     def loss_context(self, batch: Batch, sample: torch.Tensor | None) -> LossContext:
         bb, ad, cfg = self.backbone, self.adapters, self.cfg
-        guidance = cfg.guidance if cfg.guidance is not None else bb.default_guidance
+        teachers = cfg.teachers
+        guidance = teachers.guidance if teachers.guidance is not None else bb.default_guidance
 
         def teacher_x0(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(t, dtype=noisy.dtype, device=noisy.device).expand(noisy.shape[0])
@@ -384,7 +395,7 @@ class Distiller:
                         batch.source[rows],
                         batch.teacher_prompt.index(rows),
                         batch.uncond.index(rows),
-                        cfg.general_guidance if g.lora is None else guidance,
+                        teachers.general_guidance if g.lora is None else guidance,
                     )
                     parts.append(x0_from_velocity(noisy[rows], v, t[rows]))
                 return torch.cat(parts)
@@ -425,12 +436,12 @@ class Distiller:
         )
 
     def row_weights(self, batch: Batch) -> torch.Tensor | None:
-        w = balance_weights(batch.groups, self.state.effect_loss, self.cfg.effect_balance)
+        w = balance_weights(batch.groups, self.state.effect_loss, self.cfg.data.effect_balance)
         return None if w is None else w.to(batch.source.device)
 
     def track_effect_losses(self, batch: Batch, ctx: LossContext) -> None:
         """Fold this step's per-row regression losses into each effect's running mean."""
-        if not ctx.row_losses or self.cfg.effect_balance == 0:
+        if not ctx.row_losses or self.cfg.data.effect_balance == 0:
             return
         rows = torch.stack(ctx.row_losses).mean(0).float().cpu()
         for g in batch.groups:
@@ -455,6 +466,7 @@ class Distiller:
     def optimizer_step(self, role: str) -> None:
         """One optimizer step of ``role`` on the gradients gathered since the last one."""
         adapter, opt = (STUDENT, self.opt_student) if role == "generator" else (CRITIC, self.opt_critic)
+        assert opt is not None  # the critic's turn comes only in runs that have one
         params = self.adapters.params[adapter]
         if all(p.grad is None for p in params):
             return
@@ -462,7 +474,7 @@ class Distiller:
         for p, lead, _ in frozen:
             if p.grad is not None:
                 p.grad[lead] = 0
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -475,9 +487,9 @@ class Distiller:
             self._frozen_values = (
                 [
                     (p, lead, p.detach()[lead].clone())
-                    for p, lead in self.adapters.leading_slices(STUDENT, self.cfg.frozen_rank)
+                    for p, lead in self.adapters.leading_slices(STUDENT, self.plan.frozen_rank)
                 ]
-                if self.cfg.frozen_rank
+                if self.plan.frozen_rank
                 else []
             )
         return self._frozen_values
@@ -517,6 +529,17 @@ class Distiller:
             return 0
         return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
 
+    def training_state(self) -> dict[str, Any]:
+        """The trained adapters and their optimizers (what an incremental run starts from)."""
+        state: dict[str, Any] = {
+            "student": self.adapters.state_dict(STUDENT),
+            "opt_student": self.opt_student.state_dict(),
+        }
+        if self.opt_critic is not None:
+            state["critic"] = self.adapters.state_dict(CRITIC)
+            state["opt_critic"] = self.opt_critic.state_dict()
+        return state
+
     def save_checkpoint(self) -> None:
         save_torch(
             {
@@ -526,10 +549,7 @@ class Distiller:
                 "counts": dict(self.state.counts),
                 "effect_loss": dict(self.state.effect_loss),
                 "generator": self.generator.get_state(),
-                "student": self.adapters.state_dict(STUDENT),
-                "critic": self.adapters.state_dict(CRITIC),
-                "opt_student": self.opt_student.state_dict(),
-                "opt_critic": self.opt_critic.state_dict(),
+                **self.training_state(),
                 "config": self.cfg.model_dump_json(),
             },
             self.run_dir / CHECKPOINT,
@@ -542,9 +562,10 @@ class Distiller:
             return False
         ck: dict[str, Any] = torch.load(path, weights_only=True, map_location="cpu")
         self.adapters.load_state_dict(STUDENT, ck["student"])
-        self.adapters.load_state_dict(CRITIC, ck["critic"])
         self.opt_student.load_state_dict(ck["opt_student"])
-        self.opt_critic.load_state_dict(ck["opt_critic"])
+        if self.opt_critic is not None:
+            self.adapters.load_state_dict(CRITIC, ck["critic"])
+            self.opt_critic.load_state_dict(ck["opt_critic"])
         self.generator.set_state(ck["generator"])
         stream, effects = ck["route"]
         self.state = LoopState(
@@ -568,16 +589,23 @@ class Distiller:
     def init_from(self, state: dict[str, Any], scale: float = 1.0) -> None:
         """Start student and critic (and their optimizers) from a parent collection's saved state.
 
-        A student that grows (``frozen_rank``: the parent's rank) takes the parent's components as
-        its leading ones, ``scale`` its alpha/rank over the child's; both optimizers start fresh."""
-        if self.cfg.frozen_rank:
+        A student that grows (``plan.frozen_rank``: the parent's rank) takes the parent's components as
+        its leading ones, ``scale`` its alpha/rank over the child's; both optimizers start fresh. A
+        critic the parent never trained starts as this student (it would be copied from it anyway)."""
+        critic = self.opt_critic is not None
+        parent_critic = state.get("critic", state["student"])
+        if self.plan.frozen_rank:
             self.adapters.load_leading(STUDENT, state["student"], scale)
-            self.adapters.load_leading(CRITIC, state["critic"], scale)
+            if critic:
+                self.adapters.load_leading(CRITIC, parent_critic, scale)
             return
         self.adapters.load_state_dict(STUDENT, state["student"])
-        self.adapters.load_state_dict(CRITIC, state["critic"])
         self.opt_student.load_state_dict(state["opt_student"])
-        self.opt_critic.load_state_dict(state["opt_critic"])
-        for opt, lr in ((self.opt_student, self.cfg.lr), (self.opt_critic, self.cfg.critic_lr)):
-            for group in opt.param_groups:
+        if critic:
+            self.adapters.load_state_dict(CRITIC, parent_critic)
+            if "opt_critic" in state:
+                self.opt_critic.load_state_dict(state["opt_critic"])  # type: ignore[union-attr]
+        opt = self.cfg.optimizer
+        for optimizer, lr in ((self.opt_student, opt.lr), (self.opt_critic, opt.critic_lr)):
+            for group in optimizer.param_groups if optimizer is not None else []:
                 group["lr"] = lr

@@ -91,7 +91,7 @@ class LossContext:
 
     def shifted(self, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
         """Per-sample ``shift(U[low, high])`` noise levels, kept inside (0.02, 0.98)."""
-        return shift_sigma(self.uniform(low, high), self.config.shift).clamp(0.02, 0.98)
+        return shift_sigma(self.uniform(low, high), self.config.student.shift).clamp(0.02, 0.98)
 
     def sampler_levels(self, last: int | None = None) -> torch.Tensor:
         """Per-sample noise levels drawn from the few-step sampler's own (its ``last`` ones, or all)."""

@@ -46,6 +46,10 @@ class Plan:
     parent_state: str | None = None
     out_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: leading student LoRA components kept fixed (an incremental run that grows: the parent's rank)
+    frozen_rank: int = 0
+    #: the parent's LoRA scale (alpha / rank), folded into the grown student's B
+    parent_lora_scale: float = 1.0
 
     @property
     def new_effects(self) -> list[str]:
@@ -59,4 +63,7 @@ class Plan:
     def load(cls, path: Path) -> Plan:
         data = json.loads(path.read_text())
         data["effects"] = [EffectPlan(**e) for e in data["effects"]]
-        return cls(**data)
+        if "parent_lora_scale" in data.get("extra", {}):  # plans written before it was a field
+            data["parent_lora_scale"] = data["extra"].pop("parent_lora_scale")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})

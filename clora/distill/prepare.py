@@ -149,8 +149,8 @@ def effect_sources(
 ) -> dict[Shape, torch.Tensor]:
     """An effect's source images: its examples folder, else the base's built-in sources."""
     if examples_dir:
-        return load_images(examples_dir, backbone, cfg.resolution, cfg.sources_per_effect)
-    return bucketed(backbone.sample_sources(cfg.sources_per_effect, effect_seed(name, cfg.seed)))
+        return load_images(examples_dir, backbone, cfg.data.resolution, cfg.data.sources_per_effect)
+    return bucketed(backbone.sample_sources(cfg.data.sources_per_effect, effect_seed(name, cfg.seed)))
 
 
 def general_pool(
@@ -159,11 +159,12 @@ def general_pool(
     """The general stream's (image, instruction) pairs, bucketed: ``--general-data``, else the base's
     built-in general edits, else the effects' example images with :data:`NEUTRAL_INSTRUCTIONS`."""
     pairs: list[tuple[torch.Tensor, str]]
-    if cfg.general_data:
-        pairs = read_general_data(Path(cfg.general_data), backbone, cfg.resolution, cfg.general_pool)
+    data = cfg.data
+    if data.general_data:
+        pairs = read_general_data(Path(data.general_data), backbone, data.resolution, data.general_pool)
     else:
         try:
-            images, prompts = backbone.general_edits(cfg.general_pool, cfg.seed)
+            images, prompts = backbone.general_edits(data.general_pool, cfg.seed)
             pairs = list(zip(images, prompts, strict=True))
         except CloraError:
             folders = sorted({e for e in examples if e})
@@ -172,10 +173,10 @@ def general_pool(
                     f"base '{backbone.base_id}' has no built-in general edits and the effects have no "
                     "example images; pass --general-data DIR or --p-switch 1 (effect stream only)"
                 ) from None
-            files = [p for folder in folders for p in list_images(folder)][: cfg.general_pool]
+            files = [p for folder in folders for p in list_images(folder)][: data.general_pool]
             pairs = [
                 (
-                    read_source(p, backbone, cfg.resolution),
+                    read_source(p, backbone, data.resolution),
                     NEUTRAL_INSTRUCTIONS[i % len(NEUTRAL_INSTRUCTIONS)],
                 )
                 for i, p in enumerate(files)
@@ -247,13 +248,13 @@ def prepare(
     images = {e.name: effect_sources(backbone, examples.get(e.name), e.name, cfg) for e in plan.effects}
     general_images: dict[Shape, torch.Tensor] = {}
     general_prompts: dict[Shape, list[str]] = {}
-    if cfg.p_switch < 1.0 or not plan.effects:
+    if cfg.data.p_switch < 1.0 or not plan.effects:
         general_images, general_prompts = general_pool(backbone, cfg, examples.values())
 
     # 1. everything the prompt and image encoders produce, then they leave the device
     effects: dict[str, dict[Shape, Rows]] = {}
     for e in plan.effects:
-        student_text = e.trained_prompt(cfg.asymmetric_prompts)
+        student_text = e.trained_prompt(cfg.student.asymmetric_prompts)
         effects[e.name] = {
             shape: _rows(backbone, imgs, [e.teacher_prompt] * len(imgs), [student_text] * len(imgs), cache)
             for shape, imgs in images[e.name].items()
@@ -265,22 +266,27 @@ def prepare(
     backbone.offload_encoders()
 
     # 2. teacher targets: each effect's teacher, full sampler with guidance; the base on the general pool
-    assert cfg.guidance is not None  # resolved from the backbone before prepare
+    teachers = cfg.teachers
+    assert teachers.guidance is not None  # resolved from the backbone before prepare
     jobs: list[_Job] = []
     for e in plan.effects:
         for shape, imgs in images[e.name].items():
-            key = _target_key(backbone, cfg, imgs, e.lora_sha256, e.teacher_prompt, cfg.guidance)
+            key = _target_key(backbone, cfg, imgs, e.lora_sha256, e.teacher_prompt, teachers.guidance)
             path = cache / "targets" / f"{key}.safetensors"
             jobs.append(
                 _Job(
-                    effects[e.name][shape], path, e.lora_path, cfg.guidance, effect_seed(e.name, cfg.seed + 1)
+                    effects[e.name][shape],
+                    path,
+                    e.lora_path,
+                    teachers.guidance,
+                    effect_seed(e.name, cfg.seed + 1),
                 )
             )
-    if cfg.general_targets:
+    if cfg.data.general_targets:
         for shape, imgs in general_images.items():
-            key = _target_key(backbone, cfg, imgs, None, general_prompts[shape], cfg.general_guidance)
+            key = _target_key(backbone, cfg, imgs, None, general_prompts[shape], teachers.general_guidance)
             path = cache / "targets" / f"general-{key}.safetensors"
-            jobs.append(_Job(general[shape], path, None, cfg.general_guidance, cfg.seed + 2))
+            jobs.append(_Job(general[shape], path, None, teachers.general_guidance, cfg.seed + 2))
     missing = sum(len(j.rows) for j in jobs if not j.path.exists())
     with progress_bar(show_progress and missing > 0) as bar:
         task = bar.add_task("teacher targets", total=missing, info="")
@@ -322,9 +328,8 @@ def _target_key(
             "base": backbone.fingerprint,
             "teacher": teacher_sha256,
             "prompt": prompt,
-            "steps": cfg.teacher_steps,
+            "steps": cfg.teachers.steps,
             "guidance": guidance,
-            "shift": cfg.shift,
             "images": tensor_digest(images),
             "seed": cfg.seed,
             "dtype": cfg.dtype,
@@ -402,8 +407,9 @@ def _full_sampler(
 ) -> torch.Tensor:
     """The full Euler sampler with guidance over ``rows``, in batches of ``teacher_batch_size``; the
     outputs on the CPU."""
-    size = cfg.teacher_batch_size or cfg.batch_size
-    assert cfg.teacher_steps is not None  # resolved from the backbone before prepare
+    size = cfg.teachers.batch_size or cfg.optimizer.batch_size
+    steps = cfg.teachers.steps
+    assert steps is not None  # resolved from the backbone before prepare
     outs = []
     for i in range(0, len(rows), size):
         chunk = rows.take(torch.arange(i, min(i + size, len(rows))), backbone.device, backbone.dtype)
@@ -412,10 +418,9 @@ def _full_sampler(
                 backbone,
                 chunk.sources,
                 chunk.teacher,
-                steps=cfg.teacher_steps,
+                steps=steps,
                 guidance=guidance,
                 generator=generator,
-                shift=cfg.shift,
                 uncond=chunk.uncond,
                 shape=(len(chunk), *chunk.latent_shape),
             ).cpu()

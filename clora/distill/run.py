@@ -20,14 +20,15 @@ import torch
 from clora.backbone import Backbone
 from clora.bases import get_factory
 from clora.devices import pick
-from clora.distill.adapters import CRITIC, STUDENT, AdapterSet
-from clora.distill.config import DistillConfig
+from clora.distill.adapters import STUDENT, AdapterSet
+from clora.distill.config import DistillConfig, read_config
 from clora.distill.loop import Distiller, NonFiniteLossError
 from clora.distill.plan import EffectPlan, Plan
 from clora.distill.prepare import general_data_pairs, prepare
+from clora.distill.resolve import BaseDefaults, ParentRun, resolve
 from clora.effects import resolve_base
 from clora.errors import CloraError
-from clora.fileio import save_torch, sha256_file
+from clora.fileio import atomic_path, save_torch, sha256_file
 from clora.lora import check_fits, read_lora
 from clora.paths import clora_home
 from clora.plugins import Components
@@ -152,7 +153,9 @@ def plan_run(
                 "re-add them so they can be replayed"
             )
         chosen = chosen + [by_name[n] for n in missing]
-    ensure_captions(registry, components, [e for e in chosen if e.name not in old_members], cfg.captioner)
+    ensure_captions(
+        registry, components, [e for e in chosen if e.name not in old_members], cfg.student.captioner
+    )
 
     plans = []
     for e in chosen:
@@ -205,6 +208,8 @@ def run_distill(
     effect instead of ``steps``; a full run trains ``max(steps, steps_per_effect x effects)``.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    t_start = time.monotonic()
+    backbone = None
     if resume:
         run = registry.get_run(run_id) if run_id else registry.get_run(unfinished=True)
         if run is None:
@@ -218,7 +223,11 @@ def run_distill(
             )
         run_dir = Path(run.run_dir)
         plan = Plan.load(run_dir / "plan.json")
-        cfg = DistillConfig.model_validate_json((run_dir / "config.json").read_text())
+        stored = json.loads((run_dir / "config.json").read_text())
+        cfg = read_config(stored)
+        plan.frozen_rank = plan.frozen_rank or int(
+            stored.get("frozen_rank", 0)
+        )  # runs from before the plan kept it
         registry.update_run(run.id, status="running", message=None)
     else:
         out = out_dir or registry.path.resolve().parent / "collections"
@@ -235,66 +244,53 @@ def run_distill(
         if isinstance(planned, str):
             return DistillOutcome(None, None, planned, {})
         plan = planned
-        if general_only:
-            cfg = cfg.model_copy(update={"p_switch": 0.0})
-        cfg = cfg.model_copy(update={"frozen_rank": 0})  # only a parent's components are ever fixed
-        if plan.kind == "incremental":
-            ratio = cfg.incremental_lr_ratio or (1.0 if cfg.incremental_grow_rank else 0.25)
-            per_batch = cfg.incremental_effects_per_batch or cfg.effects_per_batch
-            cfg = cfg.model_copy(
-                update={"lr": cfg.lr * ratio, "incremental_lr_ratio": ratio, "effects_per_batch": per_batch}
-            )
-        if plan.kind == "incremental" and auto_steps:
-            cfg = cfg.model_copy(update={"steps": cfg.steps_per_new_effect * len(plan.new_effects)})
-        elif plan.kind == "full" and auto_steps:
-            cfg = cfg.model_copy(update={"steps": max(cfg.steps, cfg.steps_per_effect * len(plan.effects))})
-        if plan.parent_state:
-            parent_col = registry.get_collection(plan.parent_version)
-            assert parent_col is not None  # the plan found it
-            parent_cfg = json.loads(parent_col.config_json)
-            # the student keeps its parent's shape; the modules come from the file's header, which
-            # records them also for collections made before target_modules was a config field
-            parent_rank, grow = int(parent_cfg["rank"]), cfg.incremental_grow_rank
-            plan.extra["parent_lora_scale"] = (parent_cfg.get("alpha") or parent_rank) / parent_rank
-            shape = {
-                "rank": parent_rank + grow,
-                # a grown student runs at alpha = rank (scale 1); the parent's scale moves into B
-                "alpha": float(parent_rank + grow) if grow else parent_cfg.get("alpha"),
-                "few_steps": parent_cfg["few_steps"],
-                "target_modules": read_header(parent_col.file).target_modules,
-            }
-            ignored = [
-                f"{k} {getattr(cfg, k)}"
-                for k, v in shape.items()
-                if k in cfg.model_fields_set and getattr(cfg, k) != v
-            ]
-            if ignored:
-                say(
-                    f"incremental run: the student keeps collection v{plan.parent_version}'s shape "
-                    f"(rank {parent_rank} + {grow} new, few_steps {shape['few_steps']}, its modules); "
-                    f"ignoring {', '.join(ignored)}"
-                )
-            cfg = cfg.model_copy(update={**shape, "frozen_rank": parent_rank if grow else 0})
-        # checked before the run exists, so nothing is left behind
+        # everything is checked, and the base loaded, before the run exists: a failure leaves nothing
         factory = get_factory(components, registry, plan.base_id)
-        _, _, dtype_name = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
-        cfg = cfg.model_copy(update={"dtype": dtype_name})
-        if cfg.general_data is not None:
-            general_data_pairs(Path(cfg.general_data), cfg.general_pool)
-        if cfg.target_modules is not None:
+        device, dtype, dtype_name = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
+        if cfg.data.general_data is not None:
+            general_data_pairs(Path(cfg.data.general_data), cfg.data.general_pool)
+        if cfg.student.target_modules is not None:
             layers = factory.module_shapes()
             missing = [
-                m for m in cfg.target_modules if not any(n == m or n.endswith("." + m) for n in layers)
+                m
+                for m in cfg.student.target_modules
+                if not any(n == m or n.endswith("." + m) for n in layers)
             ]
             if missing:
                 raise CloraError(
                     f"target_modules {missing} name no layer of base '{plan.base_id}'; leave the field "
                     "out for the base model's own choice"
                 )
+        parent = None
+        if plan.parent_version is not None:
+            parent_col = registry.require_collection(plan.parent_version)
+            # the modules come from the file's header, which records them also for collections made
+            # before target_modules was a config field
+            parent = ParentRun(
+                parent_col.version,
+                read_config(parent_col.config_json),
+                read_header(parent_col.file).target_modules,
+            )
+        backbone = factory.load(device, dtype)
+        resolved = resolve(
+            cfg,
+            kind=plan.kind,  # type: ignore[arg-type]
+            n_effects=len(plan.effects),
+            n_new=len(plan.new_effects),
+            auto_steps=auto_steps,
+            base=BaseDefaults.of(backbone),
+            dtype=dtype_name,
+            parent=parent,
+        )
+        for note in resolved.notes:
+            say(note)
+        cfg = resolved.config
+        plan.frozen_rank, plan.parent_lora_scale = resolved.frozen_rank, resolved.parent_lora_scale
         run_dir = clora_home() / "runs" / plan.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.save(run_dir / "plan.json")
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(cfg.model_dump_json(indent=2))
         registry.create_run(
             run_id=plan.run_id,
             kind=plan.kind,
@@ -304,7 +300,7 @@ def run_distill(
         )
 
     try:
-        return _execute(registry, components, cfg, plan, run_dir, show_progress, say)
+        return _execute(registry, components, cfg, plan, run_dir, show_progress, say, backbone, t_start)
     except (NonFiniteLossError, CloraError) as e:
         registry.update_run(plan.run_id, status="failed", message=str(e))
         raise
@@ -321,19 +317,28 @@ def _execute(
     run_dir: Path,
     show_progress: bool,
     say: Any,
+    backbone: Backbone | None,
+    t_start: float,
 ) -> DistillOutcome:
-    t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
-    factory = get_factory(components, registry, plan.base_id)
-    device, dtype, _ = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
-    backbone = factory.load(device, dtype)
-    cfg = resolve_config(cfg, backbone)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    modules = list(cfg.target_modules or [])
-    if cfg.gradient_checkpointing:
+    if backbone is None:  # a resumed run
+        factory = get_factory(components, registry, plan.base_id)
+        device, dtype, _ = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
+        backbone = factory.load(device, dtype)
+    student = cfg.student
+    modules = list(student.target_modules or [])
+    if cfg.optimizer.gradient_checkpointing:
         backbone.transformer.enable_gradient_checkpointing()
     base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
-    adapters = AdapterSet(backbone, cfg.rank, cfg.lora_alpha, modules, cfg.max_resident_teachers, components)
+    adapters = AdapterSet(
+        backbone,
+        student.rank,
+        student.lora_alpha,
+        modules,
+        cfg.teachers.max_resident,
+        components,
+        with_critic=cfg.uses_critic,
+    )
     say(
         f"run {plan.run_id}: {plan.kind}, {len(plan.effects)} effect(s) ({len(plan.new_effects)} new), "
         f"{cfg.steps} steps, base {plan.base_id}"
@@ -346,7 +351,7 @@ def _execute(
     elif plan.parent_state:
         distiller.init_from(
             torch.load(plan.parent_state, weights_only=True, map_location="cpu"),
-            scale=plan.extra.get("parent_lora_scale", 1.0) / (cfg.lora_alpha / cfg.rank),
+            scale=plan.parent_lora_scale / (student.lora_alpha / student.rank),
         )
     result = distiller.run(
         show_progress, on_checkpoint=lambda step: registry.update_run(plan.run_id, step=step)
@@ -360,30 +365,22 @@ def _execute(
                 "trigger": e.trigger,
                 "caption": e.caption,
                 "teacher_prompt": e.teacher_prompt,
-                "prompt": e.trained_prompt(cfg.asymmetric_prompts),
+                "prompt": e.trained_prompt(student.asymmetric_prompts),
             }
             for e in plan.effects
         },
-        few_step_sigmas=few_step_sigmas(cfg.few_steps, cfg.shift).tolist(),
-        shift=cfg.shift,
-        rank=cfg.rank,
-        alpha=cfg.lora_alpha,
+        few_step_sigmas=few_step_sigmas(student.few_steps, student.shift).tolist(),
+        shift=student.shift,
+        rank=student.rank,
+        alpha=student.lora_alpha,
         target_modules=list(modules),
         run_id=plan.run_id,
         parent_version=plan.parent_version,
-        resolution=cfg.resolution,
+        resolution=cfg.data.resolution,
     )
     out = Path(plan.out_file)
     write_unified(out, adapters.state_dict(STUDENT), header)
-    save_torch(
-        {
-            "student": adapters.state_dict(STUDENT),
-            "critic": adapters.state_dict(CRITIC),
-            "opt_student": distiller.opt_student.state_dict(),
-            "opt_critic": distiller.opt_critic.state_dict(),
-        },
-        state_path(out),
-    )
+    save_torch(distiller.training_state(), state_path(out))
     metrics = {
         "train": {
             "steps": cfg.steps,
@@ -419,19 +416,6 @@ def _execute(
     return DistillOutcome(
         collection, plan.run_id, f"collection v{collection.version} written to {out}", metrics
     )
-
-
-def resolve_config(cfg: DistillConfig, backbone: Backbone) -> DistillConfig:
-    """The run's config with every field left to the base model filled in from ``backbone``."""
-    real = backbone.image_size is None  # a base of free image size: a real model, not the toy
-    defaults = {
-        "guidance": backbone.default_guidance,
-        "target_modules": list(backbone.lora_target_modules),
-        "teacher_steps": backbone.default_teacher_steps,
-        "resolution": backbone.image_size[0] if backbone.image_size else backbone.default_resolution,
-        "gradient_checkpointing": real,
-    }
-    return cfg.model_copy(update={k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
 def peak_memory_mb(device: str) -> float:

@@ -27,7 +27,7 @@ class TargetSimulationTerm:
     def __call__(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         if ctx.targets is None:
             return {}
-        s = ctx.sampler_levels(ctx.config.target_levels)
+        s = ctx.sampler_levels(ctx.config.on_policy.target_levels)
         noisy = add_noise(ctx.targets, ctx.randn_like(ctx.targets), s)
         x0 = ctx.student_x0(noisy, s)
         return {"target_sim": dmd_on(ctx, x0, ctx.shifted(0.5, 1.0))}

@@ -35,7 +35,7 @@ class BalancedRouter:
     ) -> str:
         old = [e for e in effects if e not in set(new_effects)]
         if new_effects and old:
-            pool = list(new_effects) if rng.random() < config.new_effect_share else old
+            pool = list(new_effects) if rng.random() < config.incremental.new_effect_share else old
         else:
             pool = list(effects)
         return _least_used(pool, counts, rng)

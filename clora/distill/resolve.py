@@ -1,0 +1,132 @@
+"""One pure step from what the user asked for to what a run does: config + plan + parent + base model
+-> the run's resolved config, stored once (the run folder, the run's and the collection's rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from clora.distill.config import DistillConfig
+
+if TYPE_CHECKING:
+    from clora.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class BaseDefaults:
+    """What a base model chooses for the fields a config leaves out."""
+
+    guidance: float
+    target_modules: list[str]
+    teacher_steps: int
+    resolution: int
+    #: a base of free image size (a real model): gradient checkpointing is on by default
+    real: bool
+
+    @classmethod
+    def of(cls, backbone: Backbone) -> BaseDefaults:
+        return cls(
+            guidance=backbone.default_guidance,
+            target_modules=list(backbone.lora_target_modules),
+            teacher_steps=backbone.default_teacher_steps,
+            resolution=backbone.image_size[0] if backbone.image_size else backbone.default_resolution,
+            real=backbone.image_size is None,
+        )
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The collection an incremental run grows: its resolved config and its file's target modules."""
+
+    version: int
+    config: DistillConfig
+    target_modules: list[str]
+
+
+@dataclass
+class Resolved:
+    """A run's resolved config and the state it starts from."""
+
+    config: DistillConfig
+    #: leading student LoRA components kept fixed (the parent's rank, in an incremental run that grows)
+    frozen_rank: int = 0
+    #: the parent's alpha / rank (its scale, folded into the grown student's B)
+    parent_lora_scale: float = 1.0
+    #: what the user asked for that the run does not do, in sentences
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve(
+    cfg: DistillConfig,
+    *,
+    kind: Literal["full", "incremental", "general-only"],
+    n_effects: int,
+    n_new: int,
+    auto_steps: bool,
+    base: BaseDefaults,
+    dtype: str,
+    parent: ParentRun | None = None,
+) -> Resolved:
+    """The run's config: ``cfg`` with the run's kind, its parent's shape and the base's defaults applied.
+
+    ``auto_steps`` (no explicit step count): an incremental run trains ``steps_per_new_effect`` per new
+    effect, a full run ``max(steps, steps_per_effect x effects)``.
+    """
+    c = cfg.model_copy(deep=True)
+    notes: list[str] = []
+    if kind == "general-only":
+        c.data.p_switch = 0.0
+    if kind == "incremental":
+        inc = c.incremental
+        ratio = inc.lr_ratio or (1.0 if inc.grow_rank else 0.25)
+        c.optimizer.lr *= ratio
+        inc.lr_ratio = ratio
+        c.data.effects_per_batch = inc.effects_per_batch or c.data.effects_per_batch
+        if auto_steps:
+            c.steps = inc.steps_per_new_effect * n_new
+    elif kind == "full" and auto_steps:
+        c.steps = max(c.steps, c.steps_per_effect * n_effects)
+
+    frozen, scale = 0, 1.0
+    if parent is not None:
+        # the student keeps its parent's shape and modules; a grown one runs at alpha = rank (scale 1)
+        # with the parent's scale moved into B
+        p = parent.config.student
+        grow = c.incremental.grow_rank
+        scale = p.lora_alpha / p.rank
+        shape = {
+            "rank": p.rank + grow,
+            "alpha": float(p.rank + grow) if grow else p.alpha,
+            "few_steps": p.few_steps,
+            "target_modules": list(parent.target_modules),
+        }
+        asked = cfg.student.model_fields_set
+        ignored = [
+            f"{k} {getattr(cfg.student, k)}"
+            for k, v in shape.items()
+            if k in asked and getattr(cfg.student, k) != v
+        ]
+        if ignored:
+            notes.append(
+                f"incremental run: the student keeps collection v{parent.version}'s shape (rank {p.rank} + "
+                f"{grow} new, few_steps {p.few_steps}, its modules); ignoring {', '.join(ignored)}"
+            )
+        c.student = c.student.model_copy(update=shape)
+        frozen = p.rank if grow else 0
+
+    # the base model's own choices for what the config leaves out
+    c.dtype = dtype  # type: ignore[assignment]  # checked by the caller against the device
+    if c.teachers.guidance is None:
+        c.teachers.guidance = base.guidance
+    if c.student.target_modules is None:
+        c.student.target_modules = list(base.target_modules)
+    if c.teachers.steps is None:
+        c.teachers.steps = base.teacher_steps
+    if c.data.resolution is None:
+        c.data.resolution = base.resolution
+    if c.optimizer.gradient_checkpointing is None:
+        c.optimizer.gradient_checkpointing = base.real
+    c.on_policy.target_levels = min(c.on_policy.target_levels, c.student.few_steps)
+    if frozen >= c.student.rank:
+        raise ValueError(f"the fixed components ({frozen}) must be fewer than the rank ({c.student.rank})")
+    return Resolved(DistillConfig.model_validate(c.model_dump()), frozen, scale, notes)
