@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +9,7 @@ import typer
 
 from clora.cli_common import DeviceOption, DtypeOption, state
 from clora.effects import list_images
-from clora.errors import CloraError, UnknownEffectError
+from clora.errors import CloraError
 
 
 def _inputs(paths: list[Path]) -> list[Path]:
@@ -105,14 +104,7 @@ def add_commands(app: typer.Typer) -> None:
             raise CloraError("choose one of --teacher and --cascade")
         files = _inputs(image)
         with st.open_registry(create=False) as reg:
-            registered = {e.name: e for e in reg.list_effects()}
-            for name in effect:
-                if name not in registered:
-                    close = difflib.get_close_matches(name, list(registered), n=3)
-                    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-                    raise UnknownEffectError(
-                        f"no effect '{name}' in {reg.path}; {hint}see `clora effect list`"
-                    )
+            registered = {name: reg.get_effect(name) for name in effect}  # unknown: "did you mean"
             # --teacher needs only the effect's own LoRA; everything else runs from a collection
             col = reg.get_collection(collection) if teacher else reg.require_collection(collection)
             if col is not None and not (teacher or cascade):

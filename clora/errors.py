@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """``"did you mean 'a', 'b'? "`` for the names close to ``name`` (empty when none is)."""
+    close = difflib.get_close_matches(name, list(names), n=3)
+    return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+
 
 class CloraError(Exception):
     """Base class: a problem with the user's input or workspace, with a next step in the message."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import torch
 from clora.backbone import Backbone
 from clora.bases import get_factory
 from clora.devices import pick
-from clora.errors import CloraError, UnknownEffectError
+from clora.errors import CloraError, UnknownEffectError, did_you_mean
 from clora.lora import add_lora_adapter, linear_shapes, read_lora
 from clora.plugins import Components
 from clora.registry import Registry
@@ -108,10 +107,8 @@ class UnifiedModel:
 
     def check_effect(self, name: str) -> None:
         if name not in self.header.effects:
-            close = difflib.get_close_matches(name, self.effects, n=3)
-            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
             raise UnknownEffectError(
-                f"effect '{name}' is not in {self.file.name}; {hint}it has: "
+                f"effect '{name}' is not in {self.file.name}; {did_you_mean(name, self.effects)}it has: "
                 f"{', '.join(self.effects) or 'no effects'}"
             )
 

@@ -8,6 +8,7 @@ uncond)``) with its negative prompt as ``uncond``; ``g = 0`` skips the unconditi
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -151,12 +152,29 @@ def few_step_sample(
     cond = _embeds(backbone, prompts, images)
     x = _start(backbone, source_latents, shape, noise, generator)
     renoise = renoise_generator if renoise_generator is not None else generator
-    levels = sigmas.tolist()
-    x0 = x
-    for i, s in enumerate(levels):
-        sigma = torch.tensor(s)
-        x0 = x0_from_velocity(x, backbone.predict_velocity(x, sigma, source_latents, cond), sigma)
-        if i + 1 < len(levels):
-            fresh = backbone.sampling_noise(x0.shape, renoise).to(x0)
-            x = add_noise(x0, fresh, torch.tensor(levels[i + 1]))
-    return x0
+    levels = torch.tensor(sigmas.tolist())
+
+    def x0_at(noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x0_from_velocity(noisy, backbone.predict_velocity(noisy, sigma, source_latents, cond), sigma)
+
+    x = renoise_rollout(
+        x0_at, x, levels, len(levels) - 1, lambda x0: backbone.sampling_noise(x0.shape, renoise)
+    )
+    return x0_at(x, levels[-1])
+
+
+def renoise_rollout(
+    x0_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    levels: torch.Tensor,
+    steps: int,
+    noise: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The few-step sampler's first ``steps`` steps from ``x`` at ``levels[0]``: at each level predict x0
+    (``x0_at(x, level)``), then re-noise it to the next level with ``noise(x0)``; returns the input of
+    step ``steps`` (at ``levels[steps]``). The sampler, the distiller's backward simulation and the
+    loss terms that run the student's sampler all go through here."""
+    for i in range(steps):
+        x0 = x0_at(x, levels[i])
+        x = add_noise(x0, noise(x0).to(x0), levels[i + 1])
+    return x

@@ -26,7 +26,7 @@ from clora.errors import CloraError
 from clora.fileio import save_torch
 from clora.plugins import Components
 from clora.progress import progress_bar
-from clora.sampling import add_noise, few_step_sigmas, guided_velocity, x0_from_velocity
+from clora.sampling import few_step_sigmas, guided_velocity, renoise_rollout, x0_from_velocity
 
 CHECKPOINT = "checkpoint.pt"
 #: decay of the running per-effect losses (``effect_balance``), per step the effect trains
@@ -359,12 +359,15 @@ class Distiller:
         shape = torch.Size((len(batch), *batch.latent_shape))
         x = self.backbone.initial_noise(shape, self.generator).to(batch.source)
         with torch.no_grad():
-            for i in range(k):
-                s = self.sigmas[i]
-                x0 = x0_from_velocity(
-                    x, self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt), s
-                )
-                x = add_noise(x0, self.sampler_noise(x0), self.sigmas[i + 1])
+            x = renoise_rollout(
+                lambda noisy, s: x0_from_velocity(
+                    noisy, self.backbone.predict_velocity(noisy, s, batch.source, batch.student_prompt), s
+                ),
+                x,
+                self.sigmas,
+                k,
+                self.sampler_noise,
+            )
         s = self.sigmas[k]
         with torch.set_grad_enabled(with_grad):
             v = self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt)

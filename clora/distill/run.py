@@ -134,8 +134,9 @@ def plan_run(
         lora = read_lora(e.lora_path, components.teacher_providers(), module_names=shapes)
         if lora.sha256 != e.lora_sha256:
             raise CloraError(
-                f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; "
-                f"re-add it (`clora effect remove {e.name}` then `clora effect add`)"
+                f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; if the "
+                f"change is meant, record it (`clora effect update {e.name} --lora {e.lora_path}`; the "
+                "trigger stays)"
             )
         check_fits(lora.modules, shapes, base_id)
 

@@ -7,7 +7,6 @@ same time serialise (the second waits up to ``busy_timeout``) and the file is ne
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import os
 import sqlite3
@@ -23,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from clora.errors import DuplicateEffectError, RegistryError, TriggerError, UnknownEffectError
+from clora.errors import DuplicateEffectError, RegistryError, TriggerError, UnknownEffectError, did_you_mean
 from clora.registry.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from clora.registry.models import BaseModelRow, Collection, CollectionMember, Effect, Run, Setting, Trigger
 from clora.triggers import allocate_trigger, collision, validate_trigger, words
@@ -172,9 +171,7 @@ class Registry:
             return effect
 
     def _unknown_effect_message(self, name: str, names: list[str]) -> str:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        return f"no effect '{name}' in {self.path}; {hint}see `clora effect list`"
+        return f"no effect '{name}' in {self.path}; {did_you_mean(name, names)}see `clora effect list`"
 
     def add_effect(self, *, trigger: str | None, **fields: Any) -> Effect:
         """Insert an effect, allocating (or validating) its trigger in the same transaction."""
