@@ -246,17 +246,18 @@ def add_commands(app: typer.Typer) -> None:
         if not rows:
             typer.echo("no collections yet; run `clora distill`")
             return
-        table = Table("version", "parent", "base", "effects", "last eval", "file")
+        # narrow enough for an 80-column terminal: triggers and files are in --json
+        table = Table("", "from", "base", "effects", "last eval", box=None, padding=(0, 1))
         for r in rows:
             table.add_row(
                 f"v{r['version']}",
                 f"v{r['parent_version']}" if r["parent_version"] else "-",
                 r["base"],
-                ", ".join(f"{m['effect']} ({m['trigger']})" for m in r["members"]) or "-",
+                f"{len(r['members'])}: " + ", ".join(m["effect"] for m in r["members"]),
                 _eval_summary(r["metrics"].get("eval")),
-                r["file"],
             )
         console.print(table)
+        typer.echo("triggers, files and every score: clora collections --json")
 
     @app.command("runs")
     def runs(ctx: typer.Context) -> None:

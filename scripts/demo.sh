@@ -48,6 +48,8 @@ step "4. edit held-out images from the one file: two effects, each alone and com
 # shellcheck disable=SC2086
 clora toy sources --out "$DEMO_DIR/inputs" -n 4 $SIZE
 set -- $FIRST
+clora generate --effect "$1" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --no-progress
+clora generate --effect "$2" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --no-progress
 clora generate --effect "$1" --effect "$2" --image "$DEMO_DIR/inputs" --out "$DEMO_DIR/out" --grid --no-progress
 
 step "5. evaluate: student vs teachers vs truth, bleeding, cost"

@@ -84,3 +84,13 @@ def test_caption_fills_missing_captions(make_lora) -> None:  # type: ignore[no-u
     assert again.stdout == ""  # nothing missing any more
     r = run(pm, "caption", "--captioner", "nosuch")
     assert r.exit_code == 1 and "no captioner 'nosuch'" in r.stderr
+
+
+def test_collections_fit_an_80_column_terminal(tiny_collection, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("COLUMNS", "80")
+    r = run(tiny_collection, "collections")
+    assert r.exit_code == 0 and "v1" in r.stdout and "2: invert, sepia" in r.stdout, r.output
+    lines = r.stdout.splitlines()
+    # a header, one line for the collection and the pointer to --json: nothing wraps (the file's long
+    # path and the triggers are in --json)
+    assert len(lines) == 3 and max(len(line) for line in lines) <= 80, r.stdout
