@@ -12,7 +12,7 @@ from clora.backbone import Backbone
 from clora.bases import get_factory
 from clora.devices import pick
 from clora.errors import CloraError, UnknownEffectError, did_you_mean
-from clora.lora import add_lora_adapter, linear_shapes, read_lora
+from clora.lora import attach_teacher
 from clora.plugins import Components
 from clora.registry import Registry
 from clora.sampling import euler_sample, few_step_sample, few_step_sigmas
@@ -228,9 +228,8 @@ def load_teacher(backbone: Backbone, components: Components, lora_path: str, ada
     way every command loads a teacher."""
     tr = backbone.transformer
     unfuse(tr)
-    lora = read_lora(lora_path, components.teacher_providers(), module_names=linear_shapes(tr))
     drop_adapters(tr, [adapter])
-    add_lora_adapter(tr, lora.modules, adapter)
+    attach_teacher(tr, components.teacher_providers(), lora_path, adapter)
 
 
 @torch.no_grad()

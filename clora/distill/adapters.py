@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from clora.lora import add_lora_adapter, linear_shapes, read_lora
+from clora.lora import attach_teacher
 
 if TYPE_CHECKING:
     from clora.backbone import Backbone
@@ -94,12 +94,9 @@ class AdapterSet:
         while len(self._teachers) >= self.max_teachers:
             _, old = self._teachers.popitem(last=False)
             self.transformer.delete_adapters([old])
-        lora = read_lora(
-            lora_path, self.components.teacher_providers(), module_names=linear_shapes(self.transformer)
-        )
         self.teacher_loads += 1
         name = f"teacher{self.teacher_loads}"
-        add_lora_adapter(self.transformer, lora.modules, name)
+        attach_teacher(self.transformer, self.components.teacher_providers(), lora_path, name)
         self._teachers[lora_path] = name
         return name
 

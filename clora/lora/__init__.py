@@ -245,3 +245,17 @@ def add_lora_adapter(
         for n, p in transformer.named_parameters():
             if f".{adapter_name}." in n:
                 p.requires_grad_(False)
+
+
+def attach_teacher(
+    transformer: Any,
+    providers: Iterable[TeacherProvider],
+    lora_path: str | os.PathLike[str],
+    adapter_name: str,
+) -> LoraFile:
+    """Read an effect's LoRA file in any registered format and attach it to ``transformer`` as the frozen
+    adapter ``adapter_name``: the one way every command (distill, generate --teacher, eval and its
+    baselines) loads a teacher."""
+    lora = read_lora(lora_path, providers, module_names=linear_shapes(transformer))
+    add_lora_adapter(transformer, lora.modules, adapter_name)
+    return lora
