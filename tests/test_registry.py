@@ -97,3 +97,29 @@ def test_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         finally:
             writer.execute("ROLLBACK")
             writer.close()
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION + 1))
+def test_a_registry_of_every_released_schema_migrates_and_reads(tmp_path: Path, version: int) -> None:
+    """tests/fixtures/registry-vN.db: a registry as clora wrote it at schema N (the demo's ten effects and
+    two collections, their configs in the flat form clora stored then)."""
+    import json
+    import shutil
+
+    from helpers import plugin_manager, run
+
+    from clora.distill.config import read_config
+
+    db = tmp_path / "registry.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / f"registry-v{version}.db", db)
+    pm = plugin_manager()
+    effects = json.loads(run(pm, "--registry", db, "effect", "list", "--json").stdout)
+    assert len(effects) == 10 and all(e["trigger"] for e in effects)
+    collections = json.loads(run(pm, "--registry", db, "collections", "--json").stdout)
+    assert [c["version"] for c in collections] == [1, 2] and collections[1]["parent_version"] == 1
+    for c in collections:
+        cfg = read_config(c["config"])
+        assert cfg.steps == c["config"]["steps"] and cfg.student.rank == c["config"]["rank"]
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    bases = {b["name"] for b in json.loads(run(pm, "--registry", db, "base", "list", "--json").stdout)}
+    assert ("qwen-edit" in bases) == (version >= 2)
