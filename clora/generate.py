@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +265,14 @@ def cascade_edit(
     images: torch.Tensor,
     steps: int | None = None,
     seed: int = 0,
+    strength: float = 1.0,
+    accel_strength: float = 1.0,
 ) -> torch.Tensor:
-    """The paper's baseline: the effect LoRA stacked with an acceleration LoRA, sampled in few steps."""
+    """The paper's baseline: the effect LoRA stacked with an acceleration LoRA, sampled in few steps.
+
+    ``strength`` and ``accel_strength`` scale the two LoRAs' deltas (diffusers ``set_adapters``
+    weights): the acceleration LoRA was distilled alone, and a lower strength can spoil the effect less.
+    """
     header = read_header(accel_file)
     tr = backbone.transformer
     load_teacher(backbone, components, lora_path, "cascade_effect")
@@ -274,7 +282,7 @@ def cascade_edit(
     )
     try:
         tr.enable_adapters()
-        tr.set_adapters(["cascade_effect", "cascade_accel"], [1.0, 1.0])
+        tr.set_adapters(["cascade_effect", "cascade_accel"], [strength, accel_strength])
         sigmas = (
             torch.tensor(header.few_step_sigmas)
             if steps is None or steps == len(header.few_step_sigmas)
@@ -283,3 +291,162 @@ def cascade_edit(
         return sample_few_steps(backbone, images, [teacher_prompt] * len(images), sigmas, seed)
     finally:
         tr.delete_adapters(["cascade_effect", "cascade_accel"])
+
+
+# ---- editing image files (`clora generate`) ---------------------------------------------------------
+
+
+@dataclass
+class Editor:
+    """What edits a batch for ``clora generate``: the unified LoRA (``model``), or an effect's own LoRA
+    the old ways (``teacher``: full sampler with guidance; ``cascade``: with an acceleration LoRA)."""
+
+    backbone: Backbone
+    edit: Callable[[torch.Tensor], torch.Tensor]
+    #: each effect alone, for the contact sheet of a composition (None: not a composition)
+    each: Callable[[torch.Tensor], list[torch.Tensor]] | None
+    resolution: int | None
+    tag: str
+
+
+def open_editor(
+    registry: Registry,
+    components: Components,
+    effects: list[str],
+    *,
+    collection: int | None = None,
+    teacher: bool = False,
+    cascade: str | os.PathLike[str] | None = None,
+    prompt: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    fuse: bool = True,
+) -> Editor:
+    """Check the request against the registry and load what edits it (one-line errors for bad input)."""
+    from clora.distill.config import DistillConfig, read_config
+
+    if (teacher or cascade) and len(effects) > 1:
+        raise CloraError("--teacher and --cascade run one effect's own LoRA; pass a single --effect")
+    if teacher and cascade:
+        raise CloraError("choose one of --teacher and --cascade")
+    registered = {name: registry.get_effect(name) for name in effects}  # unknown: "did you mean"
+    # --teacher needs only the effect's own LoRA; everything else runs from a collection
+    col = registry.get_collection(collection) if teacher else registry.require_collection(collection)
+    cfg = read_config(col.config_json) if col is not None else DistillConfig()
+    tag = "+".join(effects) + (".teacher" if teacher else ".cascade" if cascade else "")
+    if not (teacher or cascade):
+        assert col is not None
+        _check_members(registry, col, effects)
+        model = UnifiedModel.load(
+            components, col.file, device=device, dtype=dtype, fuse=fuse, registry=registry
+        )
+
+        def each(images: torch.Tensor) -> list[torch.Tensor]:
+            return [model.edit(images, [name], prompt=prompt, steps=steps, seed=seed) for name in effects]
+
+        return Editor(
+            model.backbone,
+            lambda images: model.edit(images, effects, prompt=prompt, steps=steps, seed=seed),
+            each if len(effects) > 1 else None,
+            cfg.data.resolution,
+            tag,
+        )
+    e = registered[effects[0]]
+    base_id = e.base_id or (col.base_id if col is not None else None)
+    if base_id is None:
+        raise CloraError(f"effect '{e.name}' is unbound; pass it a base with `clora base use ID`")
+    factory = get_factory(components, registry, base_id)
+    dev, dt, _ = pick(device, dtype, factory.default_dtype(device))
+    bb = factory.load(dev, dt)
+    if teacher:
+        g = cfg.teachers.guidance
+        n = steps or cfg.teachers.steps or bb.default_teacher_steps
+
+        def edit(images: torch.Tensor) -> torch.Tensor:
+            guidance = bb.default_guidance if g is None else g
+            return teacher_edit(bb, components, e.lora_path, e.teacher_prompt, images, n, guidance, seed=seed)
+
+    else:
+        assert cascade is not None
+
+        def edit(images: torch.Tensor) -> torch.Tensor:
+            return cascade_edit(bb, components, e.lora_path, e.teacher_prompt, cascade, images, steps, seed)
+
+    return Editor(bb, edit, None, cfg.data.resolution, tag)
+
+
+def _check_members(registry: Registry, col: Any, effects: list[str]) -> None:
+    members = {m.effect_name for m in col.members}
+    for name in effects:
+        if name in members:
+            continue
+        having = [
+            c.version for c in registry.list_collections() if name in {m.effect_name for m in c.members}
+        ]
+        where = (
+            f"it is in collection v{having[-1]} (--collection {having[-1]})"
+            if having
+            else "it needs a distill (`clora distill --incremental`)"
+        )
+        raise CloraError(f"effect '{name}' is not in collection v{col.version}; {where}")
+
+
+@dataclass
+class Generated:
+    """What ``generate_files`` wrote."""
+
+    written: list[Path]
+    grid: Path | None
+
+
+def generate_files(
+    editor: Editor,
+    files: list[Path],
+    out: Path,
+    *,
+    batch_size: int = 16,
+    resolution: int | None = None,
+    grid: bool = False,
+    show_progress: bool = True,
+) -> Generated:
+    """Edit image ``files`` and write each at its own aspect (``out``: a folder, or a .png for one file).
+
+    Each image is edited at about ``resolution`` (default: the collection's) with its own aspect;
+    images of one edit size share a batch. ``grid`` also writes a contact sheet: input | each effect
+    (of a composition) | output."""
+    from clora.distill.prepare import read_source
+    from clora.images import contact_sheet, write_png
+    from clora.progress import progress_bar
+
+    bb = editor.backbone
+    single_file = len(files) == 1 and out.suffix.lower() == ".png"
+    if not single_file:
+        out.mkdir(parents=True, exist_ok=True)
+    by_size: dict[tuple[int, ...], list[tuple[Path, torch.Tensor]]] = {}
+    for f in files:
+        img = read_source(f, bb, resolution or editor.resolution)
+        by_size.setdefault(tuple(img.shape[-2:]), []).append((f, img))
+    rows: list[list[torch.Tensor]] = []
+    written: list[Path] = []
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("generate", total=len(files), info="")
+        for group in by_size.values():
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                images = torch.stack([img for _, img in chunk]).to(bb.device, bb.dtype)
+                edited = editor.edit(images)
+                for (f, _), img in zip(chunk, edited, strict=True):
+                    target = out if single_file else out / f"{f.stem}.{editor.tag}.png"
+                    write_png(img, target, aspect_of=f)
+                    written.append(target)
+                if grid:
+                    columns = [images, *(editor.each(images) if editor.each else []), edited]
+                    rows += [[c[j] for c in columns] for j in range(len(chunk))]
+                bar.advance(task, len(chunk))
+    sheet = None
+    if grid:
+        sheet = (out.parent if single_file else out) / f"grid.{editor.tag}.png"
+        contact_sheet(rows, sheet)
+    return Generated(written, sheet)
