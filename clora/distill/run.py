@@ -22,7 +22,7 @@ from clora.bases import get_factory
 from clora.devices import pick
 from clora.distill.adapters import STUDENT, AdapterSet
 from clora.distill.config import DistillConfig, read_config
-from clora.distill.loop import Distiller, NonFiniteLossError
+from clora.distill.loop import Distiller, LoopResult, NonFiniteLossError
 from clora.distill.plan import EffectPlan, Plan
 from clora.distill.prepare import general_data_pairs, prepare
 from clora.distill.resolve import BaseDefaults, ParentRun, resolve
@@ -212,24 +212,7 @@ def run_distill(
     t_start = time.monotonic()
     backbone = None
     if resume:
-        run = registry.get_run(run_id) if run_id else registry.get_run(unfinished=True)
-        if run is None:
-            raise CloraError(
-                f"no run {run_id!r} to resume; see `clora runs`" if run_id else "no distill run to resume"
-            )
-        if run.status == "completed":
-            raise CloraError(
-                f"run {run.id} already completed (collection v"
-                f"{registry.collection_version(run.collection_id)})"
-            )
-        run_dir = Path(run.run_dir)
-        plan = Plan.load(run_dir / "plan.json")
-        stored = json.loads((run_dir / "config.json").read_text())
-        cfg = read_config(stored)
-        plan.frozen_rank = plan.frozen_rank or int(
-            stored.get("frozen_rank", 0)
-        )  # runs from before the plan kept it
-        registry.update_run(run.id, status="running", message=None)
+        plan, cfg, run_dir = _reopen(registry, run_id)
     else:
         out = out_dir or registry.path.resolve().parent / "collections"
         planned = plan_run(
@@ -245,60 +228,8 @@ def run_distill(
         if isinstance(planned, str):
             return DistillOutcome(None, None, planned, {})
         plan = planned
-        # everything is checked, and the base loaded, before the run exists: a failure leaves nothing
-        factory = get_factory(components, registry, plan.base_id)
-        device, dtype, dtype_name = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
-        if cfg.data.general_data is not None:
-            general_data_pairs(Path(cfg.data.general_data), cfg.data.general_pool)
-        if cfg.student.target_modules is not None:
-            layers = factory.module_shapes()
-            missing = [
-                m
-                for m in cfg.student.target_modules
-                if not any(n == m or n.endswith("." + m) for n in layers)
-            ]
-            if missing:
-                raise CloraError(
-                    f"target_modules {missing} name no layer of base '{plan.base_id}'; leave the field "
-                    "out for the base model's own choice"
-                )
-        parent = None
-        if plan.parent_version is not None:
-            parent_col = registry.require_collection(plan.parent_version)
-            # the modules come from the file's header, which records them also for collections made
-            # before target_modules was a config field
-            parent = ParentRun(
-                parent_col.version,
-                read_config(parent_col.config_json),
-                read_header(parent_col.file).target_modules,
-            )
-        backbone = factory.load(device, dtype)
-        resolved = resolve(
-            cfg,
-            kind=plan.kind,  # type: ignore[arg-type]
-            n_effects=len(plan.effects),
-            n_new=len(plan.new_effects),
-            auto_steps=auto_steps,
-            base=BaseDefaults.of(backbone),
-            dtype=dtype_name,
-            parent=parent,
-        )
-        for note in resolved.notes:
-            say(note)
-        cfg = resolved.config
-        plan.frozen_rank, plan.parent_lora_scale = resolved.frozen_rank, resolved.parent_lora_scale
-        run_dir = clora_home() / "runs" / plan.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        plan.save(run_dir / "plan.json")
-        with atomic_path(run_dir / "config.json") as tmp:
-            tmp.write_text(cfg.model_dump_json(indent=2))
-        registry.create_run(
-            run_id=plan.run_id,
-            kind=plan.kind,
-            config=cfg.to_json(),
-            total_steps=cfg.steps,
-            run_dir=str(run_dir),
-        )
+        backbone, cfg = _resolve(registry, components, cfg, plan, auto_steps, say)
+        run_dir = _record(registry, plan, cfg)
 
     try:
         return _execute(registry, components, cfg, plan, run_dir, show_progress, say, backbone, t_start)
@@ -308,6 +239,81 @@ def run_distill(
     except KeyboardInterrupt:
         registry.update_run(plan.run_id, status="interrupted", message="interrupted; resume with --resume")
         raise
+
+
+def _reopen(registry: Registry, run_id: str | None) -> tuple[Plan, DistillConfig, Path]:
+    """An unfinished run's plan, resolved config and folder (``run_id`` None: the latest unfinished)."""
+    run = registry.get_run(run_id) if run_id else registry.get_run(unfinished=True)
+    if run is None:
+        raise CloraError(
+            f"no run {run_id!r} to resume; see `clora runs`" if run_id else "no distill run to resume"
+        )
+    if run.status == "completed":
+        raise CloraError(
+            f"run {run.id} already completed (collection v{registry.collection_version(run.collection_id)})"
+        )
+    run_dir = Path(run.run_dir)
+    plan = Plan.load(run_dir / "plan.json")
+    stored = json.loads((run_dir / "config.json").read_text())
+    # runs from before the plan kept the fixed components had them in the config
+    plan.frozen_rank = plan.frozen_rank or int(stored.get("frozen_rank", 0))
+    registry.update_run(run.id, status="running", message=None)
+    return plan, read_config(stored), run_dir
+
+
+def _resolve(
+    registry: Registry, components: Components, cfg: DistillConfig, plan: Plan, auto_steps: bool, say: Any
+) -> tuple[Backbone, DistillConfig]:
+    """Check the request, load the base and resolve the run's config (the fixed components and the
+    parent's scale go into ``plan``); nothing is recorded yet, so a failure leaves nothing behind."""
+    factory = get_factory(components, registry, plan.base_id)
+    device, dtype, dtype_name = pick(cfg.device, cfg.dtype, factory.default_dtype(cfg.device))
+    if cfg.data.general_data is not None:
+        general_data_pairs(Path(cfg.data.general_data), cfg.data.general_pool)
+    if cfg.student.target_modules is not None:
+        layers = factory.module_shapes()
+        asked = cfg.student.target_modules
+        missing = [m for m in asked if not any(n == m or n.endswith("." + m) for n in layers)]
+        if missing:
+            raise CloraError(
+                f"target_modules {missing} name no layer of base '{plan.base_id}'; leave the field "
+                "out for the base model's own choice"
+            )
+    parent = None
+    if plan.parent_version is not None:
+        parent_col = registry.require_collection(plan.parent_version)
+        # the modules come from the file's header, which records them also for collections made
+        # before target_modules was a config field
+        modules = read_header(parent_col.file).target_modules
+        parent = ParentRun(parent_col.version, read_config(parent_col.config_json), modules)
+    backbone = factory.load(device, dtype)
+    resolved = resolve(
+        cfg,
+        kind=plan.kind,  # type: ignore[arg-type]
+        n_effects=len(plan.effects),
+        n_new=len(plan.new_effects),
+        auto_steps=auto_steps,
+        base=BaseDefaults.of(backbone),
+        dtype=dtype_name,
+        parent=parent,
+    )
+    for note in resolved.notes:
+        say(note)
+    plan.frozen_rank, plan.parent_lora_scale = resolved.frozen_rank, resolved.parent_lora_scale
+    return backbone, resolved.config
+
+
+def _record(registry: Registry, plan: Plan, cfg: DistillConfig) -> Path:
+    """The run's folder (plan and resolved config) and its registry row."""
+    run_dir = clora_home() / "runs" / plan.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(run_dir / "plan.json")
+    with atomic_path(run_dir / "config.json") as tmp:
+        tmp.write_text(cfg.model_dump_json(indent=2))
+    registry.create_run(
+        run_id=plan.run_id, kind=plan.kind, config=cfg.to_json(), total_steps=cfg.steps, run_dir=str(run_dir)
+    )
+    return run_dir
 
 
 def _execute(
@@ -358,6 +364,25 @@ def _execute(
         show_progress, on_checkpoint=lambda step: registry.update_run(plan.run_id, step=step)
     )
 
+    timing = {
+        "seconds_total": round(time.monotonic() - t_start, 2),
+        "seconds_prepare": round(t_prepared - t_start, 2),
+    }
+    return _write_collection(registry, plan, cfg, backbone, distiller, result, timing, base_bytes)
+
+
+def _write_collection(
+    registry: Registry,
+    plan: Plan,
+    cfg: DistillConfig,
+    backbone: Backbone,
+    distiller: Distiller,
+    result: LoopResult,
+    timing: dict[str, float],
+    base_bytes: int,
+) -> DistillOutcome:
+    """The unified LoRA file, its training state beside it, and the new collection row."""
+    student = cfg.student
     header = UnifiedHeader(
         base_id=plan.base_id,
         base_fingerprint=backbone.fingerprint,
@@ -374,19 +399,18 @@ def _execute(
         shift=student.shift,
         rank=student.rank,
         alpha=student.lora_alpha,
-        target_modules=list(modules),
+        target_modules=list(student.target_modules or []),
         run_id=plan.run_id,
         parent_version=plan.parent_version,
         resolution=cfg.data.resolution,
     )
     out = Path(plan.out_file)
-    write_unified(out, adapters.state_dict(STUDENT), header)
+    write_unified(out, distiller.adapters.state_dict(STUDENT), header)
     save_torch(distiller.training_state(), state_path(out))
     metrics = {
         "train": {
             "steps": cfg.steps,
-            "seconds_total": round(time.monotonic() - t_start, 2),
-            "seconds_prepare": round(t_prepared - t_start, 2),
+            **timing,
             "seconds_loop": round(result.seconds, 2),
             "final_losses": {k: v for k, v in result.final_losses.items() if k.startswith("loss/")},
             "teacher_loads": result.teacher_loads,
