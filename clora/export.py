@@ -404,8 +404,29 @@ def model_card(
             f"| {_cell(name)} | `{_cell(e.get('trigger'))}` | {_cell(prompt)} | {_cell(e.get('caption'))} | "
             f"{_cell(e.get('teacher_prompt'))} |"
         )
-    sigmas = ", ".join(f"{s:.6g}" for s in header.few_step_sigmas)
+    lines += _sampling(header)
+    lines += _usage(fmt, usage, col.version, lora_name, first, steps)
+    lines += _evaluation(metrics.get("eval"), col.version)
     lines += [
+        "## Training",
+        "",
+        f"- run: `{header.run_id}`, clora {header.clora_version}",
+        f"- parent: {f'collection v{parent_version}' if parent_version else 'none (a full distill)'}",
+        f"- distill steps: {cfg.steps}",
+        f"- rank {header.rank}, alpha {header.alpha:g}; target modules: "
+        + ", ".join(f"`{m}`" for m in header.target_modules),
+        f"- resolution: {header.resolution or cfg.data.resolution or '-'}",
+        f"- teachers: {cfg.teachers.steps or '-'} steps, guidance {_cell(cfg.teachers.guidance)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _sampling(header: UnifiedHeader) -> list[str]:
+    """The card's few-step sampler settings."""
+    steps = len(header.few_step_sigmas)
+    sigmas = ", ".join(f"{s:.6g}" for s in header.few_step_sigmas)
+    return [
         "",
         "## Sampling",
         "",
@@ -415,9 +436,12 @@ def model_card(
         f"- shift: {header.shift:g}",
         "- guidance: none (CFG scale 1)",
         "",
-        "## Usage",
-        "",
     ]
+
+
+def _usage(fmt: str, usage: str | None, version: int, lora_name: str, first: str, steps: int) -> list[str]:
+    """How to run the export: the base's diffusers pipeline, peft, ComfyUI, clora."""
+    lines = ["## Usage", ""]
     if usage:
         lines += ["With the model's own diffusers pipeline:", "", "```python", usage.rstrip(), "```", ""]
     if fmt == "peft":
@@ -440,7 +464,7 @@ def model_card(
             "",
         ]
     lines += ["With clora, in the workspace that distilled it:", "", "```bash"]
-    lines += [f"clora generate --collection {col.version} --effect {first} --image input.png", "```", ""]
+    lines += [f"clora generate --collection {version} --effect {first} --image input.png", "```", ""]
     if fmt == "diffusers":
         lines += [
             "or in Python:",
@@ -454,20 +478,7 @@ def model_card(
             "```",
             "",
         ]
-    lines += _evaluation(metrics.get("eval"), col.version)
-    lines += [
-        "## Training",
-        "",
-        f"- run: `{header.run_id}`, clora {header.clora_version}",
-        f"- parent: {f'collection v{parent_version}' if parent_version else 'none (a full distill)'}",
-        f"- distill steps: {cfg.steps}",
-        f"- rank {header.rank}, alpha {header.alpha:g}; target modules: "
-        + ", ".join(f"`{m}`" for m in header.target_modules),
-        f"- resolution: {header.resolution or cfg.data.resolution or '-'}",
-        f"- teachers: {cfg.teachers.steps or '-'} steps, guidance {_cell(cfg.teachers.guidance)}",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _evaluation(result: dict[str, Any] | None, version: int) -> list[str]:
