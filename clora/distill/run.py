@@ -95,6 +95,36 @@ def _base_for(registry: Registry, effects: list[Effect], base: str | None) -> st
     )
 
 
+def _check_teachers(
+    components: Components, chosen: list[Effect], shapes: dict[str, tuple[int, int]], base_id: str
+) -> None:
+    """Every chosen effect is bound to this base, its file unchanged since it was added, and fits it."""
+    for e in chosen:
+        if e.base_id and e.base_id != base_id:
+            raise CloraError(f"effect '{e.name}' is bound to base '{e.base_id}', not '{base_id}'")
+        lora = read_lora(e.lora_path, components.teacher_providers(), module_names=shapes)
+        if lora.sha256 != e.lora_sha256:
+            raise CloraError(
+                f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; if the "
+                f"change is meant, record it (`clora effect update {e.name} --lora {e.lora_path}`; the "
+                "trigger stays)"
+            )
+        check_fits(lora.modules, shapes, base_id)
+
+
+def _replayed(registry: Registry, parent: Collection, chosen: list[Effect]) -> list[Effect]:
+    """The parent's members an incremental run replays besides the chosen effects."""
+    missing = [m.effect_name for m in parent.members if m.effect_name not in {e.name for e in chosen}]
+    by_name = {e.name: e for e in registry.list_effects()}
+    gone = [n for n in missing if n not in by_name]
+    if gone:
+        raise CloraError(
+            f"effect(s) {', '.join(gone)} of collection v{parent.version} are no longer registered; "
+            "re-add them so they can be replayed"
+        )
+    return [by_name[n] for n in missing]
+
+
 def plan_run(
     registry: Registry,
     components: Components,
@@ -127,33 +157,12 @@ def plan_run(
             f"collection v{parent.version} was distilled on other weights of base '{base_id}' than the "
             "ones installed, so it cannot be grown; run `clora distill` without --incremental"
         )
-    shapes = factory.module_shapes()
-    for e in chosen:
-        if e.base_id and e.base_id != base_id:
-            raise CloraError(f"effect '{e.name}' is bound to base '{e.base_id}', not '{base_id}'")
-        lora = read_lora(e.lora_path, components.teacher_providers(), module_names=shapes)
-        if lora.sha256 != e.lora_sha256:
-            raise CloraError(
-                f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; if the "
-                f"change is meant, record it (`clora effect update {e.name} --lora {e.lora_path}`; the "
-                "trigger stays)"
-            )
-        check_fits(lora.modules, shapes, base_id)
-
+    _check_teachers(components, chosen, factory.module_shapes(), base_id)
     old_members = {m.effect_name: m for m in parent.members} if parent else {}
     if parent is not None:
-        new = [e for e in chosen if e.name not in old_members]
-        if not new:
+        if all(e.name in old_members for e in chosen):
             return f"nothing new: collection v{parent.version} already has every selected effect"
-        missing = [n for n in old_members if n not in {e.name for e in chosen}]
-        by_name = {e.name: e for e in registry.list_effects()}
-        gone = [n for n in missing if n not in by_name]
-        if gone:
-            raise CloraError(
-                f"effect(s) {', '.join(gone)} of collection v{parent.version} are no longer registered; "
-                "re-add them so they can be replayed"
-            )
-        chosen = chosen + [by_name[n] for n in missing]
+        chosen = chosen + _replayed(registry, parent, chosen)
     ensure_captions(
         registry, components, [e for e in chosen if e.name not in old_members], cfg.student.captioner
     )
