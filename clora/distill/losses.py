@@ -145,7 +145,7 @@ def anchor_on(ctx: LossContext, s: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("anchoring needs teacher targets; check ctx.targets first")
     noise = ctx.randn_like(ctx.targets)
     v = ctx.student_velocity(add_noise(ctx.targets, noise, s), s)
-    return ctx.reduce_rows(row_mse(v, noise - ctx.targets))
+    return ctx.reduce_rows(flow_matching_rows(v, ctx.targets, noise))
 
 
 def row_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,6 +153,11 @@ def row_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 
 
+def flow_matching_rows(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``mse(v, eps - x0)`` of each row ``[B]``: the rectified-flow regression onto clean ``x0``."""
+    return row_mse(velocity, noise - x0)
+
+
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``mse(v, eps - x0)``: the rectified-flow regression target."""
-    return torch.nn.functional.mse_loss(velocity, noise - x0)
+    """The batch mean of :func:`flow_matching_rows`."""
+    return flow_matching_rows(velocity, x0, noise).mean()
