@@ -150,7 +150,7 @@ def anchor_on(ctx: LossContext, s: torch.Tensor) -> torch.Tensor:
 
 def row_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each row of a batch: ``[B]``."""
-    return (a - b).pow(2).flatten(1).mean(1)
+    return (a - b).pow(2).reshape(a.shape[0], -1).mean(1)
 
 
 def flow_matching_rows(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
