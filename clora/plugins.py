@@ -1,32 +1,102 @@
 """The plugin manager and the registries of what plugins provide.
 
 Plugins come in through one door: the ``clora`` entry-point group. ``CLORA_DISABLE_PLUGINS``
-(comma-separated plugin names) blocks plugins; ``CLORA_TRACE_PLUGINS=1`` prints every hook call.
+(comma-separated plugin names) blocks plugins; ``CLORA_TRACE_PLUGINS=1`` prints every hook call to
+stderr, each ``register`` argument naming the plugin it was given to.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import Any, NamedTuple
 
 import pluggy
 
 from clora import hookspecs
+from clora.contracts import (
+    BackboneFactory,
+    BaseKind,
+    Captioner,
+    LossTerm,
+    Metric,
+    Router,
+    TeacherProvider,
+)
 from clora.errors import DuplicateIdError, UnknownBackboneError, UnknownComponentError
 
-#: kind -> (hook name, id attribute)
-KINDS: dict[str, tuple[str, str]] = {
-    "backbones": ("register_backbones", "backbone_id"),
-    "base_kinds": ("register_base_kinds", "kind_id"),
-    "teacher_providers": ("register_teacher_providers", "format_id"),
-    "captioners": ("register_captioners", "captioner_id"),
-    "routers": ("register_routers", "router_id"),
-    "loss_terms": ("register_loss_terms", "loss_id"),
-    "metrics": ("register_metrics", "metric_id"),
+
+class Kind(NamedTuple):
+    """One kind of object plugins register."""
+
+    #: the ``register_*`` hook that registers it
+    hook: str
+    #: the attribute holding its unique id
+    id_attr: str
+    #: the contract class in :mod:`clora.contracts`
+    contract: type
+    #: the members every object must have besides its id: its contract's methods without a default
+    #: and attributes without a class default
+    needs: tuple[str, ...]
+
+
+KINDS: dict[str, Kind] = {
+    "backbones": Kind("register_backbones", "backbone_id", BackboneFactory, ("load", "module_shapes")),
+    "base_kinds": Kind("register_base_kinds", "kind_id", BaseKind, ("detect", "factory")),
+    "teacher_providers": Kind("register_teacher_providers", "format_id", TeacherProvider, ("sniff", "parse")),
+    "captioners": Kind("register_captioners", "captioner_id", Captioner, ("caption",)),
+    "routers": Kind("register_routers", "router_id", Router, ("choose",)),
+    "loss_terms": Kind("register_loss_terms", "loss_id", LossTerm, ("__call__",)),
+    "metrics": Kind("register_metrics", "metric_id", Metric, ("__call__", "higher_is_better")),
 }
+
+
+def contract_problems(kind: str, obj: object) -> list[str]:
+    """What keeps ``obj`` from being a ``kind`` (``"routers"``, ...): missing members and attributes of
+    the wrong type, one short phrase each; empty when it fits its contract."""
+    spec = KINDS[kind]
+    if isinstance(obj, type):
+        return [f"it is the class {obj.__name__}, not an object; register {obj.__name__}()"]
+    problems = []
+    obj_id = getattr(obj, spec.id_attr, None)
+    if not isinstance(obj_id, str) or not obj_id:
+        problems.append(f"no string {spec.id_attr}")
+    for name in spec.needs:
+        if callable(getattr(spec.contract, name, None)):
+            if not callable(obj if name == "__call__" else getattr(obj, name, None)):
+                problems.append(f"no method {name}()")
+        elif not hasattr(obj, name):
+            problems.append(f"no {name}")
+    for name, allowed in _typed_attributes(spec.contract).items():
+        value = getattr(obj, name, None)
+        if name != spec.id_attr and value is not None and not _fits(value, allowed):
+            problems.append(f"{name} is {value!r}, not {_describe(allowed)}")
+    return problems
+
+
+@cache
+def _typed_attributes(contract: type) -> dict[str, Any]:
+    """The contract's attributes annotated ``str``, ``bool`` or a ``Literal``: their values are checked."""
+    return {
+        name: hint
+        for name, hint in typing.get_type_hints(contract).items()
+        if hint in (str, bool) or typing.get_origin(hint) is typing.Literal
+    }
+
+
+def _fits(value: object, allowed: Any) -> bool:
+    if typing.get_origin(allowed) is typing.Literal:
+        return value in typing.get_args(allowed)
+    return isinstance(value, allowed)
+
+
+def _describe(allowed: Any) -> str:
+    if typing.get_origin(allowed) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(allowed))
+    return f"a {allowed.__name__}"
 
 
 def disabled_plugins() -> set[str]:
@@ -60,6 +130,39 @@ class Registered:
 
 
 @dataclass
+class Registrar:
+    """The ``register`` callable one plugin's ``register_*`` hook is given: checks each object against
+    its kind's contract and its id against the ids registered before it."""
+
+    kind: str
+    plugin: str
+    found: dict[str, Registered]
+
+    def __call__(self, obj: Any) -> None:
+        spec = KINDS[self.kind]
+        problems = contract_problems(self.kind, obj)
+        if problems:
+            obj_id = getattr(obj, spec.id_attr, None)
+            named = f"'{obj_id}' " if isinstance(obj_id, str) and obj_id else ""
+            what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+            raise UnknownComponentError(
+                f"plugin '{self.plugin}' registered a {self.kind[:-1].replace('_', ' ')} {named}({what}) "
+                f"that does not fit clora.contracts.{spec.contract.__name__}: {'; '.join(problems)}; "
+                f"fix the plugin or block it with CLORA_DISABLE_PLUGINS={self.plugin}"
+            )
+        obj_id = getattr(obj, spec.id_attr)
+        if obj_id in self.found:
+            raise DuplicateIdError(
+                f"{spec.id_attr} '{obj_id}' is registered by both plugin '{self.found[obj_id].plugin}' and "
+                f"plugin '{self.plugin}'; uninstall one or block it with CLORA_DISABLE_PLUGINS={self.plugin}"
+            )
+        self.found[obj_id] = Registered(self.kind, obj_id, self.plugin, obj)
+
+    def __repr__(self) -> str:  # the hook argument CLORA_TRACE_PLUGINS prints
+        return f"<register {self.kind} of plugin '{self.plugin}'>"
+
+
+@dataclass
 class Components:
     """Everything the loaded plugins registered, by kind and id."""
 
@@ -68,34 +171,18 @@ class Components:
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager) -> Components:
-        """Call every ``register_*`` hook, one plugin at a time, so each id knows its plugin."""
+        """Call every ``register_*`` hook through pluggy, one plugin at a time, so each id knows its
+        plugin (and ``CLORA_TRACE_PLUGINS`` shows each call)."""
         comps = cls(pm)
-        for kind, (hook_name, id_attr) in KINDS.items():
+        for kind, spec in KINDS.items():
             found: dict[str, Registered] = {}
-            for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                impl.function(register=comps._registrar(kind, id_attr, impl.plugin_name, found))
+            impls = getattr(pm.hook, spec.hook).get_hookimpls()
+            for impl in impls:
+                others = [other.plugin for other in impls if other is not impl]
+                only_this = pm.subset_hook_caller(spec.hook, remove_plugins=others)
+                only_this(register=Registrar(kind, impl.plugin_name, found))
             comps.items[kind] = found
         return comps
-
-    @staticmethod
-    def _registrar(
-        kind: str, id_attr: str, plugin: str, found: dict[str, Registered]
-    ) -> Callable[[Any], None]:
-        def register(obj: Any) -> None:
-            obj_id = getattr(obj, id_attr, None)
-            if not isinstance(obj_id, str) or not obj_id:
-                raise UnknownComponentError(
-                    f"plugin '{plugin}' registered a {kind[:-1].replace('_', ' ')} without a string "
-                    f"'{id_attr}'"
-                )
-            if obj_id in found:
-                raise DuplicateIdError(
-                    f"{id_attr} '{obj_id}' is registered by both plugin '{found[obj_id].plugin}' and "
-                    f"plugin '{plugin}'; uninstall one or block it with CLORA_DISABLE_PLUGINS={plugin}"
-                )
-            found[obj_id] = Registered(kind, obj_id, plugin, obj)
-
-        return register
 
     def ids(self, kind: str) -> list[str]:
         return sorted(self.items.get(kind, {}))
@@ -112,25 +199,25 @@ class Components:
                 f"no {label} '{obj_id}' is installed (installed: {have}); see `clora plugins`"
             ) from None
 
-    def get_backbone(self, backbone_id: str) -> Any:
+    def get_backbone(self, backbone_id: str) -> BackboneFactory:
         return self.get("backbones", backbone_id)
 
-    def get_base_kind(self, kind_id: str) -> Any:
+    def get_base_kind(self, kind_id: str) -> BaseKind:
         return self.get("base_kinds", kind_id)
 
-    def get_router(self, router_id: str) -> Any:
+    def get_router(self, router_id: str) -> Router:
         return self.get("routers", router_id)
 
-    def get_captioner(self, captioner_id: str) -> Any:
+    def get_captioner(self, captioner_id: str) -> Captioner:
         return self.get("captioners", captioner_id)
 
-    def get_loss_term(self, loss_id: str) -> Any:
+    def get_loss_term(self, loss_id: str) -> LossTerm:
         return self.get("loss_terms", loss_id)
 
-    def get_metric(self, metric_id: str) -> Any:
+    def get_metric(self, metric_id: str) -> Metric:
         return self.get("metrics", metric_id)
 
-    def teacher_providers(self) -> list[Any]:
+    def teacher_providers(self) -> list[TeacherProvider]:
         return [r.obj for r in self.items.get("teacher_providers", {}).values()]
 
 

@@ -6,19 +6,24 @@ A VLM captioner can replace it through ``register_captioners`` (``--captioner`` 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from clora import hookimpl
+from clora.contracts import Captioner
+
+if TYPE_CHECKING:
+    from clora.registry.models import Effect
 
 _IMPERATIVE = re.compile(r"^(please\s+)?(apply|make|turn|give|add|convert|render|transform)\s+", re.I)
 
 
-class TemplateCaptioner:
+class TemplateCaptioner(Captioner):
     """ "<what the prompt does>, <name> effect": describes the result, not the instruction."""
 
     captioner_id = "template"
 
-    def caption(self, effect: Any) -> str:
+    def caption(self, effect: Effect) -> str:
         prompt = str(effect.teacher_prompt).strip().rstrip(".")
         what = _IMPERATIVE.sub("", prompt) or prompt
         label = re.sub(r"[-_.]+", " ", str(effect.name)).strip()
@@ -26,5 +31,5 @@ class TemplateCaptioner:
 
 
 @hookimpl
-def register_captioners(register: Any) -> None:
+def register_captioners(register: Callable[[Captioner], None]) -> None:
     register(TemplateCaptioner())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from clora import hookimpl
+from clora.contracts import LossTerm
 
 
 @hookimpl
-def register_loss_terms(register: Any) -> None:
+def register_loss_terms(register: Callable[[LossTerm], None]) -> None:
     from clora_losses.terms import (
         AnchorTerm,
         CriticFlowMatchingTerm,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from clora.contracts import LossTerm
 from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss, row_mse
 from clora.sampling import add_noise
 
 
-class DMDTerm:
+class DMDTerm(LossTerm):
     """Distribution matching on the student's own sample: teacher with CFG vs critic."""
 
     loss_id = "dmd"
@@ -18,7 +19,7 @@ class DMDTerm:
         return {"dmd": dmd_on(ctx, ctx.student_sample, ctx.dmd_levels())}
 
 
-class TargetSimulationTerm:
+class TargetSimulationTerm(LossTerm):
     """Fine: noise the teacher output to a late level, one student step, then DMD on that step."""
 
     loss_id = "target_sim"
@@ -33,7 +34,7 @@ class TargetSimulationTerm:
         return {"target_sim": dmd_on(ctx, x0, ctx.shifted(0.5, 1.0))}
 
 
-class AnchorTerm:
+class AnchorTerm(LossTerm):
     """Coarse: flow-matching regression of the student onto the teacher output at levels >= the DMD level."""
 
     loss_id = "anchor"
@@ -47,7 +48,7 @@ class AnchorTerm:
         return {"anchor": anchor_on(ctx, t + (1 - t) * ctx.uniform())}
 
 
-class LevelAnchorTerm:
+class LevelAnchorTerm(LossTerm):
     """Flow-matching regression of the student onto the teacher output at the few-step sampler's own
     levels: the inputs its sampler will see (the default generator term; see DistillConfig.losses)."""
 
@@ -61,7 +62,7 @@ class LevelAnchorTerm:
         return {"level_anchor": anchor_on(ctx, ctx.sampler_levels())}
 
 
-class SimulatedAnchorTerm:
+class SimulatedAnchorTerm(LossTerm):
     """Regression onto the teacher output at a few-step level whose input the student's own sampler
     made: the sampler runs from noise without grad to a random level, and the student's step there is
     regressed onto the target (level_anchor builds every level's input from the target instead)."""
@@ -86,7 +87,7 @@ class SimulatedAnchorTerm:
         return {"sim_anchor": ctx.reduce_rows(row_mse(v, (x - ctx.targets) / levels[k]))}
 
 
-class CriticFlowMatchingTerm:
+class CriticFlowMatchingTerm(LossTerm):
     """The critic tracks the student's output distribution: flow matching on fresh student samples."""
 
     loss_id = "critic_fm"

@@ -1,46 +1,51 @@
 """Built-in image metrics: PSNR and SSIM (no model weights needed), and the learned LPIPS, CLIP
 image similarity and DreamSim, which need weights on disk (nothing is downloaded).
 
-A metric has a ``metric_id``, ``higher_is_better`` and is called as ``metric(images, reference)``
-on ``[B,3,H,W]`` tensors in [0,1], returning one value per image ``[B]``. A metric that needs files
-may also have ``unavailable()``, returning None when it can run and else a one-line note of what is
-missing; ``clora eval`` asks before it starts.
+A metric (:class:`clora.contracts.Metric`) has a ``metric_id``, ``higher_is_better`` and is called as
+``metric(images, reference)`` on ``[B,3,H,W]`` tensors in [0,1], returning one value per image ``[B]``.
+A metric that needs files overrides ``unavailable()``, returning None when it can run and else a
+one-line note of what is missing; ``clora eval`` asks before it starts.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clora import hookimpl
+from clora.contracts import Metric
 from clora.paths import clora_home
+
+if TYPE_CHECKING:
+    import torch
 
 #: torchvision's file name for the ImageNet AlexNet weights (what torch.hub caches)
 TORCHVISION_ALEXNET = "alexnet-owt-7be5be79.pth"
 
 
-class PSNR:
+class PSNR(Metric):
     """Peak signal-to-noise ratio in dB."""
 
     metric_id = "psnr"
     higher_is_better = True
 
-    def __call__(self, images: Any, reference: Any) -> Any:
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         from clora.metrics import psnr
 
         return psnr(images, reference)
 
 
-class SSIM:
+class SSIM(Metric):
     """Structural similarity (Gaussian window 11, sigma 1.5), averaged over channels."""
 
     metric_id = "ssim"
     higher_is_better = True
 
-    def __call__(self, images: Any, reference: Any) -> Any:
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         from clora.metrics import ssim
 
         return ssim(images, reference)
@@ -55,7 +60,7 @@ def _first(paths: list[Path]) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
 
-class _Learned(ABC):
+class _Learned(Metric):
     """A metric whose network loads on first use (once per device) from files found on disk and
     maps an image pair ``(images, reference)`` to one value per image."""
 
@@ -73,7 +78,7 @@ class _Learned(ABC):
     def _load(self) -> Any:
         """The network (a torch module mapping an image pair to ``[B]``), built from those files."""
 
-    def __call__(self, images: Any, reference: Any) -> Any:
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         import torch
 
         net = self.net(images.device)
@@ -197,7 +202,7 @@ class DreamSim(_Learned):
 
 
 @hookimpl
-def register_metrics(register: Any) -> None:
+def register_metrics(register: Callable[[Metric], None]) -> None:
     register(PSNR())
     register(SSIM())
     register(LPIPS())

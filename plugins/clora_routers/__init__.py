@@ -1,7 +1,7 @@
 """Routers: which effect each effect-stream block of distillation steps trains.
 
-A router has a ``router_id`` and ``choose(effects, new_effects, counts, config, rng) -> str``:
-an effect of the next effect block, given every effect's pick count so far. With
+A router (:class:`clora.contracts.Router`) has a ``router_id`` and ``choose(effects, new_effects, counts,
+config, rng) -> str``: an effect of the next effect block, given every effect's pick count so far. With
 ``effects_per_batch`` k > 1 the loop asks k times, leaving out the effects already picked. Whether a block is
 an effect or a general block is the loop's coin flip (``p_switch``), not the router's.
 """
@@ -9,10 +9,14 @@ an effect or a general block is the loop's coin flip (``p_switch``), not the rou
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from clora import hookimpl
+from clora.contracts import Router
+
+if TYPE_CHECKING:
+    from clora.distill.config import DistillConfig
 
 
 def _least_used(names: Sequence[str], counts: Mapping[str, int], rng: random.Random) -> str:
@@ -20,7 +24,7 @@ def _least_used(names: Sequence[str], counts: Mapping[str, int], rng: random.Ran
     return rng.choice([n for n in names if counts.get(n, 0) == low])
 
 
-class BalancedRouter:
+class BalancedRouter(Router):
     """Each effect gets the same number of blocks; in incremental runs new effects get a fixed share."""
 
     router_id = "balanced"
@@ -30,7 +34,7 @@ class BalancedRouter:
         effects: Sequence[str],
         new_effects: Sequence[str],
         counts: Mapping[str, int],
-        config: Any,
+        config: DistillConfig,
         rng: random.Random,
     ) -> str:
         old = [e for e in effects if e not in set(new_effects)]
@@ -41,7 +45,7 @@ class BalancedRouter:
         return _least_used(pool, counts, rng)
 
 
-class FileOrderRouter:
+class FileOrderRouter(Router):
     """Effects in registry order, round robin (the reference implementation's behaviour)."""
 
     router_id = "file-order"
@@ -51,13 +55,13 @@ class FileOrderRouter:
         effects: Sequence[str],
         new_effects: Sequence[str],
         counts: Mapping[str, int],
-        config: Any,
+        config: DistillConfig,
         rng: random.Random,
     ) -> str:
         return effects[sum(counts.values()) % len(effects)]
 
 
 @hookimpl
-def register_routers(register: Any) -> None:
+def register_routers(register: Callable[[Router], None]) -> None:
     register(BalancedRouter())
     register(FileOrderRouter())
