@@ -6,7 +6,7 @@ import torch
 
 from clora.contracts import LossTerm
 from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss, row_mse
-from clora.sampling import add_noise
+from clora.sampling import add_noise, renoise_rollout
 
 
 class DMDTerm(LossTerm):
@@ -78,9 +78,9 @@ class SimulatedAnchorTerm(LossTerm):
         k = int(torch.randint(len(levels), (1,), generator=ctx.generator))
         x = ctx.sampler_noise_like(ctx.targets)
         with torch.no_grad():
-            for i in range(k):
-                x0 = ctx.student_x0(x, levels[i].expand(b))
-                x = add_noise(x0, ctx.sampler_noise_like(x0), levels[i + 1])
+            x = renoise_rollout(
+                lambda noisy, s: ctx.student_x0(noisy, s.expand(b)), x, levels, k, ctx.sampler_noise_like
+            )
         s = levels[k].expand(b)
         v = ctx.student_velocity(x, s)
         # the velocity that lands exactly on the target from this input: (x_t - y_T) / s
