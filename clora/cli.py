@@ -14,7 +14,7 @@ from rich.table import Table
 
 from clora import __version__
 from clora.cli_common import AppState, CloraGroup, console, print_json, state
-from clora.effects import DEFAULT_BASE_KEY, add_effect
+from clora.effects import DEFAULT_BASE_KEY, add_effect, list_images
 from clora.errors import CloraError
 from clora.paths import registry_path
 from clora.plugins import describe_plugins, get_plugin_manager
@@ -132,9 +132,10 @@ def effect_add(
         print_json(eff.to_dict())
     else:
         bound = f"base {eff.base_id}" if eff.base_id else "unbound (checked against the base at distill)"
+        found = f", {len(list_images(eff.examples_dir))} example image(s)" if eff.examples_dir else ""
         typer.echo(
             f"added effect '{eff.name}' with trigger '{eff.trigger}' ({eff.lora_format}, "
-            f"rank {eff.rank}, {bound})"
+            f"rank {eff.rank}, {bound}{found})"
         )
 
 
@@ -174,7 +175,7 @@ def effect_list(
     effects = []
     if st.registry_exists():
         with st.open_registry(create=False) as reg:
-            effects = reg.list_effects()
+            effects = reg.list_effects(retired=True)
     if as_json:
         print_json([e.to_dict() for e in effects])
         return
@@ -211,12 +212,26 @@ def effect_show(
 def effect_remove(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Effect name.")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Remove an effect a collection (or an unfinished distill run) holds: it is retired, its "
+            "trigger and file record kept so the collection can still be grown.",
+        ),
+    ] = False,
 ) -> None:
     """Remove an effect (its trigger stays reserved; collections that include it keep it)."""
     st = state(ctx)
     with st.open_registry(create=False) as reg:
-        reg.remove_effect(name)
-    typer.echo(f"removed effect '{name}'")
+        retired = reg.remove_effect(name, force=force)
+    if retired:
+        typer.echo(
+            f"removed effect '{name}' (retired: collections keep it and can still be grown; "
+            f"`clora effect add {name}` brings it back with its trigger)"
+        )
+    else:
+        typer.echo(f"removed effect '{name}'")
 
 
 def _effect_app() -> typer.Typer:

@@ -33,13 +33,20 @@ DtypeOption = Annotated[
 
 
 class CloraGroup(TyperGroup):
-    """Turns any :class:`CloraError` into a one-line ``Error: ...`` and exit code 1."""
+    """Turns any :class:`CloraError`, and an option value out of range or of the wrong type, into a
+    one-line ``Error: ...`` and exit code 1 (a missing or unknown option stays click's usage error)."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except CloraError as e:
             typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except typer.BadParameter as e:
+            if any(c.__name__ == "MissingParameter" for c in type(e).__mro__):
+                raise
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            typer.echo(f"Error: {e.format_message()}{where}", err=True)
             raise typer.Exit(1) from None
 
 

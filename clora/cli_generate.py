@@ -16,7 +16,7 @@ def _inputs(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files += list_images(p)
+            files += list_images(p, what="--image folder")
         elif p.exists():
             files.append(p)
         else:
@@ -38,7 +38,8 @@ def add_commands(app: typer.Typer) -> None:
             str | None, typer.Option("--prompt", help="Extra text appended to the prompt.")
         ] = None,
         steps: Annotated[
-            int | None, typer.Option("--steps", help="Sampling steps (default: the collection's, e.g. 4).")
+            int | None,
+            typer.Option("--steps", min=1, help="Sampling steps (default: the collection's, e.g. 4)."),
         ] = None,
         seed: Annotated[int, typer.Option("--seed", help="Noise seed.")] = 0,
         collection: Annotated[
@@ -60,7 +61,7 @@ def add_commands(app: typer.Typer) -> None:
                 "--cascade", help="Baseline: effect LoRA stacked with this acceleration LoRA, few steps."
             ),
         ] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 16,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
         fuse: Annotated[
             bool,
             typer.Option(
@@ -87,10 +88,11 @@ def add_commands(app: typer.Typer) -> None:
 
         Each image is edited at about the collection's resolution with its own aspect (images of one
         size share a batch), and written at its own aspect."""
-        from clora.generate import generate_files, open_editor
+        from clora.generate import editor_tag, generate_files, open_editor, output_paths
 
         st = state(ctx)
         files = _inputs(image)
+        output_paths(files, out, editor_tag(effect, teacher, cascade is not None), grid)
         with st.open_registry(create=False) as reg:
             editor = open_editor(
                 reg,

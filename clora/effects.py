@@ -12,7 +12,7 @@ from clora.bases import get_factory
 from clora.errors import CloraError, InvalidNameError
 from clora.lora import check_fits, read_lora
 from clora.plugins import Components
-from clora.registry import Effect, Registry
+from clora.registry import RETIRED, Effect, Registry
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -28,14 +28,45 @@ def validate_name(name: str) -> None:
         )
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
+def list_images(folder: str | os.PathLike[str], what: str = "examples folder") -> list[Path]:
+    """Image files directly inside ``folder`` (the ``what`` of the messages), sorted by name."""
     d = Path(folder)
     if not d.is_dir():
-        raise CloraError(f"examples folder not found: {d}")
+        raise CloraError(f"{what} not found: {d}")
     images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise CloraError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in examples folder {d}")
+        raise CloraError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {what} {d}")
+    return images
+
+
+def check_examples(folder: str | os.PathLike[str]) -> list[Path]:
+    """The images of an examples folder, each opened and decoded now: a bad one would otherwise stop a
+    distill much later."""
+    from PIL import Image, UnidentifiedImageError
+
+    from clora.images import IMAGE_ERRORS
+
+    images = list_images(folder)
+    bad = []
+    for path in images:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except IMAGE_ERRORS as e:
+            why = (
+                "too large to read safely"
+                if isinstance(e, Image.DecompressionBombError)
+                else "not an image"
+                if isinstance(e, UnidentifiedImageError)
+                else (str(e).splitlines() or [e.__class__.__name__])[0]
+            )
+            bad.append(f"{path.name}: {why}")
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CloraError(
+            f"examples folder {folder}: {len(bad)} of {len(images)} image(s) cannot be read: "
+            f"{'; '.join(bad[:3])}{more}; fix or remove them"
+        )
     return images
 
 
@@ -60,9 +91,12 @@ def add_effect(
     validate_name(name)
     if not prompt.strip():
         raise CloraError("the teacher prompt is empty; pass the prompt the LoRA was trained with (--prompt)")
+    if base is None:  # a removed member added back binds to its old base unless told otherwise
+        retired = next((e for e in registry.list_effects(retired=True) if e.name == name), None)
+        base = retired.base_id if retired is not None and retired.status == RETIRED else None
     examples_dir = None
     if examples is not None:
-        list_images(examples)
+        check_examples(examples)
         examples_dir = str(Path(examples).resolve())
     return registry.add_effect(
         name=name,
@@ -105,6 +139,11 @@ def update_lora(
 ) -> Effect:
     """Give effect ``name`` a new (e.g. retrained) LoRA file; its trigger, prompt and caption stay."""
     current = registry.get_effect(name)
+    if current.status == RETIRED:
+        raise CloraError(
+            f"effect '{name}' was removed (retired); add it back with `clora effect add {name} --lora FILE "
+            "--prompt TEXT` (it keeps its trigger)"
+        )
     return registry.replace_lora(
         name, **_lora_fields(registry, components, lora_path, base or current.base_id)
     )

@@ -58,3 +58,7 @@ class DuplicateIdError(CloraError):
 
 class BaseNotBuiltError(CloraError):
     """A backbone's weights are not available yet (e.g. the toy base was never built)."""
+
+
+class OutputError(CloraError):
+    """A file could not be written (a full disk, no permission, a name too long, a file for a folder)."""

@@ -14,6 +14,18 @@ from clora.errors import CloraError
 from clora.fileio import atomic_path
 
 
+def image_error(path: str | os.PathLike[str], e: Exception) -> CloraError:
+    """The one-line error for an image PIL could not open (``e``: one of ``IMAGE_ERRORS``)."""
+    if isinstance(e, Image.DecompressionBombError):
+        size = str(e).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        return CloraError(f"image {path} is too large to read safely ({size}); resize it first")
+    return CloraError(f"cannot read image {path} ({e.__class__.__name__}); use PNG or JPEG")
+
+
+#: what opening or decoding a bad image raises (a decompression bomb is not an OSError)
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError)
+
+
 def read_image(path: str | os.PathLike[str], size: tuple[int, int], crop: bool = False) -> torch.Tensor:
     """One image as ``[3,H,W]`` in [0,1], resized to ``size`` (H, W) (``crop``: first cut to that aspect
     around the centre, so nothing is stretched); a one-line error if unreadable."""
@@ -26,8 +38,8 @@ def read_image(path: str | os.PathLike[str], size: tuple[int, int], crop: bool =
             if crop:
                 rgb = _centre_crop(rgb, size[1] / size[0])
             rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError) as e:
-        raise CloraError(f"cannot read image {p} ({e.__class__.__name__}); use PNG or JPEG") from None
+    except IMAGE_ERRORS as e:
+        raise image_error(p, e) from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 

@@ -329,3 +329,89 @@ def test_update_points_at_a_new_file_and_keeps_the_trigger(pm, make_lora, regist
         assert r.exit_code == 1 and r.output.startswith("Error:") and r.output.count("\n") == 1, r.output
     assert "did you mean 'sepia'" in run(pm, "effect", "update", "sepai", "--lora", new).output
     assert file_digest(registry_file) == digest
+
+
+def test_removing_a_collection_member_retires_it_and_adding_it_back_restores_its_trigger(  # type: ignore[no-untyped-def]
+    pm, make_lora, registry_file
+) -> None:
+    from clora.registry import Registry
+
+    lora = make_lora("sepia")
+    for name in ("sepia", "warm", "loose"):
+        r = run(
+            pm, "effect", "add", name, "--lora", lora, "--prompt", f"make it {name}", "--base", "shapes-only"
+        )
+        assert r.exit_code == 0, r.output
+    before = {e["name"]: e for e in effects_json(pm)}
+    with Registry(registry_file) as reg:
+        reg.add_collection(
+            file="v1.safetensors",
+            sha256="0" * 64,
+            parent_id=None,
+            base_id="shapes-only",
+            run_id=None,
+            config={},
+            metrics={},
+            members=[
+                {
+                    "effect_name": n,
+                    "trigger": before[n]["trigger"],
+                    "caption": "c",
+                    "teacher_sha256": "0" * 64,
+                }
+                for n in ("sepia", "warm")
+            ],
+        )
+    digest = file_digest(registry_file)
+    r = run(pm, "effect", "remove", "sepia")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert "held by collection v1" in r.stderr and "--force" in r.stderr
+    assert file_digest(registry_file) == digest
+    assert run(pm, "effect", "remove", "loose").exit_code == 0  # in no collection: deleted
+
+    r = run(pm, "effect", "remove", "sepia", "--force")
+    assert r.exit_code == 0 and "retired" in r.stdout
+    listed = {e["name"]: e for e in effects_json(pm)}
+    assert set(listed) == {"sepia", "warm"} and listed["sepia"]["status"] == "retired"
+    assert listed["sepia"]["trigger"] == before["sepia"]["trigger"]
+    with Registry(registry_file) as reg:
+        assert [e.name for e in reg.list_effects()] == ["warm"]  # what a distill of "all" takes
+    for args, says in (
+        (["effect", "remove", "sepia"], "already removed"),
+        (["effect", "update", "sepia", "--lora", lora], "add it back"),
+        (["effect", "add", "sepia", "--lora", lora, "--prompt", "p", "--trigger", "zorblax"], "keeps it"),
+    ):
+        r = run(pm, *args)
+        assert r.exit_code == 1 and says in r.stderr and r.stderr.count("\n") == 1, (args, r.output)
+
+    # back with its trigger and base, a new file and prompt
+    new = make_lora("sepia2", seed=4)
+    r = run(pm, "effect", "add", "sepia", "--lora", new, "--prompt", "apply sepia", "--json")
+    assert r.exit_code == 0, r.output
+    back = json.loads(r.stdout)
+    assert back["trigger"] == before["sepia"]["trigger"] and back["status"] == "registered"
+    assert back["base"] == "shapes-only" and back["teacher_prompt"] == "apply sepia"
+
+    # a member deleted by an older clora (no row left) also gets its trigger back
+    con = sqlite3.connect(registry_file)
+    con.execute("DELETE FROM effects WHERE name = 'warm'")
+    con.commit()
+    con.close()
+    r = run(pm, "effect", "add", "warm", "--lora", lora, "--prompt", "warmer", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["trigger"] == before["warm"]["trigger"]
+
+
+def test_examples_are_opened_when_added(pm, make_lora, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    ex = tmp_path / "ex"
+    ex.mkdir()
+    (ex / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    r = run(pm, "effect", "add", "e", "--lora", make_lora(), "--prompt", "p", "--examples", ex)
+    assert r.exit_code == 1 and "1 of 1 image(s) cannot be read: broken.png" in r.stderr
+    (ex / "broken.png").unlink()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(ex / f"{i}.png")
+    r = run(pm, "effect", "add", "e", "--lora", make_lora(), "--prompt", "p", "--examples", ex)
+    assert r.exit_code == 0 and "3 example image(s)" in r.stdout

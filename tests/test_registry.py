@@ -123,3 +123,49 @@ def test_a_registry_of_every_released_schema_migrates_and_reads(tmp_path: Path, 
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     bases = {b["name"] for b in json.loads(run(pm, "--registry", db, "base", "list", "--json").stdout)}
     assert ("qwen-edit" in bases) == (version >= 2)
+
+
+def test_a_running_run_whose_process_is_gone_shows_as_interrupted(tmp_path: Path) -> None:
+    from clora.runlock import RunBusyError, RunLock, holder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with Registry(tmp_path / "r.db") as reg:
+        lock = RunLock(run_dir, "r1")
+        reg.create_run(run_id="r1", kind="full", config={}, total_steps=10, run_dir=str(run_dir))
+        reg.update_run("r1", step=4)
+        assert holder(run_dir) is not None and reg.get_run("r1").status == "running"  # type: ignore[union-attr]
+        with pytest.raises(RunBusyError, match="run r1 is running now"):
+            RunLock(run_dir, "r1")
+        lock.release()  # what the kernel does when the process ends, however it ends
+        assert holder(run_dir) is None
+        [gone] = reg.list_runs()
+        assert gone.status == "interrupted" and "ended at step 4" in (gone.message or "")
+        assert "--resume --run r1" in (gone.message or "")
+    with Registry(tmp_path / "r.db") as reg:  # and it was recorded
+        assert reg.get_run("r1").status == "interrupted"  # type: ignore[union-attr]
+
+
+def test_an_up_to_date_registry_opens_without_writing(tmp_path: Path) -> None:
+    """Opening reads the schema version; only a migration writes, so a registry on a read-only mount (or
+    one another process is writing) opens at once for reading."""
+    db = tmp_path / "r.db"
+    with Registry(db) as reg:
+        add_bare_effect(reg, "a")
+    writer = sqlite3.connect(db, isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        with Registry(db) as reg:
+            assert [e.name for e in reg.list_effects()] == ["a"]
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_registry_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(
+        RegistryError, match=r"cannot create the registry folder .*a part of the path is a file"
+    ):
+        Registry(a_file / "registry.db")

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from clora.errors import CloraError
 from clora.lora import attach_teacher
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class AdapterSet:
             for param in params:
                 param.data = param.data.float()
         self._teachers: OrderedDict[str, str] = OrderedDict()  # lora path -> adapter name
+        #: lora path -> the sha256 the run's plan recorded; a teacher file changed since is refused
+        self.expected_sha256: dict[str, str] = {}
         self.teacher_loads = 0
         self._train_flags()
 
@@ -96,8 +99,14 @@ class AdapterSet:
             self.transformer.delete_adapters([old])
         self.teacher_loads += 1
         name = f"teacher{self.teacher_loads}"
-        attach_teacher(self.transformer, self.components.teacher_providers(), lora_path, name)
+        lora = attach_teacher(self.transformer, self.components.teacher_providers(), lora_path, name)
         self._teachers[lora_path] = name
+        want = self.expected_sha256.get(lora_path)
+        if want is not None and lora.sha256 != want:
+            raise CloraError(
+                f"the teacher LoRA {lora_path} changed while the run used it; put the old file back and "
+                "`clora distill --resume`, or start over with the new one (`clora distill --fresh`)"
+            )
         return name
 
     def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:

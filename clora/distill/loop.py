@@ -514,15 +514,26 @@ class Distiller:
             for name, value in term(ctx).items():
                 v = float(value.detach())
                 if not math.isfinite(v):
-                    raise NonFiniteLossError(
-                        f"loss '{name}' became {v} at step {step}; the run stopped and kept its last good "
-                        f"checkpoint (step {self.last_checkpoint_step()}); lower --lr or check the teachers, "
-                        "then `clora distill --resume`"
-                    )
+                    raise NonFiniteLossError(self.non_finite_message(name, v, step))
                 logged[f"loss/{name}"] = logged.get(f"loss/{name}", 0.0) + v / parts
                 logged[f"weight/{name}"] = weight
                 total = value * weight if total is None else total + value * weight
         return total
+
+    def non_finite_message(self, name: str, value: float, step: int) -> str:
+        """Why the run stopped and what is left of it (a checkpoint only when one was written)."""
+        fix = "check the teachers or lower the learning rate (--set optimizer.lr=...)"
+        last = self.last_checkpoint_step()
+        if not last:
+            return (
+                f"loss '{name}' became {value} at step {step}, before the run's first checkpoint, so "
+                f"nothing was kept; {fix} and run `clora distill` again"
+            )
+        return (
+            f"loss '{name}' became {value} at step {step}; the run stopped and kept its last good "
+            f"checkpoint (step {last}); {fix} and start over with `clora distill --fresh`, or continue "
+            "from it as it was with `clora distill --resume`"
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from clora.distill.plan import Plan
 from clora.effects import list_images
 from clora.errors import CloraError
 from clora.fileio import save_safetensors
-from clora.images import read_image
+from clora.images import IMAGE_ERRORS, image_error, read_image
 from clora.paths import clora_home
 from clora.progress import progress_bar
 from clora.sampling import euler_sample, noise_key
@@ -124,8 +124,8 @@ def read_source(path: str | Path, backbone: Backbone, resolution: int | None) ->
     try:
         with Image.open(path) as im:
             width, height = im.size
-    except OSError as e:
-        raise CloraError(f"cannot read image {path} ({e.__class__.__name__}); use PNG or JPEG") from None
+    except IMAGE_ERRORS as e:
+        raise image_error(path, e) from None
     return read_image(path, backbone.image_size_for(height, width, resolution))
 
 

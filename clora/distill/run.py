@@ -5,12 +5,13 @@ The loop itself is :mod:`clora.distill.loop`; this module is the bookkeeping aro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ from clora.distill.plan import EffectPlan, Plan
 from clora.distill.prepare import general_data_pairs, prepare
 from clora.distill.resolve import BaseDefaults, ParentRun, resolve
 from clora.effects import resolve_base
-from clora.errors import CloraError
-from clora.fileio import atomic_path, save_torch, sha256_file
+from clora.errors import CloraError, OutputError, RegistryError
+from clora.fileio import atomic_path, os_error_message, save_torch, sha256_file
 from clora.lora import check_fits, read_lora
 from clora.paths import clora_home
 from clora.plugins import Components
-from clora.registry import Collection, Effect, Registry
+from clora.registry import RETIRED, Collection, Effect, Registry, Run
+from clora.runlock import RunLock
 from clora.sampling import few_step_sigmas
 from clora.unified import UnifiedHeader, read_header, write_unified
 
@@ -71,9 +73,16 @@ def ensure_captions(
 
 
 def _select(registry: Registry, names: list[str] | None) -> list[Effect]:
-    if names:
-        return [registry.get_effect(n) for n in names]
-    return registry.list_effects()
+    if not names:
+        return registry.list_effects()
+    chosen = [registry.get_effect(n) for n in names]
+    for e in chosen:
+        if e.status == RETIRED:
+            raise CloraError(
+                f"effect '{e.name}' was removed (retired); add it back with `clora effect add {e.name}` "
+                "to distill it (it keeps its trigger)"
+            )
+    return chosen
 
 
 def _base_for(registry: Registry, effects: list[Effect], base: str | None) -> str:
@@ -102,25 +111,39 @@ def _check_teachers(
     for e in chosen:
         if e.base_id and e.base_id != base_id:
             raise CloraError(f"effect '{e.name}' is bound to base '{e.base_id}', not '{base_id}'")
-        lora = read_lora(e.lora_path, components.teacher_providers(), module_names=shapes)
+        try:
+            lora = read_lora(e.lora_path, components.teacher_providers(), module_names=shapes)
+        except CloraError as err:
+            if e.status != RETIRED:
+                raise
+            raise CloraError(
+                f"removed effect '{e.name}' of the collection being grown cannot be replayed: {err}; "
+                f"add it back with its LoRA (`clora effect add {e.name} --lora FILE --prompt TEXT`)"
+            ) from None
         if lora.sha256 != e.lora_sha256:
+            record = (
+                f"`clora effect add {e.name} --lora {e.lora_path} --prompt TEXT`"
+                if e.status == RETIRED
+                else f"`clora effect update {e.name} --lora {e.lora_path}`"
+            )
             raise CloraError(
                 f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; if the "
-                f"change is meant, record it (`clora effect update {e.name} --lora {e.lora_path}`; the "
-                "trigger stays)"
+                f"change is meant, record it ({record}; the trigger stays)"
             )
         check_fits(lora.modules, shapes, base_id)
 
 
 def _replayed(registry: Registry, parent: Collection, chosen: list[Effect]) -> list[Effect]:
-    """The parent's members an incremental run replays besides the chosen effects."""
+    """The parent's members an incremental run replays besides the chosen effects (retired ones too:
+    their rows keep the teacher)."""
     missing = [m.effect_name for m in parent.members if m.effect_name not in {e.name for e in chosen}]
-    by_name = {e.name: e for e in registry.list_effects()}
+    by_name = {e.name: e for e in registry.list_effects(retired=True)}
     gone = [n for n in missing if n not in by_name]
     if gone:
         raise CloraError(
-            f"effect(s) {', '.join(gone)} of collection v{parent.version} are no longer registered; "
-            "re-add them so they can be replayed"
+            f"effect(s) {', '.join(gone)} of collection v{parent.version} were deleted from the registry "
+            "(before clora kept removed members), so their teachers are unknown; re-add them with "
+            "`clora effect add` (they get their triggers back) so they can be replayed"
         )
     return [by_name[n] for n in missing]
 
@@ -157,12 +180,12 @@ def plan_run(
             f"collection v{parent.version} was distilled on other weights of base '{base_id}' than the "
             "ones installed, so it cannot be grown; run `clora distill` without --incremental"
         )
-    _check_teachers(components, chosen, factory.module_shapes(), base_id)
     old_members = {m.effect_name: m for m in parent.members} if parent else {}
     if parent is not None:
         if all(e.name in old_members for e in chosen):
             return f"nothing new: collection v{parent.version} already has every selected effect"
         chosen = chosen + _replayed(registry, parent, chosen)
+    _check_teachers(components, chosen, factory.module_shapes(), base_id)
     ensure_captions(
         registry, components, [e for e in chosen if e.name not in old_members], cfg.student.captioner
     )
@@ -207,6 +230,7 @@ def run_distill(
     general_only: bool = False,
     resume: bool = False,
     run_id: str | None = None,
+    fresh: bool = False,
     out_dir: Path | None = None,
     show_progress: bool = True,
     auto_steps: bool = False,
@@ -215,13 +239,15 @@ def run_distill(
     """Plan (or reload) a run, prepare, loop, and record a new collection version.
 
     ``auto_steps`` (no explicit step count): an incremental run trains ``steps_per_new_effect`` per new
-    effect instead of ``steps``; a full run trains ``max(steps, steps_per_effect x effects)``.
+    effect instead of ``steps``; a full run trains ``max(steps, steps_per_effect x effects)``. A new plan
+    that an unfinished run already has (same base, effects, teachers, parent and resolved config)
+    continues that run, unless ``fresh``. The run holds its lock (:mod:`clora.runlock`) while it runs.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     t_start = time.monotonic()
     backbone = None
     if resume:
-        plan, cfg, run_dir = _reopen(registry, run_id)
+        plan, cfg, run_dir, lock = _reopen(registry, run_id)
     else:
         out = out_dir or registry.path.resolve().parent / "collections"
         planned = plan_run(
@@ -236,22 +262,119 @@ def run_distill(
         )
         if isinstance(planned, str):
             return DistillOutcome(None, None, planned, {})
-        plan = planned
-        backbone, cfg = _resolve(registry, components, cfg, plan, auto_steps, say)
-        run_dir = _record(registry, plan, cfg)
+        backbone, cfg = _resolve(registry, components, cfg, planned, auto_steps, say)
+        twin = None if fresh else _unfinished_twin(registry, planned, cfg, say)
+        if twin is not None:
+            plan, cfg, run_dir, lock = _reopen(registry, twin.id)
+            say(
+                f"run {twin.id} of the same effects and settings stopped at step {twin.step} of "
+                f"{twin.total_steps} ({twin.status}); continuing it (`clora distill --fresh` starts over)"
+            )
+        else:
+            plan = planned
+            run_dir, lock = _record(registry, plan, cfg)
 
     try:
         return _execute(registry, components, cfg, plan, run_dir, show_progress, say, backbone, t_start)
     except (NonFiniteLossError, CloraError) as e:
-        registry.update_run(plan.run_id, status="failed", message=str(e))
+        _stopped(registry, plan.run_id, "failed", str(e))
         raise
     except KeyboardInterrupt:
-        registry.update_run(plan.run_id, status="interrupted", message="interrupted; resume with --resume")
+        _stopped(registry, plan.run_id, "interrupted", "interrupted; `clora distill --resume` continues it")
         raise
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        message = (
+            f"out of memory on {cfg.device} ({_first_line(e)}); the run keeps its last checkpoint: lower "
+            "--batch-size or --resolution and start again (`clora distill --fresh`), or free memory and "
+            "`clora distill --resume`"
+        )
+        _stopped(registry, plan.run_id, "failed", message)
+        raise CloraError(message) from None
+    except Exception as e:
+        _stopped(registry, plan.run_id, "failed", f"crashed: {e.__class__.__name__}: {_first_line(e)}")
+        raise
+    finally:
+        lock.release()
 
 
-def _reopen(registry: Registry, run_id: str | None) -> tuple[Plan, DistillConfig, Path]:
-    """An unfinished run's plan, resolved config and folder (``run_id`` None: the latest unfinished)."""
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+
+
+def _stopped(registry: Registry, run_id: str, status: str, message: str) -> None:
+    """Record why a run stopped; a registry that cannot take it (a full disk) must not hide the cause."""
+    with contextlib.suppress(RegistryError):
+        registry.update_run(run_id, status=status, message=message)
+
+
+def _identity(plan: Plan) -> dict[str, Any]:
+    """What makes two plans the same run: everything but the run id (the output folder counts)."""
+    data = asdict(plan)
+    del data["run_id"]
+    data["out_file"] = str(Path(plan.out_file).parent)
+    return data
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """``steps 40 -> 6`` for each (nested) field that differs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key} {x} -> {y}")
+    return out
+
+
+def _unfinished_twin(registry: Registry, plan: Plan, cfg: DistillConfig, say: Any) -> Run | None:
+    """The unfinished run (interrupted or failed) a new run would repeat: same plan and resolved config.
+
+    Only runs newer than the last completed run of the same effects count. An unfinished one of the same
+    effects that differs gets a note saying what differs and how to continue it; one of the same plan
+    that is running now is an error (two processes would train the same thing)."""
+    names = sorted(e.name for e in plan.effects)
+    wanted, config = _identity(plan), json.loads(cfg.model_dump_json())
+    for run in reversed(registry.list_runs()):
+        try:
+            other = Plan.load(Path(run.run_dir) / "plan.json")
+            stored = json.loads((Path(run.run_dir) / "config.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if sorted(e.name for e in other.effects) != names or other.base_id != plan.base_id:
+            continue
+        if run.status == "completed":
+            return None
+        same_plan = _identity(other) == wanted
+        if run.status == "running":
+            if same_plan:
+                raise CloraError(
+                    f"run {run.id} of the same effects is running now; wait for it, or pass --fresh to "
+                    "start another run"
+                )
+            continue
+        if same_plan and stored == config:
+            return run
+        changed = [e.name for e in plan.effects if e not in other.effects]
+        why = (
+            f"its settings differ ({', '.join(_differences(stored, config)[:3])})"
+            if same_plan
+            else f"{', '.join(changed)} changed since"
+            if changed
+            else "its parent, examples or output folder differ"
+        )
+        say(
+            f"note: run {run.id} of these effects stopped at step {run.step} of {run.total_steps} "
+            f"({run.status}), but {why}; starting a new run (`clora distill --resume --run {run.id}` "
+            "continues that one as it was)"
+        )
+        return None
+    return None
+
+
+def _reopen(registry: Registry, run_id: str | None) -> tuple[Plan, DistillConfig, Path, RunLock]:
+    """An unfinished run's plan, resolved config, folder and lock (``run_id`` None: the latest
+    unfinished); its teachers must be the files it started with."""
     run = registry.get_run(run_id) if run_id else registry.get_run(unfinished=True)
     if run is None:
         raise CloraError(
@@ -262,12 +385,46 @@ def _reopen(registry: Registry, run_id: str | None) -> tuple[Plan, DistillConfig
             f"run {run.id} already completed (collection v{registry.collection_version(run.collection_id)})"
         )
     run_dir = Path(run.run_dir)
-    plan = Plan.load(run_dir / "plan.json")
-    stored = json.loads((run_dir / "config.json").read_text())
-    # runs from before the plan kept the fixed components had them in the config
-    plan.frozen_rank = plan.frozen_rank or int(stored.get("frozen_rank", 0))
-    registry.update_run(run.id, status="running", message=None)
-    return plan, read_config(stored), run_dir
+    lock = RunLock(run_dir, run.id)  # another process running it: an error
+    try:
+        plan = Plan.load(run_dir / "plan.json")
+        stored = json.loads((run_dir / "config.json").read_text())
+        _check_planned_teachers(plan)
+        _sweep_temp_files(run_dir, plan)
+        # runs from before the plan kept the fixed components had them in the config
+        plan.frozen_rank = plan.frozen_rank or int(stored.get("frozen_rank", 0))
+        registry.update_run(run.id, status="running", message=None)
+    except BaseException:
+        lock.release()
+        raise
+    return plan, read_config(stored), run_dir, lock
+
+
+def _check_planned_teachers(plan: Plan) -> None:
+    """Each teacher file of a run is the one its plan recorded (a resumed run must not mix teachers)."""
+    for e in plan.effects:
+        try:
+            digest = sha256_file(e.lora_path)
+        except OSError as err:
+            raise CloraError(
+                f"{os_error_message('read the LoRA of effect ' + repr(e.name), e.lora_path, err)}; run "
+                f"{plan.run_id} needs the file it started with"
+            ) from None
+        if digest != e.lora_sha256:
+            raise CloraError(
+                f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since run {plan.run_id} "
+                "started; put the old file back to continue it, or start over with the new one "
+                "(`clora distill --fresh`)"
+            )
+
+
+def _sweep_temp_files(run_dir: Path, plan: Plan) -> None:
+    """Remove the temp files a killed write of this run left (never read: only a rename publishes one)."""
+    out = Path(plan.out_file)
+    leftovers = [*run_dir.glob(".*.tmp"), *out.parent.glob(f".{out.stem}.*.tmp")]
+    for path in leftovers:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _resolve(
@@ -312,17 +469,30 @@ def _resolve(
     return backbone, resolved.config
 
 
-def _record(registry: Registry, plan: Plan, cfg: DistillConfig) -> Path:
-    """The run's folder (plan and resolved config) and its registry row."""
+def _record(registry: Registry, plan: Plan, cfg: DistillConfig) -> tuple[Path, RunLock]:
+    """The run's folder (plan and resolved config), its lock (taken before the row says "running") and
+    its registry row."""
     run_dir = clora_home() / "runs" / plan.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plan.save(run_dir / "plan.json")
-    with atomic_path(run_dir / "config.json") as tmp:
-        tmp.write_text(cfg.model_dump_json(indent=2))
-    registry.create_run(
-        run_id=plan.run_id, kind=plan.kind, config=cfg.to_json(), total_steps=cfg.steps, run_dir=str(run_dir)
-    )
-    return run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir, plan.run_id)
+    except OSError as e:
+        raise OutputError(os_error_message("create the run folder", run_dir, e)) from None
+    try:
+        plan.save(run_dir / "plan.json")
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(cfg.model_dump_json(indent=2))
+        registry.create_run(
+            run_id=plan.run_id,
+            kind=plan.kind,
+            config=cfg.to_json(),
+            total_steps=cfg.steps,
+            run_dir=str(run_dir),
+        )
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def _execute(
@@ -355,6 +525,7 @@ def _execute(
         components,
         with_critic=cfg.uses_critic,
     )
+    adapters.expected_sha256 = {e.lora_path: e.lora_sha256 for e in plan.effects}
     say(
         f"run {plan.run_id}: {plan.kind}, {len(plan.effects)} effect(s) ({len(plan.new_effects)} new), "
         f"{cfg.steps} steps, base {plan.base_id}"

@@ -138,6 +138,7 @@ def read_lora(
     tensors, metadata = read_safetensors(weights)
     if not tensors:
         raise LoraFileError(f"{path} holds no tensors; expected LoRA weights")
+    _check_finite(path, tensors)
     metadata = {**metadata, **extra}
     keys = list(tensors)
     for provider in providers:
@@ -163,6 +164,23 @@ def read_lora(
         f"{path} holds no LoRA tensors in a known format (known: {known}); "
         "expected keys like '<module>.lora_A.weight' or '<module>.lora_down.weight'"
     )
+
+
+def _check_finite(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """A LoRA holding NaN or infinite values is broken: refused, naming the first such tensor."""
+    import torch
+
+    bad = [
+        k for k, t in sorted(tensors.items()) if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        t = tensors[bad[0]]
+        n = int((~torch.isfinite(t)).sum())
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise LoraFileError(
+            f"{path}: tensor '{bad[0]}' holds NaN or infinite values ({n} of {t.numel()}){more}; the LoRA "
+            "is broken: retrain or re-export it"
+        )
 
 
 def _locate(path: Path, providers: Iterable[TeacherProvider]) -> tuple[Path, dict[str, str]]:

@@ -15,14 +15,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, literal_column, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import ColumnElement
 
+from clora import runlock
 from clora.errors import DuplicateEffectError, RegistryError, TriggerError, UnknownEffectError, did_you_mean
+from clora.fileio import os_error_message
 from clora.registry.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from clora.registry.models import BaseModelRow, Collection, CollectionMember, Effect, Run, Setting, Trigger
 from clora.triggers import allocate_trigger, collision, validate_trigger, words
@@ -39,6 +42,12 @@ __all__ = [
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_S = 30.0
+#: ``effects.status`` of a removed effect that a collection (or an unfinished run) holds: its row, trigger
+#: and file record stay, so the collection can still be grown and the name re-added with its trigger
+RETIRED = "retired"
+_ELSEWHERE = "pass another file with --registry or CLORA_REGISTRY"
+#: runs started in the same second keep the order they were recorded in
+_RUN_ORDER: ColumnElement[int] = literal_column("runs.rowid")
 
 
 def now() -> str:
@@ -48,17 +57,22 @@ def now() -> str:
 def _check_file(path: Path) -> None:
     if path.is_dir():
         raise RegistryError(f"registry path {path} is a directory; pass a file with --registry")
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            if f.read(16) != _SQLITE_MAGIC:
-                raise RegistryError(
-                    f"{path} is not a clora registry (not an SQLite database); "
-                    "pass another file with --registry or CLORA_REGISTRY"
-                )
+    try:
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                magic = f.read(16)
+            if magic != _SQLITE_MAGIC:
+                raise RegistryError(f"{path} is not a clora registry (not an SQLite database); {_ELSEWHERE}")
+    except OSError as e:
+        raise RegistryError(f"{os_error_message('read the registry', path, e)}; {_ELSEWHERE}") from None
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema up to date inside one immediate transaction."""
+    """Bring the schema up to date inside one immediate transaction (a registry that is up to date is
+    only read, so one on a read-only mount still serves the commands that read)."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id == APPLICATION_ID and conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -86,6 +100,26 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         raise
 
 
+def _planned_effects(run_dir: Path) -> set[str]:
+    """The effect names in a run folder's ``plan.json`` (none if it cannot be read)."""
+    try:
+        plan = json.loads((run_dir / "plan.json").read_text())
+        return {e["name"] for e in plan.get("effects", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _holders_text(versions: list[int], runs: list[str]) -> str:
+    """``collection v1, v2 and unfinished run X``."""
+    parts = []
+    if versions:
+        label = "collections " if len(versions) > 1 else "collection "
+        parts.append(label + ", ".join(f"v{v}" for v in versions))
+    if runs:
+        parts.append(("unfinished runs " if len(runs) > 1 else "unfinished run ") + ", ".join(runs))
+    return " and ".join(parts)
+
+
 def _check_words_free(new_words: set[str], triggers: Iterable[str]) -> None:
     """A new prompt or caption may not use (part of) an allocated trigger: triggers never change."""
     for t in triggers:
@@ -102,10 +136,22 @@ class Registry:
         _check_file(self.path)
         if not self.path.exists() and not create:
             raise RegistryError(f"no registry at {self.path}; add an effect first (`clora effect add`)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        raw = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = os_error_message("create the registry folder", self.path.parent, e)
+            raise RegistryError(f"{why}; {_ELSEWHERE}") from None
+        try:
+            raw = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as e:
+            raise RegistryError(f"cannot open registry {self.path} ({e}); {_ELSEWHERE}") from None
         try:
             _migrate(raw, self.path)
+        except sqlite3.OperationalError as e:  # cannot open, read-only, disk full, locked ...
+            raise RegistryError(
+                f"cannot open registry {self.path} ({e}); it (and its folder) must be writable, or "
+                f"{_ELSEWHERE}"
+            ) from None
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"{self.path} is not a usable clora registry ({e})") from None
         finally:
@@ -158,9 +204,13 @@ class Registry:
 
     # ---- effects -------------------------------------------------------------------------------
 
-    def list_effects(self) -> list[Effect]:
+    def list_effects(self, retired: bool = False) -> list[Effect]:
+        """The registered effects (with ``retired``: also the removed ones collections still hold)."""
+        q = select(Effect).order_by(Effect.name)
+        if not retired:
+            q = q.where(Effect.status != RETIRED)
         with self.session(write=False) as s:
-            return list(s.scalars(select(Effect).order_by(Effect.name)))
+            return list(s.scalars(q))
 
     def get_effect(self, name: str) -> Effect:
         with self.session(write=False) as s:
@@ -174,29 +224,80 @@ class Registry:
         return f"no effect '{name}' in {self.path}; {did_you_mean(name, names)}see `clora effect list`"
 
     def add_effect(self, *, trigger: str | None, **fields: Any) -> Effect:
-        """Insert an effect, allocating (or validating) its trigger in the same transaction."""
+        """Insert an effect, allocating (or validating) its trigger in the same transaction.
+
+        A name a collection holds (a retired effect, or one removed before effects were retired) gets
+        its old trigger back: the collections learned the effect under it."""
         with self.session() as s:
             name = fields["name"]
-            if s.scalar(select(Effect).where(Effect.name == name)) is not None:
+            old = s.scalar(select(Effect).where(Effect.name == name))
+            if old is not None and old.status != RETIRED:
                 raise DuplicateEffectError(
                     f"effect '{name}' already exists in {self.path}; remove it first "
                     f"(`clora effect remove {name}`) or pick another name"
                 )
             taken = list(s.scalars(select(Trigger.trigger)))
-            reserved = self._reserved_words(s) | words(fields["teacher_prompt"]) | words(name)
-            if fields.get("caption"):
-                reserved |= words(fields["caption"])
             _check_words_free(words(fields["teacher_prompt"]) | words(fields.get("caption") or ""), taken)
-            if trigger is None:
-                trigger = allocate_trigger(name, taken, reserved)
-            else:
-                validate_trigger(trigger, taken, reserved)
+            kept = old.trigger if old is not None else self._member_trigger(s, name)
             stamp = now()
-            effect = Effect(trigger=trigger, created_at=stamp, updated_at=stamp, **fields)
-            s.add(effect)
-            s.add(Trigger(trigger=trigger, effect_name=name, allocated_at=stamp))
+            if kept is not None:
+                if trigger not in (None, kept):
+                    raise TriggerError(
+                        f"effect '{name}' is in collection(s) under trigger '{kept}' and keeps it; "
+                        "leave out --trigger"
+                    )
+                trigger = kept
+            else:
+                reserved = self._reserved_words(s) | words(fields["teacher_prompt"]) | words(name)
+                if fields.get("caption"):
+                    reserved |= words(fields["caption"])
+                if trigger is None:
+                    trigger = allocate_trigger(name, taken, reserved)
+                else:
+                    validate_trigger(trigger, taken, reserved)
+            if old is not None:  # restore the retired row: new file and prompt, same trigger
+                fields["caption"] = fields.get("caption") or old.caption
+                fields.setdefault("status", "registered")
+                for key, value in fields.items():
+                    setattr(old, key, value)
+                old.updated_at = stamp
+                effect = old
+            else:
+                effect = Effect(trigger=trigger, created_at=stamp, updated_at=stamp, **fields)
+                s.add(effect)
+            row = s.get(Trigger, trigger)
+            if row is None:
+                s.add(Trigger(trigger=trigger, effect_name=name, allocated_at=stamp))
+            else:
+                row.effect_name, row.retired_at = name, None
             s.flush()
             return effect
+
+    @staticmethod
+    def _member_trigger(s: Session, name: str) -> str | None:
+        """The trigger the latest collection holding effect ``name`` learned it under, if any does."""
+        return s.scalar(
+            select(CollectionMember.trigger)
+            .where(CollectionMember.effect_name == name)
+            .order_by(CollectionMember.collection_id.desc())
+            .limit(1)
+        )
+
+    def holders(self, name: str) -> tuple[list[int], list[str]]:
+        """What holds effect ``name``: the collection versions it is a member of, and the unfinished
+        distill runs whose plan has it (their collection will)."""
+        with self.session(write=False) as s:
+            versions = list(
+                s.scalars(
+                    select(Collection.version)
+                    .join(CollectionMember, CollectionMember.collection_id == Collection.id)
+                    .where(CollectionMember.effect_name == name)
+                    .order_by(Collection.version)
+                )
+            )
+            runs = list(s.execute(select(Run.id, Run.run_dir).where(Run.status != "completed")))
+        planned = [run_id for run_id, run_dir in runs if name in _planned_effects(Path(run_dir))]
+        return versions, planned
 
     @staticmethod
     def _reserved_words(s: Session) -> set[str]:
@@ -245,17 +346,35 @@ class Registry:
             effect.updated_at = now()
             return effect
 
-    def remove_effect(self, name: str) -> None:
-        """Delete an effect; its trigger stays reserved forever."""
+    def remove_effect(self, name: str, force: bool = False) -> bool:
+        """Delete an effect, or retire it (``force``) when a collection or an unfinished run holds it;
+        True when retired. Its trigger stays reserved forever."""
+        versions, planned = self.holders(name)
+        held = bool(versions or planned)
         with self.session() as s:
             effect = s.scalar(select(Effect).where(Effect.name == name))
             if effect is None:
-                names = list(s.scalars(select(Effect.name)))
+                names = list(s.scalars(select(Effect.name).where(Effect.status != RETIRED)))
                 raise UnknownEffectError(self._unknown_effect_message(name, names))
+            if effect.status == RETIRED:
+                raise RegistryError(
+                    f"effect '{name}' is already removed (retired: {_holders_text(versions, planned)} "
+                    "hold it); `clora effect add` brings it back with its trigger"
+                )
+            if held and not force:
+                raise RegistryError(
+                    f"effect '{name}' is held by {_holders_text(versions, planned)}; "
+                    f"`clora effect remove {name} --force` retires it (its trigger and file record stay, "
+                    "so those collections can still be grown; `clora effect add` brings it back)"
+                )
             trig = s.get(Trigger, effect.trigger)
             if trig is not None:
                 trig.retired_at = now()
-            s.delete(effect)
+            if held:
+                effect.status, effect.updated_at = RETIRED, now()
+            else:
+                s.delete(effect)
+            return held
 
     # ---- bases ---------------------------------------------------------------------------------
 
@@ -301,11 +420,18 @@ class Registry:
             row = s.get(BaseModelRow, name)
             if row is None:
                 raise RegistryError(f"no base '{name}' in {self.path}; see `clora base list`")
-            bound = list(s.scalars(select(Effect.name).where(Effect.base_id == name)))
-            if bound:
-                more = f" (+{len(bound) - 3} more)" if len(bound) > 3 else ""
+            bound = list(s.execute(select(Effect.name, Effect.status).where(Effect.base_id == name)))
+            active = [n for n, status in bound if status != RETIRED]
+            names = active or [n for n, _ in bound]
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            if active:
                 raise RegistryError(
-                    f"effects {', '.join(bound[:3])}{more} are bound to base '{name}'; remove them first"
+                    f"effects {', '.join(names[:3])}{more} are bound to base '{name}'; remove them first"
+                )
+            if bound:
+                raise RegistryError(
+                    f"removed effects {', '.join(names[:3])}{more} that collections hold are bound to base "
+                    f"'{name}'; those collections still need it"
                 )
             s.delete(row)
 
@@ -441,12 +567,41 @@ class Registry:
         """Run ``run_id``, or the most recent run (that has not completed, with ``unfinished``)."""
         with self.session(write=False) as s:
             if run_id is not None:
-                return s.get(Run, run_id)
-            q = select(Run)
-            if unfinished:
-                q = q.where(Run.status != "completed")
-            return s.scalars(q.order_by(Run.started_at.desc(), Run.id.desc()).limit(1)).first()
+                run = s.get(Run, run_id)
+            else:
+                q = select(Run)
+                if unfinished:
+                    q = q.where(Run.status != "completed")
+                run = s.scalars(q.order_by(Run.started_at.desc(), _RUN_ORDER.desc()).limit(1)).first()
+        if run is not None:
+            self._settle([run])
+        return run
 
     def list_runs(self) -> list[Run]:
+        """Every run, oldest first (a "running" one whose process is gone shows as interrupted)."""
         with self.session(write=False) as s:
-            return list(s.scalars(select(Run).order_by(Run.started_at, Run.id)))
+            runs = list(s.scalars(select(Run).order_by(Run.started_at, _RUN_ORDER)))
+        self._settle(runs)
+        return runs
+
+    def _settle(self, runs: list[Run]) -> None:
+        """Mark "running" runs whose process is gone (their run lock is free) as interrupted."""
+        for run in runs:
+            if run.status != "running" or runlock.holder(run.run_dir) is not None:
+                continue
+            who = runlock.last_holder(run.run_dir)
+            process = f"pid {who.get('pid', '?')} on {who.get('host', '?')}" if who else "unknown"
+            message = (
+                f"its process ({process}) ended at step {run.step}; `clora distill --resume --run {run.id}` "
+                "(or the same `clora distill` again) continues it"
+            )
+            gone = True
+            # a read-only registry: say it, do not record it
+            with contextlib.suppress(RegistryError), self.session() as s:
+                row = s.get(Run, run.id)
+                # looked at again under the write lock: a resume may have taken the run meanwhile
+                gone = row is not None and row.status == "running" and runlock.holder(run.run_dir) is None
+                if row is not None and gone:
+                    row.status, row.message, row.updated_at = "interrupted", message, now()
+            if gone:
+                run.status, run.message = "interrupted", message
