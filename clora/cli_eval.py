@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -32,14 +33,25 @@ def add_commands(app: typer.Typer) -> None:
         ] = None,
         n_images: Annotated[int, typer.Option("--n-images", help="Held-out images per effect.")] = 16,
         accel: Annotated[
-            Path | None, typer.Option("--accel", help="Acceleration LoRA for the cascade baseline.")
+            Path | None,
+            typer.Option(
+                "--accel",
+                help="Acceleration LoRA (`clora distill --general-only`) for the cascade baseline: each "
+                "effect's LoRA stacked with it, few steps, at acceleration strengths 0.25, 0.5, 0.75 and "
+                "1 (cheap: few-step passes, cached); the best on average is reported.",
+            ),
         ] = None,
         merge: Annotated[
             list[str] | None,
             typer.Option(
                 "--merge",
-                help="Merged-LoRA baselines to score (peft add_weighted_adapter): linear, ties; "
-                "'none' for none. Default: both.",
+                help="Merged-LoRA baselines: every member's LoRA merged into one (peft "
+                "add_weighted_adapter), each name a sweep: cat (the exact sum of the deltas, each at "
+                "weight 1/N or 1), ties and dare_ties (TIES / DARE-TIES of the deltas, density 0.2 or "
+                "0.5, weight 1/N or 1), linear (peft's merge of A and B apart at weight 1: the old, "
+                "unfair baseline); 'all', or 'none' to skip. Each variant costs one full-sampler pass "
+                "per effect (cached); the best on average is reported. Default: cat,ties,dare_ties "
+                "(10 variants).",
             ),
         ] = None,
         metrics: Annotated[
@@ -93,26 +105,32 @@ def add_commands(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
-        merges = list(opts.merges)
+        # the baselines' columns: the best setting of each sweep (every setting's mean: the lines below)
+        best = result["overall"]["best"]
+        baselines = [(kind, best[kind]["variant"]) for kind in ("cascade", "merged") if kind in best]
         table = Table(
             "effect",
             "student",
             "teacher",
-            *(f"merged {m}" for m in merges),
+            *(f"{kind}\n{variant}" for kind, variant in baselines),
             "student vs teacher",
             "bad cases",
-            title="PSNR in dB against the truth (student: few steps; teacher, merged: full sampler)",
+            title="PSNR in dB against the truth (student, cascade: few steps; teacher, merged: full sampler)",
         )
         for name, r in result["effects"].items():
-            merged = r["merged_vs_truth"] or {}
             table.add_row(
                 name,
                 *(_db(r[k]) for k in ("student_vs_truth", "teacher_vs_truth")),
-                *(_db(merged.get(m)) for m in merges),
+                *(
+                    _db(r["cascade_vs_truth"] if kind == "cascade" else (r["merged_vs_truth"] or {}).get(v))
+                    for kind, v in baselines
+                ),
                 _db(r["student_vs_teacher"]),
                 "-" if r["bad_case_rate"] is None else f"{r['bad_case_rate']:.0%}",
             )
         console.print(table)
+        for line in sweep_lines(result["overall"]):
+            typer.echo(textwrap.fill(line, width=max(console.width, 60), subsequent_indent="  "))
         for key, label in COMPARISONS.items():
             scores = result["overall"].get(key)
             if scores:
@@ -144,18 +162,33 @@ def parse_metrics(values: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["psnr", *names]))
 
 
+def sweep_lines(overall: dict[str, Any]) -> list[str]:
+    """One line per baseline sweep: every setting's mean PSNR, and the best."""
+    lines = []
+    for kind, key, label in (("merged", "merged", "merged LoRAs"), ("cascade", "cascade_sweep", "cascade")):
+        best = overall["best"].get(kind)
+        if best:
+            ref = best["by"].removeprefix("psnr vs ")
+            scores = ", ".join(f"{s} {v['psnr']:.2f}" for s, v in overall[f"{key}_vs_{ref}"].items())
+            lines.append(f"{label}, mean PSNR vs {ref} (best: {best['variant']}): {scores}")
+    return lines
+
+
 def parse_merges(values: list[str] | None) -> tuple[str, ...]:
-    """``--merge`` values (comma-separated or repeated); none given: every type; 'none': no merges."""
+    """``--merge`` values (comma-separated or repeated): names of ``clora.merge.SWEEPS``; none given: the
+    default sweeps; 'all': every sweep; 'none': no merges."""
     from clora.cli_distill import _names
     from clora.errors import CloraError
-    from clora.merge import MERGE_TYPES
+    from clora.merge import DEFAULT_MERGES, SWEEPS
 
     names = _names(values)
     if names is None:
-        return MERGE_TYPES
+        return DEFAULT_MERGES
     if names == ["none"]:
         return ()
+    if names == ["all"]:
+        return tuple(SWEEPS)
     for n in names:
-        if n not in MERGE_TYPES:
-            raise CloraError(f"unknown --merge '{n}'; choose from {', '.join(MERGE_TYPES)} or 'none'")
+        if n not in SWEEPS:
+            raise CloraError(f"unknown --merge '{n}'; choose from {', '.join(SWEEPS)}, 'all' or 'none'")
     return tuple(dict.fromkeys(names))

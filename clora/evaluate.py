@@ -32,7 +32,7 @@ from clora.generate import (
     unfuse,
 )
 from clora.images import read_image
-from clora.merge import MERGE_TYPES, merge_teachers
+from clora.merge import DEFAULT_MERGES, merge_teachers, sweep
 from clora.metrics import nearest
 from clora.paths import clora_home
 from clora.plugins import Components
@@ -47,6 +47,9 @@ COMPARISONS = {
     "cascade_vs_truth": "cascade vs truth",
     "student_vs_teacher": "student vs teacher",
 }
+#: what the baseline sweeps are scored against; the best setting of a sweep is picked by mean PSNR against
+#: the first of these every effect has
+REFERENCES = ("truth", "teacher")
 
 
 @dataclass
@@ -60,7 +63,11 @@ class EvalOptions:
     accel: Path | None = None  # acceleration LoRA for the cascade baseline
     images_dir: Path | None = None
     general_prompts: int = 16
-    merges: tuple[str, ...] = MERGE_TYPES  # merged-LoRA baselines (peft combination types)
+    merges: tuple[str, ...] = DEFAULT_MERGES  # merged-LoRA sweeps (clora.merge.SWEEPS names)
+    #: (effect, acceleration) LoRA strengths the cascade baseline is sampled at, the best reported: few-step
+    #: passes, so a sweep is cheap. On the tiny toy world a weaker acceleration LoRA spoils the effect less
+    #: (0.25 and 0.5 best), while an effect strength other than 1 lost 1.8-2.8 dB on average.
+    cascade_strengths: tuple[tuple[float, float], ...] = ((1.0, 0.25), (1.0, 0.5), (1.0, 0.75), (1.0, 1.0))
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -149,6 +156,8 @@ def evaluate(
         return None if b is None else {m: _mean(fn(a, b)) for m, fn in metrics.items()}
 
     cache = OutputCache(bb, cfg, sources, opt.seed)
+    accel_key = sha256_file(opt.accel) if opt.accel else ""
+    cascades: dict[str, dict[str, tuple[Path, float]]] = {}  # effect -> setting -> (cached outputs, s)
     per: dict[str, Any] = {}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
     t_student = t_teacher = t_cascade = 0.0
@@ -181,13 +190,6 @@ def evaluate(
                 )
                 out["teacher"] = out["teacher"].to(student)
                 t_teacher += dt
-                if opt.accel:
-                    out["cascade"], dt = _timed(
-                        lambda e=e: cascade_edit(
-                            bb, components, e.lora_path, e.teacher_prompt, opt.accel, sources, seed=opt.seed
-                        )
-                    )
-                    t_cascade += dt
             truth = bb.ground_truth(name, sources)
             if truth is not None:
                 out["truth"] = truth.to(student)
@@ -196,22 +198,53 @@ def evaluate(
                 "student_vs_teacher": score(student, out.get("teacher")),
                 "student_vs_truth": score(student, out.get("truth")),
                 "teacher_vs_truth": score(out["teacher"], out.get("truth")) if "teacher" in out else None,
-                "cascade_vs_truth": score(out["cascade"], out.get("truth")) if "cascade" in out else None,
+                "cascade_vs_truth": None,  # the best cascade setting's, once every effect is scored
                 "bad_case_rate": None,
+                # baseline sweeps, {setting: scores}
                 "merged_vs_truth": None,
+                "merged_vs_teacher": None,
+                "cascade_sweep_vs_truth": None,
+                "cascade_sweep_vs_teacher": None,
             }
+            if opt.accel and e is not None:
+                runs = _cascade(bb, components, e, opt, sources, cache, accel_key)
+                cascades[name] = {s: (path, dt) for s, (_, path, dt) in runs.items()}
+                for ref in REFERENCES:
+                    row[f"cascade_sweep_vs_{ref}"] = {
+                        s: score(images.to(student), out.get(ref)) for s, (images, _, _) in runs.items()
+                    }
             if "truth" in out and "teacher" in out and "psnr" in metrics:
                 gap = metrics["psnr"](out["teacher"], out["truth"]) - metrics["psnr"](student, out["truth"])
                 row["bad_case_rate"] = _mean((gap > opt.margin_db).float())
             per[name] = row
             bar.update(task, advance=1, info=name)
-        merged = _merged(bb, components, cfg, opt, model.effects, registered, names, sources, cache, bar)
-    for name, by_merge in merged.items():
-        for merge, images in by_merge.items():
-            outputs[name][f"merged-{merge}"] = images
-        per[name]["merged_vs_truth"] = {
-            m: score(images, outputs[name].get("truth")) for m, images in by_merge.items()
-        }
+        merged = _merged(
+            bb,
+            components,
+            opt,
+            model.effects,
+            registered,
+            names,
+            sources,
+            cache,
+            bar,
+            lambda n, images: {ref: score(images, outputs[n].get(ref)) for ref in REFERENCES},
+        )
+    for name, by_variant in merged.items():
+        for ref in REFERENCES:
+            per[name][f"merged_vs_{ref}"] = {v: scores[ref] for v, (scores, _) in by_variant.items()}
+    overall = _overall(per)
+    # the report shows the best setting of each sweep, read back from the cache
+    best = overall["best"]
+    for name, out in outputs.items():
+        if "merged" in best and name in merged:
+            out[f"merged-{best['merged']['variant']}"] = _read_back(
+                cache, merged[name][best["merged"]["variant"]][1], sources
+            )
+        if "cascade" in best and name in cascades:
+            path, dt = cascades[name][best["cascade"]["variant"]]
+            out["cascade"] = _read_back(cache, path, sources)
+            t_cascade += dt
 
     result: dict[str, Any] = {
         "collection": collection.version,
@@ -219,7 +252,7 @@ def evaluate(
         "n_images": len(sources),
         "steps": {"student": len(model.header.few_step_sigmas), "teacher": cfg.teachers.steps},
         "effects": per,
-        "overall": _overall(per),
+        "overall": overall,
         "bleeding": _bleeding(names, outputs),
         "retention": _retention(model, opt, cfg, sources),
         "cost": _cost(
@@ -264,10 +297,64 @@ def eval_sources(
     return torch.stack(images).to(bb.device, bb.dtype)
 
 
+def _read_back(cache: OutputCache, path: Path, like: torch.Tensor) -> torch.Tensor:
+    hit = cache.load(path)
+    if hit is None:
+        raise CloraError(
+            f"eval outputs vanished from the cache ({path}) during the run; run clora eval again"
+        )
+    return hit[0].to(like)
+
+
+def _cascade(
+    bb: Backbone,
+    components: Components,
+    effect: Any,
+    opt: EvalOptions,
+    sources: torch.Tensor,
+    cache: OutputCache,
+    accel_key: str,
+) -> dict[str, tuple[torch.Tensor, Path, float]]:
+    """The paper's baseline, ``effect``'s LoRA stacked with the acceleration LoRA (few steps), at each of
+    ``opt.cascade_strengths``: ``{setting: (images, cached file, seconds)}``. Like the teachers' outputs
+    these are fixed by their inputs, so they are cached and timed once."""
+    accel = opt.accel
+    assert accel is not None
+    out = {}
+    for effect_strength, accel_strength in opt.cascade_strengths:
+        path = cache.path(
+            cascade=sha256_file(effect.lora_path),
+            accel=accel_key,
+            strengths=[effect_strength, accel_strength],
+            prompt=effect.teacher_prompt,
+        )
+        images, seconds = cache.get(
+            path,
+            lambda es=effect_strength, acs=accel_strength: cascade_edit(
+                bb,
+                components,
+                effect.lora_path,
+                effect.teacher_prompt,
+                accel,
+                sources,
+                seed=opt.seed,
+                strength=es,
+                accel_strength=acs,
+            ),
+        )
+        out[_cascade_label(effect_strength, accel_strength)] = (images, path, seconds)
+    return out
+
+
+def _cascade_label(effect_strength: float, accel_strength: float) -> str:
+    """A cascade setting's name in eval results: ``accel 0.75``, or ``effect 1.2 accel 0.75``."""
+    accel = f"accel {accel_strength:g}"
+    return accel if effect_strength == 1 else f"effect {effect_strength:g} {accel}"
+
+
 def _merged(
     bb: Backbone,
     components: Components,
-    cfg: DistillConfig,
     opt: EvalOptions,
     members: list[str],
     registered: dict[str, Any],
@@ -275,67 +362,95 @@ def _merged(
     sources: torch.Tensor,
     cache: OutputCache,
     bar: Any,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Each effect's outputs with every member's LoRA merged into one (its own prompt, full sampler)."""
+    score: Any,
+) -> dict[str, dict[str, tuple[Any, Path]]]:
+    """Each effect's outputs with every member's LoRA merged into one (its own prompt, full sampler), for
+    every variant of the ``opt.merges`` sweeps: ``{effect: {variant: (score(effect, images), cached
+    file)}}``. Outputs are scored as they come and kept in the cache only: a sweep over real-size images
+    would not fit in memory."""
     paths = [registered[n].lora_path for n in members if n in registered]
     todo = [n for n in names if n in registered]
-    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in todo}
-    if not opt.merges or not paths or not todo:
+    variants = sweep(opt.merges)
+    if not variants or not paths or not todo:
         return {}
-    guidance = cache.guidance
+    out: dict[str, dict[str, tuple[Any, Path]]] = {n: {} for n in todo}
     members_key = [sha256_file(p) for p in paths]
-    task = bar.add_task("merged baselines", total=len(opt.merges) * len(todo), info="")
-    for merge in opt.merges:
-        adapter = f"merged_{merge}"
-        where = {
-            n: cache.path(merge=merge, members=members_key, prompt=registered[n].teacher_prompt) for n in todo
+    task = bar.add_task("merged baselines", total=len(variants) * len(todo), info="")
+    adapter = "merged_baseline"
+    for variant in variants:
+        spec = {
+            "combination": variant.combination,
+            "weight": variant.weight_for(len(paths)),
+            "density": variant.density,
+            "svd_rank": "sum of ranks",
         }
-        hits = {n: hit[0] for n, p in where.items() if (hit := cache.load(p)) is not None}
-        for n, images in hits.items():
-            out[n][merge] = images.to(sources)
-        missing = [n for n in todo if n not in hits]
-        bar.update(task, advance=len(hits), info=f"{merge}: cached")
-        if not missing:  # nothing to sample: skip building the merged adapter
-            continue
-        unfuse(bb.transformer)
-        merge_teachers(bb.transformer, components, paths, merge, adapter)
+        where = {
+            n: cache.path(merge=spec, members=members_key, prompt=registered[n].teacher_prompt) for n in todo
+        }
+        if not all(p.exists() for p in where.values()):  # something to sample: build the merged adapter
+            unfuse(bb.transformer)
+            merge_teachers(bb.transformer, components, paths, variant, adapter, seed=opt.seed)
         try:
-            for n in missing:
+            for n in todo:
                 e = registered[n]
                 images, _ = cache.get(
                     where[n],
-                    lambda e=e, a=adapter: full_edit(
-                        bb, a, e.teacher_prompt, sources, cache.steps, guidance, seed=opt.seed
+                    lambda e=e: full_edit(
+                        bb, adapter, e.teacher_prompt, sources, cache.steps, cache.guidance, seed=opt.seed
                     ),
                 )
-                out[n][merge] = images.to(sources)
-                bar.update(task, advance=1, info=f"{merge}: {n}")
+                out[n][variant.label] = (score(n, images.to(sources)), where[n])
+                bar.update(task, advance=1, info=f"{variant.label}: {n}")
         finally:
             drop_adapters(bb.transformer, [adapter])
     return out
 
 
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]}
+
+
 def _overall(per: dict[str, Any]) -> dict[str, Any]:
+    """Means over the effects of every comparison and of every setting of each baseline sweep, and the
+    best setting of each sweep (``best``). One setting is best for all effects, as one merged file serves
+    them all; each effect's ``cascade_vs_truth`` becomes the best cascade setting's scores."""
+    sweeps: dict[str, Any] = {}
+    for kind in ("merged", "cascade_sweep"):
+        for ref in REFERENCES:
+            key = f"{kind}_vs_{ref}"
+            labels = dict.fromkeys(s for r in per.values() for s, v in (r.get(key) or {}).items() if v)
+            if labels:
+                sweeps[key] = {
+                    s: _means([r[key][s] for r in per.values() if (r.get(key) or {}).get(s)]) for s in labels
+                }
+    best = {}
+    for kind, sweep_key in (("merged", "merged"), ("cascade", "cascade_sweep")):
+        pick = _best(sweeps, sweep_key)
+        if pick:
+            best[kind] = pick
+    if "cascade" in best:
+        for r in per.values():
+            r["cascade_vs_truth"] = (r.get("cascade_sweep_vs_truth") or {}).get(best["cascade"]["variant"])
     out: dict[str, Any] = {}
     for key in COMPARISONS:
         rows = [r[key] for r in per.values() if r[key]]
         if rows:
-            out[key] = {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]}
-    merges = sorted({m for r in per.values() for m, v in (r.get("merged_vs_truth") or {}).items() if v})
-    if merges:
-        out["merged_vs_truth"] = {}
-        for merge in merges:
-            rows = [
-                r["merged_vs_truth"][merge]
-                for r in per.values()
-                if (r.get("merged_vs_truth") or {}).get(merge)
-            ]
-            out["merged_vs_truth"][merge] = {
-                m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]
-            }
+            out[key] = _means(rows)
+    out.update(sweeps)
+    out["best"] = best
     bad = [r["bad_case_rate"] for r in per.values() if r["bad_case_rate"] is not None]
     out["bad_case_rate"] = round(sum(bad) / len(bad), 4) if bad else None
     return out
+
+
+def _best(sweeps: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The setting of sweep ``kind`` with the highest mean PSNR against the truth, else the teacher."""
+    for ref in REFERENCES:
+        scored = {s: v["psnr"] for s, v in (sweeps.get(f"{kind}_vs_{ref}") or {}).items() if "psnr" in v}
+        if scored:
+            pick = max(scored, key=scored.__getitem__)
+            return {"variant": pick, "by": f"psnr vs {ref}", "psnr": scored[pick]}
+    return None
 
 
 def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:

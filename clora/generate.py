@@ -13,7 +13,8 @@ import torch
 from clora.backbone import Backbone
 from clora.bases import get_factory
 from clora.devices import pick
-from clora.errors import CloraError, UnknownEffectError, did_you_mean
+from clora.errors import CloraError, OutputError, UnknownEffectError, did_you_mean
+from clora.fileio import os_error_message
 from clora.lora import attach_teacher
 from clora.plugins import Components
 from clora.registry import Registry
@@ -335,7 +336,7 @@ def open_editor(
     # --teacher needs only the effect's own LoRA; everything else runs from a collection
     col = registry.get_collection(collection) if teacher else registry.require_collection(collection)
     cfg = read_config(col.config_json) if col is not None else DistillConfig()
-    tag = "+".join(effects) + (".teacher" if teacher else ".cascade" if cascade else "")
+    tag = editor_tag(effects, teacher, cascade is not None)
     if not (teacher or cascade):
         assert col is not None
         _check_members(registry, col, effects)
@@ -393,6 +394,43 @@ def _check_members(registry: Registry, col: Any, effects: list[str]) -> None:
         raise CloraError(f"effect '{name}' is not in collection v{col.version}; {where}")
 
 
+def editor_tag(effects: list[str], teacher: bool = False, cascade: bool = False) -> str:
+    """What output names carry after the input's stem: ``sepia+warm``, ``sepia.teacher``."""
+    return "+".join(effects) + (".teacher" if teacher else ".cascade" if cascade else "")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system holding ``folder`` (or its nearest existing
+    parent) takes."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        return int(os.pathconf(existing, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def output_paths(files: list[Path], out: Path, tag: str, grid: bool = False) -> list[Path]:
+    """Where ``generate_files`` writes each edited image, checked before anything is loaded or edited:
+    ``out`` must be a folder (or a .png path for one image) and every name must fit the file system."""
+    single_file = len(files) == 1 and out.suffix.lower() == ".png"
+    folder = out.parent if single_file else out
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = f"--out {out}" if existing == out else f"{existing} (in --out {out})"
+        raise CloraError(f"{what} is a file, not a folder; pass a folder, or a .png path for a single image")
+    targets = [out] if single_file else [out / f"{f.stem}.{tag}.png" for f in files]
+    limit = _name_max(folder)
+    names = [t.name for t in targets] + ([f"grid.{tag}.png"] if grid else [])
+    for name in names:
+        if len(name.encode()) > limit:
+            raise CloraError(
+                f"the output name {name[:40]}... is {len(name.encode())} bytes, over this file system's "
+                f"limit of {limit}; compose fewer effects or shorten the input's name (or pass "
+                "--out FILE.png for a single image)"
+            )
+    return targets
+
+
 @dataclass
 class Generated:
     """What ``generate_files`` wrote."""
@@ -421,13 +459,17 @@ def generate_files(
     from clora.progress import progress_bar
 
     bb = editor.backbone
+    targets = dict(zip(files, output_paths(files, out, editor.tag, grid), strict=True))
     single_file = len(files) == 1 and out.suffix.lower() == ".png"
-    if not single_file:
-        out.mkdir(parents=True, exist_ok=True)
     by_size: dict[tuple[int, ...], list[tuple[Path, torch.Tensor]]] = {}
-    for f in files:
+    for f in files:  # every input is read before --out is made: a bad one leaves nothing behind
         img = read_source(f, bb, resolution or editor.resolution)
         by_size.setdefault(tuple(img.shape[-2:]), []).append((f, img))
+    if not single_file:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(os_error_message("create the --out folder", out, e)) from None
     rows: list[list[torch.Tensor]] = []
     written: list[Path] = []
     with progress_bar(show_progress) as bar:
@@ -438,7 +480,7 @@ def generate_files(
                 images = torch.stack([img for _, img in chunk]).to(bb.device, bb.dtype)
                 edited = editor.edit(images)
                 for (f, _), img in zip(chunk, edited, strict=True):
-                    target = out if single_file else out / f"{f.stem}.{editor.tag}.png"
+                    target = targets[f]
                     write_png(img, target, aspect_of=f)
                     written.append(target)
                 if grid:

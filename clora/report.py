@@ -52,6 +52,34 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return "\n".join(out) + "</table>"
 
 
+#: the baseline sweeps: (key in ``overall["best"]``, result key prefix, heading)
+SWEEPS = (
+    ("merged", "merged", "Merged LoRA (one file for every effect; full sampler)"),
+    ("cascade", "cascade_sweep", "Cascade (effect LoRA + acceleration LoRA; few steps), by LoRA strength"),
+)
+
+
+def _sweep_table(result: dict[str, Any], kind: str, key: str, heading: str) -> str:
+    """Every setting of one baseline sweep: mean PSNR against each reference, and per effect."""
+    best = result["overall"]["best"].get(kind)
+    if not best:
+        return ""
+    ref = best["by"].removeprefix("psnr vs ")
+    means = {r: result["overall"].get(f"{key}_vs_{r}") or {} for r in ("truth", "teacher")}
+    effects = result["effects"]
+    rows = [
+        [
+            f"{s} (best)" if s == best["variant"] else s,
+            (means["truth"].get(s) or {}).get("psnr"),
+            (means["teacher"].get(s) or {}).get("psnr"),
+            *(((r[f"{key}_vs_{ref}"] or {}).get(s) or {}).get("psnr") for r in effects.values()),
+        ]
+        for s in means[ref]
+    ]
+    head = ["setting", "mean vs truth (dB)", "mean vs teacher (dB)", *(f"{n} vs {ref}" for n in effects)]
+    return f"<h3>{html.escape(heading)}</h3>" + _table(rows, head)
+
+
 def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) -> Path:
     """Write ``index.html`` (+ PNGs and ``eval.json``) into ``folder``; returns the page's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +98,9 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
     if bleed["matrix"]:
         heatmap(bleed["labels"], bleed["matrix"], folder / "bleeding.png")
     effects = result["effects"]
-    merges = sorted({m for r in effects.values() for m in (r.get("merged_vs_truth") or {})})
+    best = result["overall"]["best"]
+    merged = best["merged"]["variant"] if "merged" in best else None
+    cascade = best["cascade"]["variant"] if "cascade" in best else None
     table = _table(
         [
             [
@@ -78,7 +108,7 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
                 (r["student_vs_truth"] or {}).get("psnr"),
                 (r["teacher_vs_truth"] or {}).get("psnr"),
                 (r["cascade_vs_truth"] or {}).get("psnr"),
-                *(((r.get("merged_vs_truth") or {}).get(m) or {}).get("psnr") for m in merges),
+                ((r["merged_vs_truth"] or {}).get(merged) or {}).get("psnr") if merged else None,
                 (r["student_vs_teacher"] or {}).get("psnr"),
                 (r["student_vs_teacher"] or {}).get("ssim"),
                 r["bad_case_rate"],
@@ -89,13 +119,18 @@ def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) 
             "effect",
             "student vs truth (dB)",
             "teacher vs truth",
-            "cascade vs truth",
-            *(f"merged-{m} vs truth" for m in merges),
+            f"cascade ({cascade}) vs truth" if cascade else "cascade vs truth",
+            f"merged ({merged}) vs truth" if merged else "merged vs truth",
             "student vs teacher (dB)",
             "SSIM vs teacher",
             "bad-case rate",
         ],
     )
+    baselines = "".join(_sweep_table(result, kind, key, label) for kind, key, label in SWEEPS)
+    if baselines:
+        baselines = f"""<h2>Baselines, every setting</h2><p>A baseline that loses should lose at its best:
+each is swept, and the setting with the best mean PSNR (against the truth, else the teacher) is the one in
+the table above and in the contact sheets.</p>{baselines}"""
     comparisons = [k for k in COMPARISONS if any(r.get(k) for r in effects.values())]
     metric_ids = list(dict.fromkeys(m for r in effects.values() for k in comparisons for m in r[k] or {}))
     all_metrics = _table(
@@ -120,6 +155,7 @@ img{{image-rendering:pixelated}}</style>
 <p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
 teacher {result["steps"]["teacher"]} steps with CFG.</p>
 <h2>Fidelity</h2>{table}
+{baselines}
 <h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS and
 DreamSim: lower is more alike.</p>{all_metrics}
 <h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]}){

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from clora.distill.config import DistillConfig
 from clora.evaluate import _bleeding
+from clora.merge import SWEEPS, MergeVariant, sweep
 from clora.metrics import nearest, psnr, ssim
 from clora.paths import clora_home
 from clora.plugins import Components
@@ -69,14 +71,19 @@ def test_balanced_router_is_balanced_and_favours_new_effects() -> None:
     for _ in range(400):
         pick = router.choose(names, ["c"], counts, cfg, rng)
         counts[pick] = counts.get(pick, 0) + 1
-    share = cfg.new_effect_share  # the default, 0.5: the one new effect gets twice an old one's slots
+    share = (
+        cfg.incremental.new_effect_share
+    )  # the default, 0.5: the one new effect gets twice an old one's slots
     assert abs(counts["c"] / 400 - share) < 0.1 and counts["c"] > 1.5 * counts["a"]
     assert abs(counts["a"] - counts["b"]) <= 1
 
 
-def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_collection
-    r = run(pm, "eval", "--json", "--n-images", "4", "--no-progress", "--report", tmp_path / "rep")
+    # the collection's own file stands in for an acceleration LoRA: it has the header and the few-step sigmas
+    accel = json.loads(run(pm, "collections", "--json").stdout)[0]["file"]
+    args = ("eval", "--json", "--n-images", "4", "--no-progress", "--merge", "cat,ties", "--accel", accel)
+    r = run(pm, *args, "--report", tmp_path / "rep")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert set(data) == {
@@ -94,14 +101,34 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
         data["collection"] == 1 and data["n_images"] == 4 and data["steps"] == {"student": 4, "teacher": 20}
     )
     assert set(data["effects"]) == {"sepia", "invert"}
+    variants = [v.label for v in sweep(["cat", "ties"])]
+    assert variants[:2] == ["cat 1/N", "cat 1"] and len(variants) == 6  # ties: 2 densities x 2 weights
+    strengths = ["accel 0.25", "accel 0.5", "accel 0.75", "accel 1"]
     for row in data["effects"].values():
-        for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth"):
+        for key in ("student_vs_teacher", "student_vs_truth", "teacher_vs_truth", "cascade_vs_truth"):
             assert 0 < row[key]["psnr"] < 100 and -1 <= row[key]["ssim"] <= 1
         assert 0 <= row["bad_case_rate"] <= 1
-        assert set(row["merged_vs_truth"]) == {"linear", "ties"}
-        for scores in row["merged_vs_truth"].values():
-            assert 0 < scores["psnr"] < 100
-    assert set(data["overall"]["merged_vs_truth"]) == {"linear", "ties"}
+        for key, settings in (("merged", variants), ("cascade_sweep", strengths)):
+            for ref in ("truth", "teacher"):
+                assert list(row[f"{key}_vs_{ref}"]) == settings
+                assert all(0 < s["psnr"] <= 100 for s in row[f"{key}_vs_{ref}"].values())
+    # every setting's mean; the best is the highest mean PSNR against the truth, one setting for all effects
+    overall, best = data["overall"], data["overall"]["best"]
+    for kind, key, settings in (("merged", "merged", variants), ("cascade", "cascade_sweep", strengths)):
+        means = overall[f"{key}_vs_truth"]
+        assert list(means) == settings and list(overall[f"{key}_vs_teacher"]) == settings
+        for s in settings:
+            rows = [r[f"{key}_vs_truth"][s]["psnr"] for r in data["effects"].values()]
+            assert means[s]["psnr"] == pytest.approx(sum(rows) / len(rows), abs=1e-3)
+        top = max(means.values(), key=lambda v: v["psnr"])["psnr"]
+        assert best[kind]["by"] == "psnr vs truth" and best[kind]["psnr"] == top
+        assert means[best[kind]["variant"]]["psnr"] == top
+    for row in data["effects"].values():  # the cascade column is the best strength's
+        assert row["cascade_vs_truth"] == row["cascade_sweep_vs_truth"][best["cascade"]["variant"]]
+    assert (
+        overall["cascade_vs_truth"]["psnr"]
+        == overall["cascade_sweep_vs_truth"][best["cascade"]["variant"]]["psnr"]
+    )
     b = data["bleeding"]
     assert b["reference"] == "truth" and b["labels"] == ["invert", "sepia"]
     assert sum(map(sum, b["matrix"])) == 8 and 0 <= b["bleed_rate"] <= 1
@@ -109,16 +136,59 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path) -> None:  #
     assert data["retention"]["prompts"] > 0
     cost = data["cost"]
     assert cost["unified"]["files"] == 1 and cost["per_effect_loras"]["files"] == 2
-    assert cost["unified"]["nfe"] == 4 and cost["per_effect_loras"]["nfe"] == 40
+    assert (
+        cost["unified"]["nfe"] == 4 and cost["per_effect_loras"]["nfe"] == 40 and cost["cascade"]["nfe"] == 4
+    )
     assert cost["unified"]["ms_per_image"] > 0 and cost["per_effect_loras"]["switch_ms"] > 0
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "bleeding.png" in page and "sheet-sepia.png" in page and "merged-ties vs truth" in page
+    assert "bleeding.png" in page and "sheet-sepia.png" in page
+    assert (
+        f"merged ({best['merged']['variant']}) vs truth" in page
+        and f"{best['merged']['variant']} (best)" in page
+    )
+    assert all(v in page for v in variants + strengths)
     assert (tmp_path / "rep" / "bleeding.png").exists()
-    # stored on the collection row
+    # stored on the collection row; the collections table names the best merge
     cols = json.loads(run(pm, "collections", "--json").stdout)
     assert cols[0]["metrics"]["eval"]["bleeding"]["matrix"] == b["matrix"]
+    monkeypatch.setenv("COLUMNS", "200")
+    assert f"({best['merged']['variant']})" in run(pm, "collections").stdout
+    # the table shows each baseline at its best, and a line per sweep with every setting
+    r = run(pm, "eval", "--n-images", "4", "--no-progress", "--merge", "cat,ties", "--accel", accel)
+    assert r.exit_code == 0, r.output
+    for kind, label in (("merged", "merged LoRAs"), ("cascade", "cascade")):
+        assert f"{label}, mean PSNR vs truth (best: {best[kind]['variant']}): " in r.stdout
     r = run(pm, "eval", "--merge", "svd", "--n-images", "2", "--no-progress")
     assert r.exit_code == 1 and "unknown --merge 'svd'" in r.output
+
+
+def test_merge_names_expand_to_their_sweeps() -> None:
+    from clora.cli_eval import parse_merges
+    from clora.errors import CloraError
+
+    assert parse_merges(None) == ("cat", "ties", "dare_ties")
+    assert [v.label for v in sweep(parse_merges(None))] == [
+        "cat 1/N",
+        "cat 1",
+        *(f"{m} {w} d{d}" for m in ("ties", "dare_ties") for d in (0.2, 0.5) for w in ("1/N", "1")),
+    ]
+    assert parse_merges(["ties,cat", "ties"]) == ("ties", "cat") and parse_merges(["none"]) == ()
+    assert parse_merges(["all"]) == tuple(SWEEPS) and [v.label for v in sweep(["linear"])] == ["linear 1"]
+    with pytest.raises(CloraError, match="unknown --merge 'svd'; choose from cat, ties, dare_ties, linear"):
+        parse_merges(["svd"])
+
+
+def test_merge_none_skips_merging(tiny_collection, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("merged with --merge none")
+
+    monkeypatch.setattr("clora.evaluate.merge_teachers", refuse)
+    r = run(tiny_collection, "eval", "--json", "--n-images", "2", "--no-progress", "--merge", "none")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    for row in data["effects"].values():
+        assert row["merged_vs_truth"] is None and row["merged_vs_teacher"] is None
+    assert data["overall"]["best"] == {} and "merged_vs_truth" not in data["overall"]
 
 
 def test_eval_reuses_teacher_and_merged_outputs(tiny_collection, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -126,11 +196,25 @@ def test_eval_reuses_teacher_and_merged_outputs(tiny_collection, monkeypatch) ->
 
     pm = tiny_collection
     cache = clora_home() / "cache" / "eval"
-    before = set(cache.glob("*.safetensors"))
-    args = ("eval", "--json", "--n-images", "2", "--seed", "7", "--no-progress")
+    shutil.rmtree(cache, ignore_errors=True)  # outputs are pure: a kept CLORA_TEST_HOME may hold these
+    accel = json.loads(run(pm, "collections", "--json").stdout)[0]["file"]
+    args = (
+        "eval",
+        "--json",
+        "--n-images",
+        "2",
+        "--seed",
+        "7",
+        "--no-progress",
+        "--merge",
+        "cat",
+        "--accel",
+        accel,
+    )
     first = json.loads(run(pm, *args).stdout)
-    new = set(cache.glob("*.safetensors")) - before
-    assert len(new) == 2 + 2 * 2  # each teacher's outputs, and each merge's outputs per effect
+    new = set(cache.glob("*.safetensors"))
+    # each teacher's outputs, each merge's per effect, each cascade strength's per effect
+    assert len(new) == 2 + 2 * 2 + 4 * 2
     # a second run reads them instead of sampling again: poisoned files show up in its baselines only
     for path in new:
         with safe_open(str(path), framework="pt") as f:
@@ -141,8 +225,9 @@ def test_eval_reuses_teacher_and_merged_outputs(tiny_collection, monkeypatch) ->
         was = first["effects"][name]
         assert row["student_vs_truth"] == was["student_vs_truth"]
         assert row["teacher_vs_truth"]["psnr"] < was["teacher_vs_truth"]["psnr"] - 3
-        for merge, scores in row["merged_vs_truth"].items():
-            assert scores["psnr"] != was["merged_vs_truth"][merge]["psnr"]
+        for key in ("merged_vs_truth", "cascade_sweep_vs_truth"):
+            for setting, scores in row[key].items():
+                assert scores["psnr"] != was[key][setting]["psnr"]
     # the teachers' time per image is the one measured when their outputs were computed
     teacher_ms = [run_["cost"]["per_effect_loras"]["ms_per_image"] for run_ in (first, second)]
     assert teacher_ms[0] == teacher_ms[1]
@@ -153,31 +238,116 @@ def test_eval_reuses_teacher_and_merged_outputs(tiny_collection, monkeypatch) ->
         assert row["teacher_vs_truth"] == first["effects"][name]["teacher_vs_truth"]
 
 
-@pytest.mark.parametrize("combination", ["linear", "ties"])
+def _forward(tr) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The shapes-only test transformer's output on fixed inputs, with whichever adapter is active."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return tr(  # type: ignore[no-any-return]
+            hidden_states=torch.randn(2, 4, 24, generator=g),
+            encoder_hidden_states=torch.randn(2, 3, 32, generator=g),
+            encoder_hidden_states_mask=torch.ones(2, 3),
+            timestep=torch.tensor([0.3, 0.8]),
+            img_shapes=[[(1, 2, 2)]] * 2,
+            return_dict=False,
+        )[0]
+
+
+def _deltas(path: Path, tr) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    from clora.lora import linear_shapes, read_lora
+
+    lora = read_lora(str(path), Components.collect(plugin_manager()).teacher_providers(), linear_shapes(tr))
+    return {name: (m.up @ m.down) * m.scale for name, m in lora.modules.items()}
+
+
+@pytest.mark.parametrize("variant", [v for v in sweep(SWEEPS) if v.weight == "1"], ids=lambda v: v.label)
 def test_merge_of_one_lora_is_that_lora_and_leaves_other_adapters(  # type: ignore[no-untyped-def]
-    combination: str, make_lora, shapes_factory
+    variant: MergeVariant, make_lora, shapes_factory
 ) -> None:
+    import copy
+
     from peft import LoraConfig
 
-    from clora.lora import linear_shapes, read_lora
+    from clora.lora import add_lora_adapter, linear_shapes, read_lora
     from clora.merge import merge_teachers
 
     comps = Components.collect(plugin_manager())
-    tr = shapes_factory.model
+    tr = copy.deepcopy(shapes_factory.model).eval()
     tr.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="keep")
     keep = {n: p.clone() for n, p in tr.named_parameters() if ".keep." in n}
     path = make_lora("one", fmt="kohya", rank=4)  # kohya: alpha is in the file
-    merge_teachers(tr, comps, [str(path)], combination, "merged", density=1.0)
-    try:
-        assert set(tr.peft_config) == {"keep", "merged"}  # the loaded inputs are gone again
-        assert all(torch.equal(p, keep[n]) for n, p in tr.named_parameters() if ".keep." in n)
-        lora = read_lora(str(path), comps.teacher_providers(), module_names=linear_shapes(tr))
-        modules = dict(tr.named_modules())
-        for name, m in lora.modules.items():
-            expected = (m.up @ m.down) * m.scale
-            assert torch.allclose(modules[name].get_delta_weight("merged"), expected, atol=1e-5), name
-    finally:
-        tr.delete_adapters(["keep", "merged"])
+    merge_teachers(tr, comps, [str(path)], variant, "merged")
+    assert set(tr.peft_config) == {"keep", "merged"}  # the loaded inputs are gone again
+    assert all(torch.equal(p, keep[n]) for n, p in tr.named_parameters() if ".keep." in n)
+    modules = dict(tr.named_modules())
+    for name, delta in _deltas(path, tr).items():
+        assert torch.allclose(modules[name].get_delta_weight("merged"), delta, atol=1e-6), name
+    # the transformer's outputs: the merged adapter is the LoRA loaded the one way teachers load
+    add_lora_adapter(tr, read_lora(str(path), comps.teacher_providers(), linear_shapes(tr)).modules, "lora")
+    tr.set_adapter("lora")
+    want = _forward(tr)
+    tr.set_adapter("merged")
+    torch.testing.assert_close(_forward(tr), want, rtol=0, atol=1e-6)
+    tr.disable_adapters()
+    assert not torch.allclose(_forward(tr), want, atol=1e-3)  # the LoRA changes the output
+
+
+def test_sum_of_deltas_is_their_mean_at_1_over_n_and_their_sum_at_1(make_lora, shapes_factory) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    from clora.generate import load_teacher
+    from clora.merge import merge_teachers
+
+    comps = Components.collect(plugin_manager())
+    tr = copy.deepcopy(shapes_factory.model).eval()
+    # ranks differ: the exact merge stacks A and B, whatever the ranks
+    paths = [
+        make_lora("a", rank=4),
+        make_lora("b", fmt="kohya", rank=8, seed=1),
+        make_lora("c", rank=2, seed=2),
+    ]
+    merge_teachers(tr, comps, [str(p) for p in paths], MergeVariant("cat", "1/N"), "mean")
+    merge_teachers(tr, comps, [str(p) for p in paths], MergeVariant("cat", "1"), "sum")
+    deltas = [_deltas(p, tr) for p in paths]
+    modules = dict(tr.named_modules())
+    for name in deltas[0]:
+        mean = sum(d[name] for d in deltas) / 3
+        torch.testing.assert_close(modules[name].get_delta_weight("mean"), mean, rtol=0, atol=1e-6)
+    # at weight 1 the merged LoRA is every LoRA at once, as three adapters active together
+    bb = type("Backbone", (), {"transformer": tr})()
+    for i, p in enumerate(paths):
+        load_teacher(bb, comps, str(p), f"t{i}")  # type: ignore[arg-type]
+    tr.set_adapters(["t0", "t1", "t2"])
+    want = _forward(tr)
+    tr.set_adapters("sum")
+    torch.testing.assert_close(_forward(tr), want, rtol=0, atol=1e-5)
+
+
+def test_ties_merges_the_deltas_and_dare_follows_the_seed(make_lora, shapes_factory) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    from peft.utils.merge_utils import ties
+
+    from clora.merge import merge_teachers
+
+    comps = Components.collect(plugin_manager())
+    tr = copy.deepcopy(shapes_factory.model).eval().to(torch.bfloat16)  # torch's SVD refuses bf16
+    paths = [str(make_lora("a", rank=4)), str(make_lora("b", rank=4, seed=1))]
+    merge_teachers(tr, comps, paths, MergeVariant("ties", "1", 0.5), "ties")
+    dare = MergeVariant("dare_ties", "1", 0.5)
+    for name, seed in (("dare0", 0), ("dare0_again", 0), ("dare1", 1)):
+        merge_teachers(tr, comps, paths, dare, name, seed=seed)
+    assert {p.dtype for n, p in tr.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    deltas = [_deltas(Path(p), tr) for p in paths]
+    modules = dict(tr.named_modules())
+    name = next(iter(deltas[0]))
+    m = modules[name]
+    # TIES of the deltas themselves (not of A and B apart), at rank 4 + 4
+    want = ties([d[name] for d in deltas], torch.ones(2), 0.5)
+    u, sv, vh = torch.linalg.svd(want)
+    want = (u[:, :8] * sv[:8]) @ vh[:8]
+    torch.testing.assert_close(m.get_delta_weight("ties").float(), want, rtol=0.05, atol=2e-3)
+    assert torch.equal(m.get_delta_weight("dare0"), m.get_delta_weight("dare0_again"))
+    assert not torch.equal(m.get_delta_weight("dare0"), m.get_delta_weight("dare1"))
 
 
 def test_merge_errors_are_one_line(make_lora, shapes_factory) -> None:  # type: ignore[no-untyped-def]
@@ -187,8 +357,8 @@ def test_merge_errors_are_one_line(make_lora, shapes_factory) -> None:  # type: 
     comps = Components.collect(plugin_manager())
     tr = shapes_factory.model
     a, b = make_lora("a", rank=4), make_lora("b", rank=8, seed=1)
-    with pytest.raises(CloraError, match="cannot merge these LoRAs with 'linear'"):
-        merge_teachers(tr, comps, [str(a), str(b)], "linear", "merged")
+    with pytest.raises(CloraError, match="cannot merge these LoRAs as 'linear 1'"):
+        merge_teachers(tr, comps, [str(a), str(b)], MergeVariant("linear", "1"), "merged")
     with pytest.raises(CloraError, match="unknown merge 'svd'"):
-        merge_teachers(tr, comps, [str(a)], "svd", "merged")
+        merge_teachers(tr, comps, [str(a)], MergeVariant("svd", "1"), "merged")
     assert not getattr(tr, "peft_config", {})  # nothing left behind
