@@ -60,7 +60,8 @@ step "6. add two effects and grow the collection incrementally"
 clora toy teachers $MORE $SIZE
 # shellcheck disable=SC2086
 clora distill --incremental $MORE_STEPS --batch-size "$BATCH"   # says "nothing new" on a second run
-clora eval --collection 2 --n-images 8 --report "$DEMO_DIR/report-v2" --no-progress   # + merged baselines
+# + the merged-LoRA baseline (the exact sum of the members' deltas; `clora eval` alone sweeps more merges)
+clora eval --collection 2 --n-images 8 --merge cat --report "$DEMO_DIR/report-v2" --no-progress
 
 step "summary: one file per collection, mean PSNR vs the true effect, bleed rate, speed-up"
 clora collections
