@@ -410,6 +410,19 @@ def _means(rows: list[dict[str, float]]) -> dict[str, float]:
     return {m: round(sum(r[m] for r in rows) / len(rows), 4) for m in rows[0]}
 
 
+def merge_eval(stored: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation to keep on a collection after ``new``: an evaluation of some of its effects updates
+    those effects' rows of the ``stored`` one (same collection, number of images and steps) and its
+    means, instead of replacing the whole result."""
+    same = stored is not None and all(
+        stored.get(k) == new.get(k) for k in ("n_images", "steps", "collection")
+    )
+    if not same or stored is None:
+        return new
+    effects = {**stored.get("effects", {}), **new["effects"]}
+    return {**new, "effects": effects, "overall": _overall(effects)}
+
+
 def _overall(per: dict[str, Any]) -> dict[str, Any]:
     """Means over the effects of every comparison and of every setting of each baseline sweep, and the
     best setting of each sweep (``best``). One setting is best for all effects, as one merged file serves

@@ -362,3 +362,19 @@ def test_merge_errors_are_one_line(make_lora, shapes_factory) -> None:  # type: 
     with pytest.raises(CloraError, match="unknown merge 'svd'"):
         merge_teachers(tr, comps, [str(a)], MergeVariant("svd", "1"), "merged")
     assert not getattr(tr, "peft_config", {})  # nothing left behind
+
+
+def test_an_eval_of_some_effects_updates_their_rows_of_the_stored_one(tiny_collection) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_collection
+    fast = ["--n-images", "2", "--merge", "none", "--no-progress"]
+    r = run(pm, "eval", *fast)
+    assert r.exit_code == 0, r.output
+    assert "retention: " in r.stdout and "{" not in r.stdout.split("retention: ")[1].splitlines()[0]
+    stored = json.loads(run(pm, "collections", "--json").stdout)[0]["metrics"]["eval"]
+    assert set(stored["effects"]) == {"sepia", "invert"}
+    r = run(pm, "eval", *fast, "--effects", "invert", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    again = json.loads(run(pm, "collections", "--json").stdout)[0]["metrics"]["eval"]
+    assert set(again["effects"]) == {"sepia", "invert"}
+    assert again["effects"]["sepia"] == stored["effects"]["sepia"]
+    assert again["effects"]["invert"] != stored["effects"]["invert"]  # another seed: new scores
