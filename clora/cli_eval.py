@@ -106,6 +106,8 @@ def cmd_eval(
         )
         result = evaluate(reg, st.components, col, _names(effects), opts, device, not no_progress, dtype)
         outputs = result.pop("_outputs")
+        for warning in result["warnings"]:
+            typer.echo(f"Warning: {warning}", err=True)
         if report:
             page = write_report(result, outputs, report)
             typer.echo(f"report: {page}", err=as_json)

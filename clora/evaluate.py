@@ -147,6 +147,7 @@ def evaluate(
     for n in names:
         model.check_effect(n)
     registered = {e.name: e for e in registry.list_effects()}
+    teachers, warnings = usable_teachers(collection, registered, names)
     cfg.teachers.steps = cfg.teachers.steps or bb.default_teacher_steps
     sources = eval_sources(
         bb, opt, cfg.data.resolution, [registered[n].examples_dir for n in names if n in registered]
@@ -171,7 +172,7 @@ def evaluate(
             t_student += dt
             bar.update(task, advance=1, info=f"student {name}")
         for name in names:
-            e = registered.get(name)
+            e = teachers.get(name)
             student = students[name]
             out = {"student": student}
             if e is not None:
@@ -223,7 +224,7 @@ def evaluate(
             components,
             opt,
             model.effects,
-            registered,
+            teachers,
             names,
             sources,
             cache,
@@ -259,7 +260,7 @@ def evaluate(
             bb,
             model,
             components,
-            registered,
+            teachers,
             names,
             sources,
             cfg,
@@ -269,8 +270,36 @@ def evaluate(
             bool(opt.accel),
         ),
     }
+    result["warnings"] = warnings
     result["_outputs"] = {"sources": sources, "per_effect": outputs}
     return result
+
+
+def usable_teachers(
+    collection: Collection, registered: dict[str, Any], names: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """The effects whose teacher file is the one the collection was distilled from (by its recorded
+    sha256), and a warning for each other one: its teacher, merged and cascade columns are left out
+    rather than scored against another LoRA."""
+    recorded = {m.effect_name: m.teacher_sha256 for m in collection.members}
+    usable, warnings = {}, []
+    for n in names:
+        e = registered.get(n)
+        if e is None:
+            continue
+        path = Path(e.lora_path)
+        if not path.is_file():
+            why = f"its teacher file {path} is gone"
+        elif sha256_file(path) != recorded.get(n, e.lora_sha256):
+            why = f"its teacher file {path} changed since collection v{collection.version} was distilled"
+        else:
+            usable[n] = e
+            continue
+        warnings.append(
+            f"effect '{n}': {why}; its teacher, merged and cascade columns are left out (to score against "
+            f"a new teacher, `clora effect update {n} --lora FILE` and distill again)"
+        )
+    return usable, warnings
 
 
 def eval_sources(

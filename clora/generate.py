@@ -14,7 +14,7 @@ from clora.backbone import Backbone
 from clora.bases import get_factory
 from clora.devices import pick
 from clora.errors import CloraError, OutputError, UnknownEffectError, did_you_mean
-from clora.fileio import os_error_message
+from clora.fileio import os_error_message, sha256_file
 from clora.lora import attach_teacher
 from clora.plugins import Components
 from clora.registry import Registry
@@ -355,6 +355,15 @@ def open_editor(
             tag,
         )
     e = registered[effects[0]]
+    if not Path(e.lora_path).is_file():
+        raise CloraError(
+            f"the LoRA file of effect '{e.name}' ({e.lora_path}) is gone; see `clora effect update`"
+        )
+    if sha256_file(e.lora_path) != e.lora_sha256:
+        raise CloraError(
+            f"the LoRA file of effect '{e.name}' ({e.lora_path}) changed since it was added; if the change "
+            f"is meant, record it (`clora effect update {e.name} --lora {e.lora_path}`)"
+        )
     base_id = e.base_id or (col.base_id if col is not None else None)
     if base_id is None:
         raise CloraError(f"effect '{e.name}' is unbound; pass it a base with `clora base use ID`")

@@ -378,3 +378,39 @@ def test_an_eval_of_some_effects_updates_their_rows_of_the_stored_one(tiny_colle
     assert set(again["effects"]) == {"sepia", "invert"}
     assert again["effects"]["sepia"] == stored["effects"]["sepia"]
     assert again["effects"]["invert"] != stored["effects"]["invert"]  # another seed: new scores
+
+
+def test_eval_leaves_out_a_teacher_whose_file_changed_or_is_gone(tiny_collection, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from clora.registry import Registry
+
+    pm = tiny_collection
+    with Registry(tmp_path / "registry.db") as reg:
+        copies = {}
+        for name in ("sepia", "invert"):  # copies, so the shared toy teachers stay as they are
+            e = reg.get_effect(name)
+            copies[name] = tmp_path / f"{name}.safetensors"
+            shutil.copy(e.lora_path, copies[name])
+            reg.replace_lora(name, lora_path=str(copies[name]))
+    tensors = load_file(str(copies["sepia"]))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(copies["sepia"]))
+    copies["invert"].unlink()
+    r = run(pm, "eval", "--n-images", "2", "--merge", "none", "--json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 2 and "effect 'sepia'" in r.stderr and "changed since collection v1" in r.stderr
+    assert (
+        "effect 'invert'" in r.stderr and "is gone" in r.stderr and "clora effect update invert" in r.stderr
+    )
+    result = json.loads(r.stdout)
+    for name in ("sepia", "invert"):
+        assert result["effects"][name]["teacher_vs_truth"] is None
+        assert result["effects"][name]["student_vs_truth"]["psnr"] > 0
+    assert run(pm, "toy", "sources", "--out", tmp_path / "in", "-n", "1", "--size", "tiny").exit_code == 0
+    r = run(
+        pm, "generate", "--effect", "sepia", "--teacher", "--image", tmp_path / "in", "--out", tmp_path / "o"
+    )
+    assert r.exit_code == 1 and "changed since it was added" in r.stderr and "effect update sepia" in r.stderr
