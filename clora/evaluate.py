@@ -135,12 +135,7 @@ def evaluate(
     """Score ``collection`` against its teachers (and the truth, where known); see README for the shape."""
     opt = options or EvalOptions()
     cfg = read_config(collection.config_json)
-    metrics = {m: components.get_metric(m) for m in opt.metrics}
-    for metric_id, metric in metrics.items():
-        # a learned metric whose weights are missing says so before the model loads
-        problem = metric.unavailable() if hasattr(metric, "unavailable") else None
-        if problem:
-            raise CloraError(f"metric '{metric_id}' is not available: {problem}")
+    metrics = available_metrics(components, opt.metrics)
     model = UnifiedModel.load(components, collection.file, device=device, dtype=dtype, registry=registry)
     bb = model.backbone
     names = effects or model.effects
@@ -195,18 +190,7 @@ def evaluate(
             if truth is not None:
                 out["truth"] = truth.to(student)
             outputs[name] = out
-            row: dict[str, Any] = {
-                "student_vs_teacher": score(student, out.get("teacher")),
-                "student_vs_truth": score(student, out.get("truth")),
-                "teacher_vs_truth": score(out["teacher"], out.get("truth")) if "teacher" in out else None,
-                "cascade_vs_truth": None,  # the best cascade setting's, once every effect is scored
-                "bad_case_rate": None,
-                # baseline sweeps, {setting: scores}
-                "merged_vs_truth": None,
-                "merged_vs_teacher": None,
-                "cascade_sweep_vs_truth": None,
-                "cascade_sweep_vs_teacher": None,
-            }
+            row = _effect_row(out, score, metrics, opt.margin_db)
             if opt.accel and e is not None:
                 runs = _cascade(bb, components, e, opt, sources, cache, accel_key)
                 cascades[name] = {s: (path, dt) for s, (_, path, dt) in runs.items()}
@@ -214,9 +198,6 @@ def evaluate(
                     row[f"cascade_sweep_vs_{ref}"] = {
                         s: score(images.to(student), out.get(ref)) for s, (images, _, _) in runs.items()
                     }
-            if "truth" in out and "teacher" in out and "psnr" in metrics:
-                gap = metrics["psnr"](out["teacher"], out["truth"]) - metrics["psnr"](student, out["truth"])
-                row["bad_case_rate"] = _mean((gap > opt.margin_db).float())
             per[name] = row
             bar.update(task, advance=1, info=name)
         merged = _merged(
@@ -273,6 +254,40 @@ def evaluate(
     result["warnings"] = warnings
     result["_outputs"] = {"sources": sources, "per_effect": outputs}
     return result
+
+
+def _effect_row(
+    out: dict[str, torch.Tensor], score: Any, metrics: dict[str, Any], margin_db: float
+) -> dict[str, Any]:
+    """One effect's scores from its outputs (``student``, and ``teacher``, ``truth`` where known); the
+    baselines' sweeps are filled in later."""
+    student = out["student"]
+    row: dict[str, Any] = {
+        "student_vs_teacher": score(student, out.get("teacher")),
+        "student_vs_truth": score(student, out.get("truth")),
+        "teacher_vs_truth": score(out["teacher"], out.get("truth")) if "teacher" in out else None,
+        "cascade_vs_truth": None,  # the best cascade setting's, once every effect is scored
+        "bad_case_rate": None,
+        # baseline sweeps, {setting: scores}
+        "merged_vs_truth": None,
+        "merged_vs_teacher": None,
+        "cascade_sweep_vs_truth": None,
+        "cascade_sweep_vs_teacher": None,
+    }
+    if "truth" in out and "teacher" in out and "psnr" in metrics:
+        gap = metrics["psnr"](out["teacher"], out["truth"]) - metrics["psnr"](student, out["truth"])
+        row["bad_case_rate"] = _mean((gap > margin_db).float())
+    return row
+
+
+def available_metrics(components: Components, ids: tuple[str, ...]) -> dict[str, Any]:
+    """The metrics ``ids``; a learned one whose weights are missing says so before any model loads."""
+    metrics = {m: components.get_metric(m) for m in ids}
+    for metric_id, metric in metrics.items():
+        problem = metric.unavailable() if hasattr(metric, "unavailable") else None
+        if problem:
+            raise CloraError(f"metric '{metric_id}' is not available: {problem}")
+    return metrics
 
 
 def usable_teachers(

@@ -96,7 +96,9 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path, monkeypatch
         "bleeding",
         "retention",
         "cost",
+        "warnings",
     }
+    assert data["warnings"] == []  # every teacher file is the one the collection was distilled from
     assert (
         data["collection"] == 1 and data["n_images"] == 4 and data["steps"] == {"student": 4, "teacher": 20}
     )
