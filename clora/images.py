@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +26,22 @@ def image_error(path: str | os.PathLike[str], e: Exception) -> CloraError:
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError)
 
 
-def read_image(path: str | os.PathLike[str], size: tuple[int, int], crop: bool = False) -> torch.Tensor:
-    """One image as ``[3,H,W]`` in [0,1], resized to ``size`` (H, W) (``crop``: first cut to that aspect
-    around the centre, so nothing is stretched); a one-line error if unreadable."""
+def read_image(
+    path: str | os.PathLike[str],
+    size: tuple[int, int] | Callable[[int, int], tuple[int, int]],
+    crop: bool = False,
+) -> torch.Tensor:
+    """One image as ``[3,H,W]`` in [0,1], resized to ``size`` (H, W), or to ``size(height, width)`` of the
+    image as read (``crop``: first cut to that aspect around the centre, so nothing is stretched); a
+    one-line error if unreadable."""
     p = Path(path)
     if not p.is_file():
         raise CloraError(f"image not found: {p}")
     try:
         with Image.open(p) as im:
             rgb = im.convert("RGB")
+            if callable(size):
+                size = size(rgb.height, rgb.width)
             if crop:
                 rgb = _centre_crop(rgb, size[1] / size[0])
             rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)

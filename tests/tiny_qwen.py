@@ -34,6 +34,7 @@ template drop, the padding mask and determinism, runs them and prints timings.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import time
 from collections import Counter
@@ -483,11 +484,8 @@ def _peak_rss_mib() -> float:
 
 def _plain_load_error(folder: Path, plus: bool) -> str:
     """What a plain ``from_pretrained(folder)`` gives (it fails without torchvision)."""
-    try:
-        importlib.import_module("torchvision")
+    if importlib.util.find_spec("torchvision") is not None:
         return "torchvision is installed: not tried"
-    except ImportError:
-        pass
     try:
         (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline).from_pretrained(folder)
     except Exception as e:

@@ -127,7 +127,7 @@ class LoopResult:
     seconds: float
     final_losses: dict[str, float]
     teacher_loads: int
-    #: wall seconds of this session's steps by role (see :class:`RoleTimer`)
+    #: wall seconds by role of the steps this process ran (see :class:`RoleTimer`)
     seconds_by_role: dict[str, float] = field(default_factory=dict)
 
 

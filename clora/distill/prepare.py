@@ -28,7 +28,7 @@ from clora.distill.plan import Plan
 from clora.effects import list_images
 from clora.errors import CloraError
 from clora.fileio import save_safetensors
-from clora.images import IMAGE_ERRORS, image_error, read_image
+from clora.images import read_image
 from clora.paths import clora_home
 from clora.progress import progress_bar
 from clora.sampling import euler_sample, noise_key
@@ -109,24 +109,13 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()[:24]
 
 
-def buckets_digest(buckets: dict[Shape, torch.Tensor]) -> str:
-    return digest({f"{h}x{w}": tensor_digest(images) for (h, w), images in sorted(buckets.items())})
-
-
 def effect_seed(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{name}:{seed}".encode()).digest()[:4], "big")
 
 
 def read_source(path: str | Path, backbone: Backbone, resolution: int | None) -> torch.Tensor:
     """One source image ``[3,H,W]`` at the size the base edits it at (its aspect kept)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except IMAGE_ERRORS as e:
-        raise image_error(path, e) from None
-    return read_image(path, backbone.image_size_for(height, width, resolution))
+    return read_image(path, lambda height, width: backbone.image_size_for(height, width, resolution))
 
 
 def bucketed(images: Iterable[torch.Tensor]) -> dict[Shape, torch.Tensor]:

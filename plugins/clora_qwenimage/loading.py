@@ -36,12 +36,18 @@ def make_qwen2vl_processor(image_processor: Any, tokenizer: Any) -> Any:
 def load_processor(folder: Path) -> Any:
     """The folder's ``processor/``: transformers' own loader, or (no torchvision) the PIL image processor
     and the tokenizer without a video processor."""
-    from transformers import AutoTokenizer, Qwen2VLProcessor
+    from transformers import Qwen2VLProcessor
 
     try:
         return Qwen2VLProcessor.from_pretrained(str(folder), local_files_only=True)
-    except ImportError:
-        pass
+    except ImportError:  # its video processor needs torchvision
+        return _processor_without_video(folder)
+
+
+def _processor_without_video(folder: Path) -> Any:
+    """The PIL image processor and the tokenizer of ``folder``, without a video processor."""
+    from transformers import AutoTokenizer
+
     try:
         from transformers import Qwen2VLImageProcessorPil as ImageProcessor  # transformers 5
     except ImportError:  # transformers 4: the slow image processor is the PIL one
