@@ -519,3 +519,58 @@ def test_bad_input_is_one_line_and_changes_nothing(  # type: ignore[no-untyped-d
     r = run(pm, *gen, "--image", inputs, "--out", tmp_path / "unwritable")
     _one_line_error(r, "cannot create the --out folder")
     assert _dump(registry_file) == before
+
+
+def test_a_workspace_moved_to_another_folder_keeps_working(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A registry with its teachers, examples and collections beside it stores those paths relative to
+    its folder: moved elsewhere (another disk, another machine), effects, collections, generate and an
+    incremental distill find their files at the new place."""
+    import shutil
+
+    with Registry(tmp_path / "registry.db") as scratch:  # where `world` registered the built teachers
+        built = {e.name: e for e in scratch.list_effects()}
+    ws = tmp_path / "ws"
+    (ws / "teachers").mkdir(parents=True)
+    (ws / "examples").mkdir()
+    for name in ("sepia", "invert"):
+        shutil.copy(built[name].lora_path, ws / "teachers" / f"{name}.safetensors")
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(ws / "source.png")
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(ws / "examples" / "a.png")
+    pm = plugin_manager()
+    cfg = _config(tmp_path, steps=4, anchor_share=1.0)
+
+    def clora(*args: object):  # type: ignore[no-untyped-def]
+        r = run(pm, "--registry", ws / "registry.db", *args)
+        assert r.exit_code == 0, r.output
+        return r
+
+    def add(name: str, *more: object) -> None:
+        prompt = built[name].teacher_prompt
+        lora = ws / "teachers" / f"{name}.safetensors"
+        clora("effect", "add", name, "--lora", lora, "--prompt", prompt, "--base", "toy-tiny", *more)
+
+    add("sepia", "--examples", ws / "examples")
+    clora("distill", "--config", cfg, "--no-progress")
+    db = sqlite3.connect(ws / "registry.db")
+    assert db.execute("SELECT lora_path, examples_dir FROM effects").fetchall() == [
+        ("teachers/sepia.safetensors", "examples")
+    ]
+    assert db.execute("SELECT file FROM collections").fetchone()[0].startswith("collections/")
+    db.close()
+
+    old, ws = ws, tmp_path / "elsewhere" / "ws"
+    ws.parent.mkdir()
+    shutil.move(old, ws)
+    [effect] = json.loads(clora("effect", "list", "--json").stdout)
+    assert effect["lora"]["path"] == str(ws / "teachers" / "sepia.safetensors")
+    assert effect["examples_dir"] == str(ws / "examples")
+    [col] = json.loads(clora("collections", "--json").stdout)
+    assert Path(col["file"]).parent == ws / "collections" and Path(col["file"]).is_file()
+    out = tmp_path / "out.png"
+    clora("generate", "--effect", "sepia", "--image", ws / "source.png", "--out", out, "--steps", "1")
+    assert out.is_file()
+    add("invert")
+    clora("distill", "--incremental", "--config", cfg, "--no-progress")
+    versions = json.loads(clora("collections", "--json").stdout)
+    assert [c["parent_version"] for c in versions] == [None, 1]
+    assert all(Path(c["file"]).is_file() for c in versions)

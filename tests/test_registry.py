@@ -38,21 +38,31 @@ def test_blank_database_migrates(tmp_path: Path) -> None:
 def test_old_database_migrates_and_keeps_rows(tmp_path: Path, old_version: int) -> None:
     db = tmp_path / "old.db"
     con = sqlite3.connect(db)
-    for statements in MIGRATIONS[:old_version]:
-        for s in statements:
-            con.execute(s)
+    for steps in MIGRATIONS[:old_version]:
+        for step in steps:
+            con.execute(step) if isinstance(step, str) else step(con, tmp_path)
     con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     con.execute(f"PRAGMA user_version = {old_version}")
-    con.execute(
-        "INSERT INTO effects (name, lora_path, lora_sha256, lora_size, lora_format, rank, alpha, "
-        "target_modules, teacher_prompt, trigger, created_at, updated_at) VALUES "
-        "('old', '/x', 'ab', 1, 'peft', 4, 4.0, '[]', 'p', 'zorblax', 't', 't')"
-    )
+    inside, outside = tmp_path / "loras" / "old.safetensors", "/elsewhere/other.safetensors"
+    for name, trigger, path in (("old", "zorblax", str(inside)), ("other", "kuvimo", outside)):
+        con.execute(
+            "INSERT INTO effects (name, lora_path, lora_sha256, lora_size, lora_format, rank, alpha, "
+            "target_modules, teacher_prompt, trigger, created_at, updated_at) VALUES "
+            f"('{name}', '{path}', 'ab', 1, 'peft', 4, 4.0, '[]', 'p', '{trigger}', 't', 't')"
+        )
     con.commit()
     con.close()
     with Registry(db) as reg:
-        assert [e.name for e in reg.list_effects()] == ["old"]
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert [(e.name, e.lora_path) for e in reg.list_effects()] == [
+            ("old", str(inside)),
+            ("other", outside),
+        ]
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # from schema 3 a path under the registry's folder is stored relative to it (the folder can move)
+    stored = dict(con.execute("SELECT name, lora_path FROM effects").fetchall())
+    assert stored == {"old": "loras/old.safetensors" if old_version < 3 else str(inside), "other": outside}
+    con.close()
 
 
 def test_missing_registry_is_not_created_for_reads(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from clora.errors import DuplicateEffectError, RegistryError, TriggerError, Unkn
 from clora.fileio import os_error_message
 from clora.registry.migrations import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from clora.registry.models import BaseModelRow, Collection, CollectionMember, Effect, Run, Setting, Trigger
+from clora.registry.paths import WORKSPACE, workspace_of
 from clora.triggers import allocate_trigger, collision, validate_trigger, words
 
 __all__ = [
@@ -90,8 +91,11 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             )
         if version < SCHEMA_VERSION:
             for i in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[i]:
-                    conn.execute(statement)
+                for step in MIGRATIONS[i]:
+                    if isinstance(step, str):
+                        conn.execute(step)
+                    else:
+                        step(conn, workspace_of(path))
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -133,6 +137,8 @@ class Registry:
 
     def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
         self.path = Path(path)
+        #: the registry's folder: paths under it are stored relative to it (the workspace can move)
+        self.workspace = workspace_of(self.path)
         _check_file(self.path)
         if not self.path.exists() and not create:
             raise RegistryError(f"no registry at {self.path}; add an effect first (`clora effect add`)")
@@ -193,14 +199,16 @@ class Registry:
     def session(self, write: bool = True) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any error (``write=False``: read only)."""
         bind = self.engine if write else self.engine.execution_options(clora_read=True)
-        with Session(bind, expire_on_commit=False) as s:
-            try:
-                with s.begin():
-                    yield s
-            except OperationalError as e:
-                raise RegistryError(f"registry {self.path} is busy or unwritable ({e.orig})") from None
-            except SADatabaseError as e:
-                raise RegistryError(f"registry {self.path} failed: {e.orig}") from None
+        token = WORKSPACE.set(self.workspace)
+        try:
+            with Session(bind, expire_on_commit=False) as s, s.begin():
+                yield s
+        except OperationalError as e:
+            raise RegistryError(f"registry {self.path} is busy or unwritable ({e.orig})") from None
+        except SADatabaseError as e:
+            raise RegistryError(f"registry {self.path} failed: {e.orig}") from None
+        finally:
+            WORKSPACE.reset(token)
 
     # ---- effects -------------------------------------------------------------------------------
 

@@ -1,15 +1,44 @@
 """Schema migrations for the registry, tracked in SQLite's ``PRAGMA user_version``.
 
-Each migration is a list of SQL statements; migration ``i`` (1-based) brings a database from
+Each migration is a list of steps, each an SQL statement or a function of the connection and the
+registry's folder; migration ``i`` (1-based) brings a database from
 version ``i - 1`` to ``i``. Never edit a released migration: append a new one.
 """
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from clora.registry.paths import to_stored
+
+Step = str | Callable[[sqlite3.Connection, Path], None]
+
+#: the path columns, stored relative to the registry's folder from schema 3 on
+PATH_COLUMNS = {
+    "effects": ("id", ("lora_path", "examples_dir")),
+    "collections": ("id", ("file",)),
+    "runs": ("id", ("run_dir",)),
+    "bases": ("name", ("path",)),
+}
+
+
+def _relative_paths(conn: sqlite3.Connection, folder: Path) -> None:
+    """Store the absolute paths under the registry's folder relative to it (a workspace can move)."""
+    for table, (key, columns) in PATH_COLUMNS.items():
+        for column in columns:
+            rows = conn.execute(f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL").fetchall()
+            for row_key, value in rows:
+                stored = to_stored(value, folder)
+                if stored != value:
+                    conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (stored, row_key))
+
+
 #: ``PRAGMA application_id`` of a clora registry ("CLRA"), so another app's database is refused.
 APPLICATION_ID = 0x434C5241
 
-MIGRATIONS: list[list[str]] = [
+MIGRATIONS: list[list[Step]] = [
     # 1: effects, triggers, collections, runs, settings
     [
         """CREATE TABLE effects (
@@ -88,6 +117,8 @@ MIGRATIONS: list[list[str]] = [
             created_at TEXT NOT NULL
         )""",
     ],
+    # 3: paths under the registry's folder become relative to it
+    [_relative_paths],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -6,7 +6,26 @@ import json
 from typing import Any
 
 from sqlalchemy import ForeignKey, Text
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from clora.registry.paths import WORKSPACE, from_stored, to_stored
+
+
+class WorkspacePath(TypeDecorator[str]):
+    """A file or folder path: stored relative to the registry's folder when under it, read back absolute."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        root = WORKSPACE.get()
+        return value if value is None or root is None else to_stored(value, root)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        root = WORKSPACE.get()
+        return value if value is None or root is None else from_stored(value, root)
 
 
 class Base(DeclarativeBase):
@@ -18,7 +37,7 @@ class Effect(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
-    lora_path: Mapped[str]
+    lora_path: Mapped[str] = mapped_column(WorkspacePath)
     lora_sha256: Mapped[str]
     lora_size: Mapped[int]
     lora_format: Mapped[str]
@@ -29,7 +48,7 @@ class Effect(Base):
     teacher_prompt: Mapped[str]
     trigger: Mapped[str] = mapped_column(unique=True)
     caption: Mapped[str | None]
-    examples_dir: Mapped[str | None]
+    examples_dir: Mapped[str | None] = mapped_column(WorkspacePath)
     status: Mapped[str] = mapped_column(default="registered")
     created_at: Mapped[str]
     updated_at: Mapped[str]
@@ -76,7 +95,7 @@ class Collection(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     version: Mapped[int] = mapped_column(unique=True)
-    file: Mapped[str]
+    file: Mapped[str] = mapped_column(WorkspacePath)
     sha256: Mapped[str]
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id"))
     base_id: Mapped[str]
@@ -127,7 +146,7 @@ class Run(Base):
     status: Mapped[str]
     step: Mapped[int] = mapped_column(default=0)
     total_steps: Mapped[int]
-    run_dir: Mapped[str]
+    run_dir: Mapped[str] = mapped_column(WorkspacePath)
     collection_id: Mapped[int | None] = mapped_column(ForeignKey("collections.id"))
     message: Mapped[str | None]
     started_at: Mapped[str]
@@ -141,7 +160,7 @@ class BaseModelRow(Base):
 
     name: Mapped[str] = mapped_column(primary_key=True)
     kind: Mapped[str]
-    path: Mapped[str]
+    path: Mapped[str] = mapped_column(WorkspacePath)
     options_json: Mapped[str] = mapped_column("options", Text, default="{}")
     fingerprint: Mapped[str]
     info_json: Mapped[str] = mapped_column("info", Text, default="{}")
