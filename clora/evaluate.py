@@ -8,7 +8,7 @@ effects can be compared (concept bleeding). Where the base knows an effect's exa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ COMPARISONS = {
 #: what the baseline sweeps are scored against; the best setting of a sweep is picked by mean PSNR against
 #: the first of these every effect has
 REFERENCES = ("truth", "teacher")
+#: the sampling roles whose seconds ``cost`` reports
+ROLES = ("student", "teacher", "cascade")
 
 
 @dataclass
@@ -122,6 +124,68 @@ class OutputCache:
         return images, seconds
 
 
+@dataclass
+class _Scoring:
+    """What one evaluation samples and scores with, and the sampling seconds it spent by role."""
+
+    bb: Backbone
+    components: Components
+    opt: EvalOptions
+    sources: torch.Tensor
+    cache: OutputCache
+    metrics: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+
+    def score(self, a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
+        return None if b is None else {m: _mean(fn(a, b)) for m, fn in self.metrics.items()}
+
+    def students(self, model: UnifiedModel, names: list[str], step: Any) -> dict[str, torch.Tensor]:
+        """Every student output first: the unified LoRA is fused into the base once, then the teacher and
+        cascade runs unfuse it once (in low precision each fuse/unfuse rounds the weights)."""
+        out = {}
+        for name in names:
+            out[name], dt = _timed(lambda name=name: model.edit(self.sources, [name], seed=self.opt.seed))
+            self.seconds["student"] += dt
+            step(f"student {name}")
+        return out
+
+    def effect(
+        self, name: str, student: torch.Tensor, teacher: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, tuple[Path, float]]]:
+        """One effect's outputs (student, teacher and truth where known), its row of scores with the
+        cascade sweep, and the cascade's cached outputs by setting."""
+        out = {"student": student}
+        if teacher is not None:
+            path = self.cache.path(teacher=sha256_file(teacher.lora_path), prompt=teacher.teacher_prompt)
+            images, dt = self.cache.get(path, lambda: self.teacher_edit(teacher))
+            out["teacher"] = images.to(student)
+            self.seconds["teacher"] += dt
+        truth = self.bb.ground_truth(name, self.sources)
+        if truth is not None:
+            out["truth"] = truth.to(student)
+        row = _effect_row(out, self.score, self.metrics, self.opt.margin_db)
+        if not self.opt.accel or teacher is None:
+            return out, row, {}
+        runs = _cascade(self, teacher)
+        for ref in REFERENCES:
+            row[f"cascade_sweep_vs_{ref}"] = {
+                s: self.score(images.to(student), out.get(ref)) for s, (images, _, _) in runs.items()
+            }
+        return out, row, {s: (path, dt) for s, (_, path, dt) in runs.items()}
+
+    def teacher_edit(self, effect: Any) -> torch.Tensor:
+        return teacher_edit(
+            self.bb,
+            self.components,
+            effect.lora_path,
+            effect.teacher_prompt,
+            self.sources,
+            steps=self.cache.steps,
+            guidance=self.cache.guidance,
+            seed=self.opt.seed,
+        )
+
+
 def evaluate(
     registry: Registry,
     components: Components,
@@ -144,91 +208,31 @@ def evaluate(
     registered = {e.name: e for e in registry.list_effects()}
     teachers, warnings = usable_teachers(collection, registered, names)
     cfg.teachers.steps = cfg.teachers.steps or bb.default_teacher_steps
-    sources = eval_sources(
-        bb, opt, cfg.data.resolution, [registered[n].examples_dir for n in names if n in registered]
-    )
-
-    def score(a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
-        return None if b is None else {m: _mean(fn(a, b)) for m, fn in metrics.items()}
-
-    cache = OutputCache(bb, cfg, sources, opt.seed)
-    accel_key = sha256_file(opt.accel) if opt.accel else ""
-    cascades: dict[str, dict[str, tuple[Path, float]]] = {}  # effect -> setting -> (cached outputs, s)
+    examples = [registered[n].examples_dir for n in names if n in registered]
+    sources = eval_sources(bb, opt, cfg.data.resolution, examples)
+    ctx = _Scoring(bb, components, opt, sources, OutputCache(bb, cfg, sources, opt.seed), metrics)
     per: dict[str, Any] = {}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
-    t_student = t_teacher = t_cascade = 0.0
+    cascades: dict[str, dict[str, tuple[Path, float]]] = {}  # effect -> setting -> (cached outputs, s)
     with progress_bar(show_progress) as bar:
         task = bar.add_task("eval", total=2 * len(names), info="")
-        # every student output first: the unified LoRA is fused into the base once, then the teacher and
-        # cascade runs below unfuse it once (in low precision each fuse/unfuse rounds the weights)
-        students: dict[str, torch.Tensor] = {}
+        students = ctx.students(model, names, lambda info: bar.update(task, advance=1, info=info))
         for name in names:
-            students[name], dt = _timed(lambda name=name: model.edit(sources, [name], seed=opt.seed))
-            t_student += dt
-            bar.update(task, advance=1, info=f"student {name}")
-        for name in names:
-            e = teachers.get(name)
-            student = students[name]
-            out = {"student": student}
-            if e is not None:
-                out["teacher"], dt = cache.get(
-                    cache.path(teacher=sha256_file(e.lora_path), prompt=e.teacher_prompt),
-                    lambda e=e: teacher_edit(
-                        bb,
-                        components,
-                        e.lora_path,
-                        e.teacher_prompt,
-                        sources,
-                        steps=cache.steps,
-                        guidance=cache.guidance,
-                        seed=opt.seed,
-                    ),
-                )
-                out["teacher"] = out["teacher"].to(student)
-                t_teacher += dt
-            truth = bb.ground_truth(name, sources)
-            if truth is not None:
-                out["truth"] = truth.to(student)
-            outputs[name] = out
-            row = _effect_row(out, score, metrics, opt.margin_db)
-            if opt.accel and e is not None:
-                runs = _cascade(bb, components, e, opt, sources, cache, accel_key)
-                cascades[name] = {s: (path, dt) for s, (_, path, dt) in runs.items()}
-                for ref in REFERENCES:
-                    row[f"cascade_sweep_vs_{ref}"] = {
-                        s: score(images.to(student), out.get(ref)) for s, (images, _, _) in runs.items()
-                    }
-            per[name] = row
+            outputs[name], per[name], cascades[name] = ctx.effect(name, students[name], teachers.get(name))
             bar.update(task, advance=1, info=name)
         merged = _merged(
-            bb,
-            components,
-            opt,
-            model.effects,
-            teachers,
-            names,
-            sources,
-            cache,
+            ctx,
+            [teachers[n] for n in model.effects if n in teachers],
+            [n for n in names if n in teachers],
             bar,
-            lambda n, images: {ref: score(images, outputs[n].get(ref)) for ref in REFERENCES},
+            lambda n, images: {ref: ctx.score(images, outputs[n].get(ref)) for ref in REFERENCES},
         )
     for name, by_variant in merged.items():
         for ref in REFERENCES:
             per[name][f"merged_vs_{ref}"] = {v: scores[ref] for v, (scores, _) in by_variant.items()}
     overall = _overall(per)
-    # the report shows the best setting of each sweep, read back from the cache
-    best = overall["best"]
-    for name, out in outputs.items():
-        if "merged" in best and name in merged:
-            out[f"merged-{best['merged']['variant']}"] = _read_back(
-                cache, merged[name][best["merged"]["variant"]][1], sources
-            )
-        if "cascade" in best and name in cascades:
-            path, dt = cascades[name][best["cascade"]["variant"]]
-            out["cascade"] = _read_back(cache, path, sources)
-            t_cascade += dt
-
-    result: dict[str, Any] = {
+    _best_outputs(ctx, outputs, overall["best"], merged, cascades)
+    return {
         "collection": collection.version,
         "base": collection.base_id,
         "n_images": len(sources),
@@ -237,23 +241,29 @@ def evaluate(
         "overall": overall,
         "bleeding": _bleeding(names, outputs),
         "retention": _retention(model, opt, cfg, sources),
-        "cost": _cost(
-            bb,
-            model,
-            components,
-            teachers,
-            names,
-            sources,
-            cfg,
-            t_student,
-            t_teacher,
-            t_cascade,
-            bool(opt.accel),
-        ),
+        "cost": _cost(ctx, model, [Path(teachers[n].lora_path) for n in names if n in teachers], names, cfg),
+        "warnings": warnings,
+        "_outputs": {"sources": sources, "per_effect": outputs},
     }
-    result["warnings"] = warnings
-    result["_outputs"] = {"sources": sources, "per_effect": outputs}
-    return result
+
+
+def _best_outputs(
+    ctx: _Scoring,
+    outputs: dict[str, dict[str, torch.Tensor]],
+    best: dict[str, Any],
+    merged: dict[str, dict[str, tuple[Any, Path]]],
+    cascades: dict[str, dict[str, tuple[Path, float]]],
+) -> None:
+    """The report shows the best setting of each sweep: its outputs, read back from the cache, join each
+    effect's ``outputs`` (and the best cascade's sampling time joins ``ctx.seconds``)."""
+    for name, out in outputs.items():
+        if "merged" in best and name in merged:
+            variant = best["merged"]["variant"]
+            out[f"merged-{variant}"] = _read_back(ctx.cache, merged[name][variant][1], ctx.sources)
+        if "cascade" in best and cascades.get(name):
+            path, dt = cascades[name][best["cascade"]["variant"]]
+            out["cascade"] = _read_back(ctx.cache, path, ctx.sources)
+            ctx.seconds["cascade"] += dt
 
 
 def _effect_row(
@@ -350,38 +360,31 @@ def _read_back(cache: OutputCache, path: Path, like: torch.Tensor) -> torch.Tens
     return hit[0].to(like)
 
 
-def _cascade(
-    bb: Backbone,
-    components: Components,
-    effect: Any,
-    opt: EvalOptions,
-    sources: torch.Tensor,
-    cache: OutputCache,
-    accel_key: str,
-) -> dict[str, tuple[torch.Tensor, Path, float]]:
+def _cascade(ctx: _Scoring, effect: Any) -> dict[str, tuple[torch.Tensor, Path, float]]:
     """The paper's baseline, ``effect``'s LoRA stacked with the acceleration LoRA (few steps), at each of
     ``opt.cascade_strengths``: ``{setting: (images, cached file, seconds)}``. Like the teachers' outputs
     these are fixed by their inputs, so they are cached and timed once."""
-    accel = opt.accel
+    accel = ctx.opt.accel
     assert accel is not None
+    accel_key = sha256_file(accel)
     out = {}
-    for effect_strength, accel_strength in opt.cascade_strengths:
-        path = cache.path(
+    for effect_strength, accel_strength in ctx.opt.cascade_strengths:
+        path = ctx.cache.path(
             cascade=sha256_file(effect.lora_path),
             accel=accel_key,
             strengths=[effect_strength, accel_strength],
             prompt=effect.teacher_prompt,
         )
-        images, seconds = cache.get(
+        images, seconds = ctx.cache.get(
             path,
             lambda es=effect_strength, acs=accel_strength: cascade_edit(
-                bb,
-                components,
+                ctx.bb,
+                ctx.components,
                 effect.lora_path,
                 effect.teacher_prompt,
                 accel,
-                sources,
-                seed=opt.seed,
+                ctx.sources,
+                seed=ctx.opt.seed,
                 strength=es,
                 accel_strength=acs,
             ),
@@ -397,29 +400,21 @@ def _cascade_label(effect_strength: float, accel_strength: float) -> str:
 
 
 def _merged(
-    bb: Backbone,
-    components: Components,
-    opt: EvalOptions,
-    members: list[str],
-    registered: dict[str, Any],
-    names: list[str],
-    sources: torch.Tensor,
-    cache: OutputCache,
-    bar: Any,
-    score: Any,
+    ctx: _Scoring, members: list[Any], names: list[str], bar: Any, score: Any
 ) -> dict[str, dict[str, tuple[Any, Path]]]:
-    """Each effect's outputs with every member's LoRA merged into one (its own prompt, full sampler), for
-    every variant of the ``opt.merges`` sweeps: ``{effect: {variant: (score(effect, images), cached
-    file)}}``. Outputs are scored as they come and kept in the cache only: a sweep over real-size images
-    would not fit in memory."""
-    paths = [registered[n].lora_path for n in members if n in registered]
-    todo = [n for n in names if n in registered]
-    variants = sweep(opt.merges)
-    if not variants or not paths or not todo:
+    """Each effect of ``names`` sampled with every one of the ``members``' LoRAs merged into one (its own
+    prompt, full sampler), for every variant of the ``opt.merges`` sweeps: ``{effect: {variant:
+    (score(effect, images), cached file)}}``. Outputs are scored as they come and kept in the cache only:
+    a sweep over real-size images would not fit in memory."""
+    bb, cache, sources, seed = ctx.bb, ctx.cache, ctx.sources, ctx.opt.seed
+    paths = [m.lora_path for m in members]
+    variants = sweep(ctx.opt.merges)
+    if not variants or not paths or not names:
         return {}
-    out: dict[str, dict[str, tuple[Any, Path]]] = {n: {} for n in todo}
+    prompts = {m.name: m.teacher_prompt for m in members}
+    out: dict[str, dict[str, tuple[Any, Path]]] = {n: {} for n in names}
     members_key = [sha256_file(p) for p in paths]
-    task = bar.add_task("merged baselines", total=len(variants) * len(todo), info="")
+    task = bar.add_task("merged baselines", total=len(variants) * len(names), info="")
     adapter = "merged_baseline"
     for variant in variants:
         spec = {
@@ -428,19 +423,16 @@ def _merged(
             "density": variant.density,
             "svd_rank": "sum of ranks",
         }
-        where = {
-            n: cache.path(merge=spec, members=members_key, prompt=registered[n].teacher_prompt) for n in todo
-        }
+        where = {n: cache.path(merge=spec, members=members_key, prompt=prompts[n]) for n in names}
         if not all(p.exists() for p in where.values()):  # something to sample: build the merged adapter
             unfuse(bb.transformer)
-            merge_teachers(bb.transformer, components, paths, variant, adapter, seed=opt.seed)
+            merge_teachers(bb.transformer, ctx.components, paths, variant, adapter, seed=seed)
         try:
-            for n in todo:
-                e = registered[n]
+            for n in names:
                 images, _ = cache.get(
                     where[n],
-                    lambda e=e: full_edit(
-                        bb, adapter, e.teacher_prompt, sources, cache.steps, cache.guidance, seed=opt.seed
+                    lambda n=n: full_edit(
+                        bb, adapter, prompts[n], sources, cache.steps, cache.guidance, seed=seed
                     ),
                 )
                 out[n][variant.label] = (score(n, images.to(sources)), where[n])
@@ -562,22 +554,12 @@ def _retention(
 
 
 def _cost(
-    bb: Backbone,
-    model: UnifiedModel,
-    components: Components,
-    registered: dict[str, Any],
-    names: list[str],
-    sources: torch.Tensor,
-    cfg: DistillConfig,
-    t_student: float,
-    t_teacher: float,
-    t_cascade: float,
-    cascade: bool,
+    ctx: _Scoring, model: UnifiedModel, teacher_files: list[Path], names: list[str], cfg: DistillConfig
 ) -> dict[str, Any]:
     """Files, bytes, effect-switch latency, NFE and wall time per image: unified vs one LoRA per effect."""
+    bb, sources, seconds = ctx.bb, ctx.sources, ctx.seconds
     tr = bb.transformer
     unfuse(tr)
-    teacher_files = [Path(registered[n].lora_path) for n in names if n in registered]
     # unified: switching effects is building and encoding a new prompt (with its image, where the prompt
     # encoder sees it)
     n_images = len(sources)
@@ -589,7 +571,7 @@ def _cost(
     t0 = time.perf_counter()
     for i, f in enumerate(teacher_files):
         name = f"switch{i}"
-        load_teacher(bb, components, str(f), name)
+        load_teacher(bb, ctx.components, str(f), name)
         tr.set_adapter(name)
         tr.delete_adapters([name])
     per_file_switch = (time.perf_counter() - t0) / max(len(teacher_files), 1)
@@ -601,16 +583,16 @@ def _cost(
             "bytes": model.file.stat().st_size,
             "switch_ms": round(unified_switch * 1e3, 3),
             "nfe": student_steps,
-            "ms_per_image": round(t_student / n_calls * 1e3, 3),
+            "ms_per_image": round(seconds["student"] / n_calls * 1e3, 3),
         },
         "per_effect_loras": {
             "files": len(teacher_files),
             "bytes": sum(f.stat().st_size for f in teacher_files),
             "switch_ms": round(per_file_switch * 1e3, 3),
             "nfe": 2 * (cfg.teachers.steps or bb.default_teacher_steps),
-            "ms_per_image": round(t_teacher / n_calls * 1e3, 3),
+            "ms_per_image": round(seconds["teacher"] / n_calls * 1e3, 3),
         },
     }
-    if cascade:
-        out["cascade"] = {"nfe": student_steps, "ms_per_image": round(t_cascade / n_calls * 1e3, 3)}
+    if ctx.opt.accel:
+        out["cascade"] = {"nfe": student_steps, "ms_per_image": round(seconds["cascade"] / n_calls * 1e3, 3)}
     return out

@@ -80,71 +80,89 @@ def _sweep_table(result: dict[str, Any], kind: str, key: str, heading: str) -> s
     return f"<h3>{html.escape(heading)}</h3>" + _table(rows, head)
 
 
-def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) -> Path:
-    """Write ``index.html`` (+ PNGs and ``eval.json``) into ``folder``; returns the page's path."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _sheets(outputs: dict[str, Any], folder: Path) -> list[tuple[str, str, str]]:
+    """One contact sheet per effect (input, then each way's outputs, for up to four images):
+    ``(effect, file, column labels)``."""
     sources: torch.Tensor = outputs["sources"]
-    per: dict[str, dict[str, torch.Tensor]] = outputs["per_effect"]
     sheets = []
-    for name, out in per.items():
+    for name, out in outputs["per_effect"].items():
         kinds = [k for k in ORDER if k in out] + sorted(k for k in out if k.startswith("merged-"))
         cols = [sources] + [out[k] for k in kinds]
-        kinds = ["input", *kinds]
         rows = [[c[i] for c in cols] for i in range(min(4, len(sources)))]
         file = f"sheet-{name}.png"
         contact_sheet(rows, folder / file)
-        sheets.append((name, file, " | ".join(kinds)))
-    bleed = result["bleeding"]
-    if bleed["matrix"]:
-        heatmap(bleed["labels"], bleed["matrix"], folder / "bleeding.png")
-    effects = result["effects"]
+        sheets.append((name, file, " | ".join(["input", *kinds])))
+    return sheets
+
+
+def _fidelity_table(result: dict[str, Any]) -> str:
+    """Per effect: student, teacher and each baseline (at its best setting) against the truth."""
     best = result["overall"]["best"]
     merged = best["merged"]["variant"] if "merged" in best else None
     cascade = best["cascade"]["variant"] if "cascade" in best else None
-    table = _table(
+    rows = [
         [
-            [
-                n,
-                (r["student_vs_truth"] or {}).get("psnr"),
-                (r["teacher_vs_truth"] or {}).get("psnr"),
-                (r["cascade_vs_truth"] or {}).get("psnr"),
-                ((r["merged_vs_truth"] or {}).get(merged) or {}).get("psnr") if merged else None,
-                (r["student_vs_teacher"] or {}).get("psnr"),
-                (r["student_vs_teacher"] or {}).get("ssim"),
-                r["bad_case_rate"],
-            ]
-            for n, r in effects.items()
-        ],
-        [
-            "effect",
-            "student vs truth (dB)",
-            "teacher vs truth",
-            f"cascade ({cascade}) vs truth" if cascade else "cascade vs truth",
-            f"merged ({merged}) vs truth" if merged else "merged vs truth",
-            "student vs teacher (dB)",
-            "SSIM vs teacher",
-            "bad-case rate",
-        ],
+            n,
+            (r["student_vs_truth"] or {}).get("psnr"),
+            (r["teacher_vs_truth"] or {}).get("psnr"),
+            (r["cascade_vs_truth"] or {}).get("psnr"),
+            ((r["merged_vs_truth"] or {}).get(merged) or {}).get("psnr") if merged else None,
+            (r["student_vs_teacher"] or {}).get("psnr"),
+            (r["student_vs_teacher"] or {}).get("ssim"),
+            r["bad_case_rate"],
+        ]
+        for n, r in result["effects"].items()
+    ]
+    head = [
+        "effect",
+        "student vs truth (dB)",
+        "teacher vs truth",
+        f"cascade ({cascade}) vs truth" if cascade else "cascade vs truth",
+        f"merged ({merged}) vs truth" if merged else "merged vs truth",
+        "student vs teacher (dB)",
+        "SSIM vs teacher",
+        "bad-case rate",
+    ]
+    return _table(rows, head)
+
+
+def _metrics_table(effects: dict[str, Any]) -> str:
+    """Every comparison that has scores, with every metric."""
+    comparisons = [k for k in COMPARISONS if any(r.get(k) for r in effects.values())]
+    metric_ids = list(dict.fromkeys(m for r in effects.values() for k in comparisons for m in r[k] or {}))
+    return _table(
+        [[n, *((r[k] or {}).get(m) for k in comparisons for m in metric_ids)] for n, r in effects.items()],
+        ["effect", *(f"{COMPARISONS[k]}: {m}" for k in comparisons for m in metric_ids)],
     )
+
+
+def _cost_table(cost: dict[str, Any]) -> str:
+    keys = ("files", "bytes", "switch_ms", "nfe", "ms_per_image")
+    return _table(
+        [[k, *(v.get(key) for key in keys)] for k, v in cost.items()],
+        ["way", "files", "bytes", "switch ms", "NFE", "ms / image"],
+    )
+
+
+def _bleeding_section(bleed: dict[str, Any]) -> str:
+    teachers = bleed.get("teacher_bleed_rate")
+    also = f"; the teachers' outputs scored the same way: {teachers}" if teachers is not None else ""
+    image = '<img src="bleeding.png" alt="bleeding heat map">' if bleed["matrix"] else ""
+    return f"<p>bleed rate {bleed['bleed_rate']} (nearest {bleed['reference']}){also}</p>\n{image}"
+
+
+def write_report(result: dict[str, Any], outputs: dict[str, Any], folder: Path) -> Path:
+    """Write ``index.html`` (+ PNGs and ``eval.json``) into ``folder``; returns the page's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sheets = _sheets(outputs, folder)
+    bleed = result["bleeding"]
+    if bleed["matrix"]:
+        heatmap(bleed["labels"], bleed["matrix"], folder / "bleeding.png")
     baselines = "".join(_sweep_table(result, kind, key, label) for kind, key, label in SWEEPS)
     if baselines:
         baselines = f"""<h2>Baselines, every setting</h2><p>A baseline that loses should lose at its best:
 each is swept, and the setting with the best mean PSNR (against the truth, else the teacher) is the one in
 the table above and in the contact sheets.</p>{baselines}"""
-    comparisons = [k for k in COMPARISONS if any(r.get(k) for r in effects.values())]
-    metric_ids = list(dict.fromkeys(m for r in effects.values() for k in comparisons for m in r[k] or {}))
-    all_metrics = _table(
-        [[n, *((r[k] or {}).get(m) for k in comparisons for m in metric_ids)] for n, r in effects.items()],
-        ["effect", *(f"{COMPARISONS[k]}: {m}" for k in comparisons for m in metric_ids)],
-    )
-    cost = result["cost"]
-    cost_table = _table(
-        [
-            [k, v.get("files"), v.get("bytes"), v.get("switch_ms"), v.get("nfe"), v.get("ms_per_image")]
-            for k, v in cost.items()
-        ],
-        ["way", "files", "bytes", "switch ms", "NFE", "ms / image"],
-    )
     title = f"clora eval: collection v{result['collection']}"
     body = f"""<!doctype html><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}
@@ -154,18 +172,13 @@ img{{image-rendering:pixelated}}</style>
 <h1>Collection v{result["collection"]} on base {html.escape(result["base"])}</h1>
 <p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
 teacher {result["steps"]["teacher"]} steps with CFG.</p>
-<h2>Fidelity</h2>{table}
+<h2>Fidelity</h2>{_fidelity_table(result)}
 {baselines}
 <h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS and
-DreamSim: lower is more alike.</p>{all_metrics}
-<h2>Concept bleeding</h2><p>bleed rate {bleed["bleed_rate"]} (nearest {bleed["reference"]}){
-        f"; the teachers' outputs scored the same way: {bleed['teacher_bleed_rate']}"
-        if "teacher_bleed_rate" in bleed
-        else ""
-    }</p>
-{'<img src="bleeding.png" alt="bleeding heat map">' if bleed["matrix"] else ""}
+DreamSim: lower is more alike.</p>{_metrics_table(result["effects"])}
+<h2>Concept bleeding</h2>{_bleeding_section(bleed)}
 <h2>Retention of general edits</h2><pre>{html.escape(json.dumps(result["retention"]))}</pre>
-<h2>Deployment cost</h2>{cost_table}
+<h2>Deployment cost</h2>{_cost_table(result["cost"])}
 <h2>Contact sheets</h2>
 """ + "\n".join(
         f"<h3>{html.escape(n)}</h3><p>{html.escape(k)}</p><img src='{f}' alt='{html.escape(n)}'>"
