@@ -2,6 +2,13 @@
 
 peft's ``set_adapter`` flips ``requires_grad`` on every adapter and ``disable_adapters`` turns it off
 everywhere, so after each switch we set it back explicitly on the two trainable adapters.
+
+An on-policy step switches adapters about twenty times (student, each group's teacher, critic). A
+switch walks the adapter layers once (:meth:`AdapterSet.use`), and one to the adapter already active
+costs nothing; diffusers' model-level ``enable_adapters`` + ``set_adapter`` walked every module twice
+(about four times the cost on the toy base). peft's mixed-batch inference (every group's teacher in
+one pass) was measured slower on CPU than a pass per group, as it gathers and scatters each adapter's
+rows at every layer, so the teachers still run group by group.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from clora.errors import CloraError
@@ -22,6 +30,8 @@ if TYPE_CHECKING:
 
 STUDENT = "student"
 CRITIC = "critic"
+#: ``AdapterSet.active`` while the active adapter is not known (after an adapter was added or deleted)
+UNKNOWN = "\0unknown"
 
 
 class AdapterSet:
@@ -59,6 +69,9 @@ class AdapterSet:
         #: lora path -> the sha256 the run's plan recorded; a teacher file changed since is refused
         self.expected_sha256: dict[str, str] = {}
         self.teacher_loads = 0
+        #: the adapter the base runs with (None: none); UNKNOWN makes the next :meth:`use` switch
+        self.active: str | None = UNKNOWN
+        self._tuner_layers: list[Any] | None = None  # found again after an adapter is added
         self._train_flags()
 
     def _named(self, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -73,13 +86,28 @@ class AdapterSet:
                 p.requires_grad_(True)
 
     def use(self, adapter: str | None) -> None:
-        """Run the base with ``adapter`` active, or with no adapter at all for ``None``."""
-        if adapter is None:
-            self.transformer.disable_adapters()
-        else:
-            self.transformer.enable_adapters()
-            self.transformer.set_adapter(adapter)
+        """Run the base with ``adapter`` active, or with no adapter at all for ``None`` (nothing to do
+        when it is active already). What diffusers' ``set_adapter`` / ``disable_adapters`` do, on each
+        adapter layer once."""
+        if adapter == self.active:
+            return
+        if adapter is not None and adapter not in self.params and adapter not in self._teachers.values():
+            raise ValueError(f"no adapter '{adapter}' on the base")
+        for layer in self._layers():
+            if adapter is None:
+                layer.enable_adapters(False)
+                continue
+            if self.active is None or self.active == UNKNOWN:
+                layer.enable_adapters(True)
+            layer.set_adapter(adapter)
+        self.active = adapter
         self._train_flags()
+
+    def _layers(self) -> list[Any]:
+        """The base's adapter layers (peft's ``BaseTunerLayer``: each module some adapter adapts)."""
+        if self._tuner_layers is None:
+            self._tuner_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        return self._tuner_layers
 
     def use_teacher(self, lora_path: str | None) -> None:
         """Activate the teacher LoRA at ``lora_path`` (None: the base model is the teacher)."""
@@ -94,6 +122,9 @@ class AdapterSet:
         self.use(name)
 
     def _load_teacher(self, lora_path: str) -> str:
+        # peft activates an adapter it adds, picks another when the active one is deleted, and may wrap
+        # more modules
+        self.active, self._tuner_layers = UNKNOWN, None
         while len(self._teachers) >= self.max_teachers:
             _, old = self._teachers.popitem(last=False)
             self.transformer.delete_adapters([old])
@@ -101,6 +132,7 @@ class AdapterSet:
         name = f"teacher{self.teacher_loads}"
         lora = attach_teacher(self.transformer, self.components.teacher_providers(), lora_path, name)
         self._teachers[lora_path] = name
+        self._train_flags()
         want = self.expected_sha256.get(lora_path)
         if want is not None and lora.sha256 != want:
             raise CloraError(
