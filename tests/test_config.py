@@ -81,6 +81,8 @@ def test_resolution_fills_what_the_base_chooses_and_applies_the_run_kind() -> No
     assert c.steps == max(cfg.steps, cfg.steps_per_effect * 4)
     assert (c.teachers.guidance, c.teachers.steps, c.data.resolution) == (1.0, 20, 32)
     assert c.student.target_modules == ["to_q", "img_in"] and c.optimizer.gradient_checkpointing is False
+    # target simulation never starts from the 4-step sampler's first, pure-noise level
+    assert (c.student.few_steps, c.on_policy.target_levels) == (4, 3)
     assert (
         full.frozen_rank == 0 and not full.notes and cfg.teachers.guidance is None
     )  # the input is untouched

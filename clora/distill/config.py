@@ -212,7 +212,10 @@ class OnPolicyConfig(_Section):
         True, description="the critic starts the phase as a copy of the student"
     )
     target_levels: int = Field(
-        5, ge=1, description="target simulation noises y_T to one of the last N levels"
+        5,
+        ge=1,
+        description="target simulation noises y_T to one of the sampler's last N levels (at most all "
+        "but the first, pure-noise one)",
     )
 
 

@@ -126,7 +126,8 @@ def resolve(
         c.data.resolution = base.resolution
     if c.optimizer.gradient_checkpointing is None:
         c.optimizer.gradient_checkpointing = base.real
-    c.on_policy.target_levels = min(c.on_policy.target_levels, c.student.few_steps)
+    # target simulation starts from the teacher's output at a late level: never the first, pure-noise one
+    c.on_policy.target_levels = max(1, min(c.on_policy.target_levels, c.student.few_steps - 1))
     if frozen >= c.student.rank:
         raise ValueError(f"the fixed components ({frozen}) must be fewer than the rank ({c.student.rank})")
     return Resolved(DistillConfig.model_validate(c.model_dump()), frozen, scale, notes)
