@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import shutil
 import time
@@ -124,6 +125,168 @@ def test_library_names_are_deterministic_and_errors_are_clora_errors() -> None:
         effects.get_effect("no-such-effect")
     with pytest.raises(CloraError):
         effects.effects_library(effects.library_size() + 1)
+
+
+#: the library's size before the stochastic effects, and names at known places of that order
+OLD_LIBRARY_SIZE = 458
+KNOWN_PLACES = {
+    0: "sepia",
+    19: "duotone",
+    20: "hue-015",
+    21: "tint-red",
+    22: "duotone-red-orange",
+    29: "saturation-04",
+    30: "hue-030",
+    100: "duotone-orange-yellow",
+    300: "duotone-gold-pink",
+    457: "duotone-charcoal-cream",
+}
+STOCHASTIC = ("grain", "confetti", "palette-tint", "streak")
+
+
+def test_stochastic_effects_come_after_every_older_prefix() -> None:
+    """Benchmarks take prefixes of the library: every one up to the older size is what it was."""
+    names = [e.name for e in effects.effects_library()]
+    assert {i: names[i] for i in KNOWN_PLACES} == KNOWN_PLACES
+    # the older order, rebuilt from the parts: hand-picked, then the families a member per round each
+    families = [[e.name for e in f] for f in effects._families()]
+    rounds = [n for r in itertools.zip_longest(*families) for n in r if n is not None]
+    older = [e.name for e in effects._core()] + rounds
+    assert len(older) == OLD_LIBRARY_SIZE
+    for n in (1, 20, 60, 180, OLD_LIBRARY_SIZE):
+        assert [e.name for e in effects.effects_library(n)] == older[:n]
+    assert names[OLD_LIBRARY_SIZE:] == list(STOCHASTIC) and effects.library_size() == OLD_LIBRARY_SIZE + 4
+    assert not any(e.stochastic for e in effects.effects_library(OLD_LIBRARY_SIZE))
+    assert all(e.stochastic for e in effects.effects_library()[OLD_LIBRARY_SIZE:])
+
+
+def _tiny_fresh() -> ToyBackbone:
+    from clora_toy.config import TOY_TINY
+    from clora_toy.factory import ToyBackboneFactory
+
+    return ToyBackboneFactory("toy-tiny", TOY_TINY, "-", "-").fresh()
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_truth_draws_are_seeded_and_independent_per_image(name: str) -> None:
+    backbone = _tiny_fresh()
+    # eight copies of one image: the draws still differ from image to image
+    images = data.held_out_sources(1, 16, seed=2).expand(8, 3, 16, 16).double()
+    draws = backbone.truth_draws(name, images, 5, seed=3)
+    assert draws is not None and draws.shape == (5, 8, 3, 16, 16) and draws.dtype == torch.float64
+    assert draws.min() >= 0 and draws.max() <= 1
+    again = backbone.truth_draws(name, images, 5, seed=3)
+    assert again is not None and torch.equal(draws, again)
+    other = backbone.truth_draws(name, images, 5, seed=4)
+    assert other is not None and not torch.equal(draws, other)
+    # the first k of n draws are the k draws of the seed
+    fewer = backbone.truth_draws(name, images, 2, seed=3)
+    assert fewer is not None and torch.equal(fewer, draws[:2])
+    for draw in draws:
+        distinct = {tuple(img.flatten().tolist()) for img in draw}
+        # palette-tint and streak have three and four outcomes: at least two among the eight copies
+        assert len(distinct) >= (2 if name in ("palette-tint", "streak") else 8), name
+    assert backbone.ground_truth(name, images) is None
+    with pytest.raises(effects.StochasticEffectError, match=r"Effect\.sample"):
+        effects.get_effect(name).apply(images)
+    assert issubclass(effects.StochasticEffectError, CloraError)
+
+
+def test_deterministic_effects_keep_one_truth_and_no_draws() -> None:
+    backbone = _tiny_fresh()
+    white = _const(1, 1, 1)
+    truth = backbone.ground_truth("sepia", white)
+    assert truth is not None
+    torch.testing.assert_close(truth, _const(1.0, 1.0, 0.937))
+    images = data.held_out_sources(3, 16)
+    sepia = backbone.ground_truth("sepia", images)
+    torch.testing.assert_close(sepia, effects.get_effect("sepia").apply(images))
+    assert backbone.truth_draws("sepia", images, 4, seed=0) is None
+    assert backbone.truth_draws("no-such-effect", images, 4, seed=0) is None
+    # sample() of a deterministic effect is its exact result and leaves the generator alone
+    g = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(effects.get_effect("invert").sample(images, g), 1 - images)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(7).get_state())
+
+
+def test_palette_tint_draws_each_colour_at_its_probability() -> None:
+    effect = effects.get_effect("palette-tint")
+    black = torch.zeros(3000, 3, 2, 2)
+    draw = effect.sample(black, torch.Generator().manual_seed(0))[:, :, 0, 0]
+    expected = {name: 0.4 * torch.tensor(effects.PALETTE[name]) for name in effects.TINT_PALETTE}
+    for name, p in effects.TINT_PALETTE.items():
+        share = float(torch.isclose(draw, expected[name], atol=1e-6).all(1).float().mean())
+        assert abs(share - p) < 0.03, (name, share, p)
+    hits = sum(torch.isclose(draw, c, atol=1e-6).all(1) for c in expected.values())
+    assert bool((hits == 1).all()), "a tint outside the palette"
+
+
+def test_grain_is_monochrome_noise_of_its_strength() -> None:
+    grey = torch.full((64, 3, 16, 16), 0.5)
+    out = effects.get_effect("grain").sample(grey, torch.Generator().manual_seed(1))
+    noise = out - grey
+    torch.testing.assert_close(noise[:, 0], noise[:, 1])
+    torch.testing.assert_close(noise[:, 0], noise[:, 2])
+    assert abs(float(noise.std()) - 0.08) < 0.004 and abs(float(noise.mean())) < 0.004
+    # one value per pixel: neighbours are uncorrelated
+    n = noise[:, 0]
+    corr = float((n[..., 1:] * n[..., :-1]).mean() / n.pow(2).mean())
+    assert abs(corr) < 0.05, corr
+
+
+def test_confetti_draws_a_handful_of_small_bright_squares() -> None:
+    black = torch.zeros(400, 3, 16, 16)
+    out = effects.get_effect("confetti").sample(black, torch.Generator().manual_seed(2))
+    lit = out.amax(1) > 0  # [B, H, W]
+    per_image = lit.flatten(1).sum(1)
+    # 4 to 8 squares of 3x3 pixels, overlapping now and then
+    assert per_image.min() >= 9 and per_image.max() <= 72
+    assert 40 < float(per_image.float().mean()) < 54
+    colours = {tuple(round(v, 3) for v in c) for c in out.permute(0, 2, 3, 1)[lit].tolist()}
+    assert colours == {tuple(round(v, 3) for v in c) for c in effects.CONFETTI_COLOURS}
+    # placed everywhere: every pixel is lit in some image
+    assert bool(lit.any(0).all())
+
+
+def test_streak_blurs_along_one_of_four_directions() -> None:
+    dot = torch.zeros(2000, 3, 15, 15)
+    dot[..., 7, 7] = 1.0
+    out = effects.get_effect("streak").sample(dot, torch.Generator().manual_seed(3))[:, 0]
+    lines = effects._line_kernels(7)
+    shapes = torch.zeros(4, 15, 15)
+    shapes[:, 4:11, 4:11] = lines  # a point becomes the kernel (mirrored: all four are symmetric)
+    match = (out[None] - shapes[:, None]).abs().flatten(2).amax(2) < 1e-6  # [4, B]
+    assert bool((match.sum(0) == 1).all()), "a streak that is none of the four directions"
+    shares = match.float().mean(1)
+    assert bool((shares - 0.25).abs().max() < 0.04), shares  # 4 standard errors
+
+
+def test_teacher_training_draws_a_fresh_target_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flow matching with stochastic targets: one source image meets several palette colours."""
+    from clora_toy import train
+
+    seen: list[torch.Tensor] = []
+    real = train.flow_matching_loss
+
+    def spy(
+        backbone: ToyBackbone,
+        sources: torch.Tensor,
+        targets: torch.Tensor,
+        prompts: list[str],
+        sigma: torch.Tensor,
+        g: torch.Generator,
+    ) -> torch.Tensor:
+        seen.append((targets - 0.6 * sources).mean(dim=(2, 3)) / 0.4)  # the wash colour of each sample
+        return real(backbone, sources, targets, prompts, sigma, g)
+
+    monkeypatch.setattr(train, "flow_matching_loss", spy)
+    cfg = get_factory(tiny=True).config.teacher.model_copy(update={"steps": 3, "num_pairs": 1})
+    train_teacher(_tiny_fresh(), effects.get_effect("palette-tint"), cfg, show_progress=False)
+    colours = torch.cat(seen)  # the one source rotated and flipped: its mean colour stays
+    palette = torch.tensor([effects.PALETTE[c] for c in effects.TINT_PALETTE])
+    nearest = torch.cdist(colours, palette).argmin(1)
+    torch.testing.assert_close(colours, palette[nearest], atol=1e-4, rtol=0)
+    assert len(set(nearest.tolist())) >= 2
 
 
 def test_sources_are_seeded_varied_and_held_out_sets_differ() -> None:
@@ -357,7 +520,12 @@ def test_cli_effects_lists_the_library() -> None:
         "name": "sepia",
         "family": "core",
         "prompt": "apply a sepia tone",
+        "stochastic": False,
     }
+    assert [r["name"] for r in rows if r["stochastic"]] == list(STOCHASTIC)
+    text = CliRunner().invoke(_app(), ["toy", "effects"]).output.splitlines()
+    marked = [line.split()[0] for line in text if "(stochastic" in line]
+    assert marked == list(STOCHASTIC) and len(text) == len(rows)
 
 
 def test_shipped_files_install_into_an_empty_cache(
@@ -470,6 +638,23 @@ def test_cli_teachers_repoint_an_effect_built_with_an_older_recipe(
     finally:
         shutil.rmtree(older.parent)
         shutil.rmtree(older_base.parents[2])
+
+
+def test_cli_trains_and_registers_a_stochastic_teacher(built: dict[str, object], tmp_path: Path) -> None:
+    pm, registry = plugin_manager(), tmp_path / "reg.db"
+    r = run(pm, "--registry", registry, "toy", "teachers", "grain", "--tiny")
+    assert r.exit_code == 0, r.output
+    assert "teacher 'grain' (stochastic)" in r.output and "registered effect 'grain'" in r.output
+    listed = json.loads(run(pm, "--registry", registry, "effect", "list", "--json").output)
+    assert [(e["name"], e["teacher_prompt"]) for e in listed] == [("grain", "add film grain")]
+    result = build_teacher("grain", tiny=True, show_progress=False)
+    assert result.cached and result.sheet.exists()
+    report = result.report
+    assert report["stochastic"] is True and report["score_draws"] == 4
+    for key in ("psnr", "base_psnr", "diversity", "truth_diversity", "hf_energy", "truth_hf_energy"):
+        assert isinstance(report[key], float), key
+    assert report["truth_diversity"] > 0.03  # grain's true draws differ by about its strength
+    assert report["diversity"] > 0, "the teacher gives every seed the same image"
 
 
 def test_cli_unknown_effect_is_a_one_line_error() -> None:

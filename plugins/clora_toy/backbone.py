@@ -188,7 +188,20 @@ class ToyBackbone(Backbone):
         from clora_toy.effects import find_effect
 
         effect = find_effect(effect_name)
-        return None if effect is None else effect.apply(images.float()).to(images)
+        if effect is None or effect.stochastic:
+            return None
+        return effect.apply(images.float()).to(images)
+
+    def truth_draws(self, effect_name: str, images: torch.Tensor, n: int, seed: int) -> torch.Tensor | None:
+        """``n`` draws ``[n,B,3,H,W]`` of a stochastic toy effect (``Effect.draws``: a CPU generator seeded
+        from the effect's name and ``seed``), computed in float32 and returned on the images' device and
+        dtype; None for a deterministic or unknown effect."""
+        from clora_toy.effects import find_effect
+
+        effect = find_effect(effect_name)
+        if effect is None or not effect.stochastic:
+            return None
+        return effect.draws(images.detach().float().cpu(), n, seed).to(images)
 
     def offload_encoders(self) -> None:
         # prompts already encoded stay cached; a new prompt after this is a programming error

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from clora.errors import CloraError
 from clora.fileio import atomic_path, save_safetensors
 from clora.images import contact_sheet
-from clora.metrics import psnr
+from clora.metrics import diversity, high_frequency_energy, psnr
 from clora.sampling import euler_sample
 from clora_toy import store
 from clora_toy.backbone import EFFECT_LORA_MODULES, ToyBackbone, base_metadata
@@ -53,6 +53,36 @@ def score(
     truth = apply(sources)  # type: ignore[operator]
     out = sample_edit(backbone, sources, prompt, steps, guidance)
     return float(psnr(out, truth).mean()), truth, out
+
+
+#: seeds per source a stochastic effect's edits are sampled at, and true draws per source they are scored
+#: against
+SCORE_DRAWS = 4
+
+
+def score_draws(
+    backbone: ToyBackbone,
+    effect: Effect,
+    prompt: str,
+    sources: torch.Tensor,
+    steps: int,
+    guidance: float,
+    draws: int = SCORE_DRAWS,
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """A stochastic effect's edits sampled at seeds ``0..draws-1`` against as many true draws (seed 0):
+    PSNR (dB) of the edits' mean over seeds against the draws' mean, and for edits and truth alike the mean
+    per-pixel std across seeds (diversity) and mean squared Laplacian (fine detail, e.g. grain). Also the
+    true draws and the edits, both ``[draws, B, 3, H, W]``."""
+    truth = effect.draws(sources, draws, seed=0)
+    out = torch.stack([sample_edit(backbone, sources, prompt, steps, guidance, seed=k) for k in range(draws)])
+    scores = {
+        "psnr": float(psnr(out.mean(0), truth.mean(0)).mean()),
+        "diversity": float(diversity(out).mean()),
+        "truth_diversity": float(diversity(truth).mean()),
+        "hf_energy": float(high_frequency_energy(out.flatten(0, 1)).mean()),
+        "truth_hf_energy": float(high_frequency_energy(truth.flatten(0, 1)).mean()),
+    }
+    return scores, truth, out
 
 
 def _sheet_rows(
@@ -160,6 +190,23 @@ def teacher_eval_sources(backbone: ToyBackbone, cfg: ToyConfig) -> torch.Tensor:
     return held_out_sources(cfg.eval.num_images, backbone.image_size[0], seed=1)
 
 
+def _score_effect(
+    backbone: ToyBackbone, effect: Effect, sources: torch.Tensor, cfg: ToyConfig
+) -> tuple[float, dict[str, float], list[tuple[torch.Tensor, ...]]]:
+    """How the backbone (with its active adapter) edits ``effect`` at the teacher's guidance: PSNR (dB)
+    against the truth, for a stochastic effect :func:`score_draws`' distribution scores, and contact-sheet
+    rows (source | truth | output; a stochastic effect's: source | two true draws | two seeds' outputs)."""
+    steps, guidance = cfg.eval.steps, cfg.eval.teacher_guidance
+    if not effect.stochastic:
+        value, truth, out = score(backbone, effect.apply, effect.prompt, sources, steps, guidance)
+        return value, {}, _sheet_rows(sources, truth, out, 6)
+    scores, truth, outs = score_draws(backbone, effect, effect.prompt, sources, steps, guidance)
+    rows: list[tuple[torch.Tensor, ...]] = [
+        (x, truth[0, i], truth[1, i], outs[0, i], outs[1, i]) for i, x in enumerate(sources[:6])
+    ]
+    return scores.pop("psnr"), scores, rows
+
+
 def build_teacher(
     effect: Effect | str,
     tiny: bool = False,
@@ -185,8 +232,7 @@ def build_teacher(
             return BuildResult(weights, sheet, _read_report(report_path), cached=True, shipped=shipped)
     backbone = backbone or factory.load(device)
     sources = teacher_eval_sources(backbone, cfg)
-    guidance = cfg.eval.teacher_guidance
-    base_psnr, _, _ = score(backbone, effect.apply, effect.prompt, sources, cfg.eval.steps, guidance)
+    base_psnr, base_scores, _ = _score_effect(backbone, effect, sources, cfg)
     state, stats = train_teacher(backbone, effect, cfg.teacher, show_progress=show_progress)
     meta = lora_metadata(
         rank=cfg.teacher.rank,
@@ -200,21 +246,29 @@ def build_teacher(
     save_lora(weights, state, meta)
     apply_lora(backbone, weights, "toy_eval")
     try:
-        teacher_psnr, truth, out = score(
-            backbone, effect.apply, effect.prompt, sources, cfg.eval.steps, guidance
-        )
+        teacher_psnr, scores, rows = _score_effect(backbone, effect, sources, cfg)
     finally:
         backbone.transformer.delete_adapters("toy_eval")
+    distribution: dict[str, object] = {}
+    if effect.stochastic:
+        distribution = {
+            "stochastic": True,
+            "score_draws": SCORE_DRAWS,
+            **{k: round(v, 6) for k, v in scores.items()},
+            "base_diversity": round(base_scores["diversity"], 6),
+        }
     report: dict[str, object] = {
         "effect": effect.name,
         "prompt": effect.prompt,
         "backbone_id": factory.backbone_id,
+        # a stochastic effect's: of the mean over SCORE_DRAWS seeds against the mean of as many true draws
         "psnr": round(teacher_psnr, 2),
         "base_psnr": round(base_psnr, 2),
         "eval_steps": cfg.eval.steps,
-        "eval_guidance": guidance,
+        "eval_guidance": cfg.eval.teacher_guidance,
+        **distribution,
         **stats,
     }
-    contact_sheet(_sheet_rows(sources, truth, out, 6), sheet)
+    contact_sheet(rows, sheet)
     _write_json(report_path, report)
     return BuildResult(weights, sheet, report, cached=False)

@@ -86,10 +86,17 @@ def toy_app() -> typer.Typer:
             result = build_teacher(effect, device=device, force=force, backbone=backbone, size=size)
             r = result.report
             verb = _verb(result, "trained")
-            typer.echo(
-                f"{verb} teacher '{effect.name}': PSNR {r.get('psnr')} dB (base without LoRA "
-                f"{r.get('base_psnr')} dB) -> {result.path}"
-            )
+            if effect.stochastic:
+                typer.echo(
+                    f"{verb} teacher '{effect.name}' (stochastic): PSNR of its mean over seeds "
+                    f"{r.get('psnr')} dB (base without LoRA {r.get('base_psnr')} dB), diversity "
+                    f"{r.get('diversity')} (truth {r.get('truth_diversity')}) -> {result.path}"
+                )
+            else:
+                typer.echo(
+                    f"{verb} teacher '{effect.name}': PSNR {r.get('psnr')} dB (base without LoRA "
+                    f"{r.get('base_psnr')} dB) -> {result.path}"
+                )
             if register:
                 _register(
                     ctx, effect.name, str(result.path), effect.prompt, factory.backbone_id, result.cached
@@ -100,16 +107,20 @@ def toy_app() -> typer.Typer:
         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
         limit: Annotated[int | None, typer.Option("--limit", help="Only the first N effects.")] = None,
     ) -> None:
-        """List the library of effects with exact ground truth."""
+        """List the library of effects with known ground truth (stochastic ones, drawn at random, marked)."""
         from clora_toy.effects import effects_library
 
         chosen = effects_library(limit)
         if as_json:
-            rows = [{"name": e.name, "family": e.family, "prompt": e.prompt} for e in chosen]
+            rows = [
+                {"name": e.name, "family": e.family, "prompt": e.prompt, "stochastic": e.stochastic}
+                for e in chosen
+            ]
             typer.echo(json.dumps(rows, indent=2))
             return
         for e in chosen:
-            typer.echo(f"{e.name:24} {e.family:11} {e.prompt}")
+            mark = "  (stochastic: the result is drawn at random)" if e.stochastic else ""
+            typer.echo(f"{e.name:24} {e.family:11} {e.prompt}{mark}")
 
     @app.command("sources")
     def sources_cmd(

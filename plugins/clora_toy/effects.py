@@ -1,8 +1,11 @@
-"""A library of image effects with exact ground truth, each with the prompt its teacher is trained on.
+"""A library of image effects with known ground truth, each with the prompt its teacher is trained on.
 
-Every effect is a pure torch function on ``[B, 3, H, W]`` images in ``[0, 1]``. Twenty hand-picked
-effects come first; parametric families (hue angles, tint colours, duotones, ...) follow, interleaved,
-so ``effects_library(n)`` is a varied set for any ``n`` up to :func:`library_size`.
+Most effects are a pure torch function on ``[B, 3, H, W]`` images in ``[0, 1]`` with one exact result.
+Twenty hand-picked effects come first; parametric families (hue angles, tint colours, duotones, ...)
+follow, interleaved, so ``effects_library(n)`` is a varied set for any ``n`` up to the deterministic
+part's size. A few *stochastic* effects (film grain, confetti, a tint from a palette, a motion streak in
+a random direction) come last: their true result is a distribution, drawn per image with a
+``torch.Generator`` (:meth:`Effect.sample`, :meth:`Effect.draws`).
 """
 
 from __future__ import annotations
@@ -17,21 +20,48 @@ import torch
 import torch.nn.functional as F
 
 from clora.errors import CloraError, UnknownEffectError
-from clora_toy.data import luma
+from clora_toy.data import luma, name_seed
+
+
+class StochasticEffectError(CloraError):
+    """An exact result was asked of an effect whose true result is a distribution."""
 
 
 @dataclass(frozen=True)
 class Effect:
-    """A named effect: exact ground truth plus the teacher's prompt."""
+    """A named effect and its teacher's prompt, with its ground truth: one exact result (``fn(images)``),
+    or, for a ``stochastic`` effect, a distribution drawn from by ``fn(images, generator)``."""
 
     name: str
     prompt: str
-    fn: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+    #: ``fn(images)``, or ``fn(images, generator)`` for a stochastic effect: ``[B,3,H,W]`` to the same
+    fn: Callable[..., torch.Tensor] = field(repr=False)
     family: str = "core"
+    #: the true result is a distribution (each call of :meth:`sample` draws anew), not one image
+    stochastic: bool = False
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """The true result ``[B,3,H,W]`` in ``[0,1]``."""
+        """The exact result ``[B,3,H,W]`` in ``[0,1]``; a stochastic effect has none and raises
+        :class:`StochasticEffectError` (draw with :meth:`sample` or :meth:`draws` instead)."""
+        if self.stochastic:
+            raise StochasticEffectError(
+                f"toy effect '{self.name}' is stochastic: its result is a distribution, not one image; "
+                "draw from it with Effect.sample(images, generator) or Effect.draws(images, n, seed)"
+            )
         return self.fn(images).clamp(0, 1)
+
+    def sample(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw of the true result ``[B,3,H,W]`` in ``[0,1]``, independent per image, from the CPU
+        ``generator`` (any device's images); a deterministic effect's exact result, the generator unused."""
+        if not self.stochastic:
+            return self.apply(images)
+        return self.fn(images, generator).clamp(0, 1)
+
+    def draws(self, images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        """``n`` independent draws ``[n,B,3,H,W]`` of the true result, a pure function of the effect's name,
+        the images, ``n`` and ``seed`` (the first ``k`` of ``n`` draws are the ``k`` draws of that seed)."""
+        g = torch.Generator().manual_seed(name_seed(f"truth:{self.name}", seed))
+        return torch.stack([self.sample(images, g) for _ in range(n)])
 
 
 # -- building blocks -------------------------------------------------------------------------
@@ -176,6 +206,76 @@ def duotone(
     return x.new_tensor(dark).view(1, 3, 1, 1) * (1 - t) + x.new_tensor(light).view(1, 3, 1, 1) * t
 
 
+# -- stochastic effects: a fresh draw per image from a CPU generator ------------------------------
+
+
+def film_grain(x: torch.Tensor, generator: torch.Generator, strength: float, cell: int) -> torch.Tensor:
+    """Monochrome (luma) Gaussian grain of std ``strength``: one value per ``cell`` x ``cell`` pixels,
+    added alike to R, G and B, so the grain changes brightness, never hue."""
+    b, _, h, w = x.shape
+    noise = torch.randn(b, 1, -(-h // cell), -(-w // cell), generator=generator)
+    noise = noise.repeat_interleave(cell, -2).repeat_interleave(cell, -1)[..., :h, :w]
+    return x + strength * noise.to(x)
+
+
+def confetti(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    colours: tuple[tuple[float, float, float], ...],
+    count: tuple[int, int],
+    side: int,
+    grid: int = 1,
+) -> torch.Tensor:
+    """Between ``count[0]`` and ``count[1]`` (inclusive, uniform) squares of ``side`` pixels per image,
+    each at a uniform place inside the image on a ``grid`` of that many pixels and in a uniform colour of
+    ``colours``; later squares cover earlier ones."""
+    b, _, h, w = x.shape
+    most = count[1]
+    n = torch.randint(count[0], most + 1, (b, 1), generator=generator)
+    top = torch.randint((h - side) // grid + 1, (b, most), generator=generator) * grid
+    left = torch.randint((w - side) // grid + 1, (b, most), generator=generator) * grid
+    pick = torch.randint(len(colours), (b, most), generator=generator)
+    rows = torch.arange(h).view(1, 1, h, 1)
+    cols = torch.arange(w).view(1, 1, 1, w)
+    t, l_ = top[..., None, None], left[..., None, None]
+    inside = (rows >= t) & (rows < t + side) & (cols >= l_) & (cols < l_ + side)
+    inside &= (torch.arange(most).view(1, most) < n)[..., None, None]  # [B, most, H, W]
+    palette = x.new_tensor(colours)[pick.to(x.device)]  # [B, most, 3]
+    out = x
+    for k in range(most):
+        out = torch.where(inside[:, k : k + 1].to(x.device), palette[:, k, :, None, None], out)
+    return out
+
+
+def palette_wash(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    colours: tuple[tuple[float, float, float], ...],
+    weights: tuple[float, ...],
+) -> torch.Tensor:
+    """:func:`wash` with one colour per image, drawn from ``colours`` with probabilities ``weights``."""
+    pick = torch.multinomial(torch.tensor(weights), len(x), replacement=True, generator=generator)
+    colour = x.new_tensor(colours)[pick.to(x.device)].view(len(x), 3, 1, 1)
+    return 0.6 * x + 0.4 * colour
+
+
+def _line_kernels(length: int) -> torch.Tensor:
+    """``[4, L, L]`` box kernels along a line of ``length`` pixels: horizontal, vertical, and the two
+    diagonals."""
+    line = torch.zeros(length, length)
+    line[length // 2] = 1.0 / length
+    diagonal = torch.eye(length) / length
+    return torch.stack([line, line.T, diagonal, diagonal.flip(-1)])
+
+
+def motion_streak(x: torch.Tensor, generator: torch.Generator, length: int) -> torch.Tensor:
+    """A motion blur along a line of ``length`` pixels in one of four directions (horizontal, vertical,
+    either diagonal), uniform per image."""
+    direction = torch.randint(4, (len(x),), generator=generator).to(x.device)
+    blurred = torch.stack([_conv(x, k) for k in _line_kernels(length)])  # [4, B, 3, H, W]
+    return blurred[direction, torch.arange(len(x), device=x.device)]
+
+
 # -- the library -----------------------------------------------------------------------------
 
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -229,6 +329,53 @@ def _core() -> list[Effect]:
             "duotone",
             "make a navy and cream duotone",
             partial(duotone, dark=PALETTE["navy"], light=PALETTE["cream"]),
+        ),
+    ]
+
+
+#: the bright colours of :func:`confetti`
+CONFETTI_COLOURS = tuple(PALETTE[c] for c in ("red", "yellow", "cyan", "magenta", "lime"))
+
+#: the palette of ``palette-tint`` and each colour's probability: unequal, so a model that regresses to
+#: the mean (a muddy blend of the three) and one that always picks the likeliest colour are both wrong
+TINT_PALETTE = {"orange": 0.6, "teal": 0.3, "violet": 0.1}
+
+
+def _stochastic() -> list[Effect]:
+    return [
+        # 1-pixel grain, std 0.08: what film grain looks like (2x2 cells would be the toy's own patch
+        # grid); measured learnable by the full toy's teacher (docs/toy-world.md)
+        Effect(
+            "grain",
+            "add film grain",
+            partial(film_grain, strength=0.08, cell=2),
+            "grain",
+            stochastic=True,
+        ),
+        Effect(
+            "confetti",
+            "sprinkle bright confetti squares",
+            partial(confetti, colours=CONFETTI_COLOURS, count=(4, 8), side=2, grid=2),
+            "confetti",
+            stochastic=True,
+        ),
+        Effect(
+            "palette-tint",
+            "wash the image with a color picked at random",
+            partial(
+                palette_wash,
+                colours=tuple(PALETTE[c] for c in TINT_PALETTE),
+                weights=tuple(TINT_PALETTE.values()),
+            ),
+            "palette",
+            stochastic=True,
+        ),
+        Effect(
+            "streak",
+            "smear the image with a motion streak",
+            partial(motion_streak, length=7),
+            "streak",
+            stochastic=True,
         ),
     ]
 
@@ -308,6 +455,8 @@ def _library() -> tuple[Effect, ...]:
     families = _families()
     for round_ in itertools.zip_longest(*families):
         ordered.extend(e for e in round_ if e is not None)
+    # last, so every prefix of the deterministic effects keeps its order (benchmarks take prefixes)
+    ordered.extend(_stochastic())
     names = [e.name for e in ordered]
     if len(set(names)) != len(names):
         raise RuntimeError("duplicate effect names in the toy library")
@@ -320,7 +469,8 @@ def library_size() -> int:
 
 
 def effects_library(n: int | None = None) -> list[Effect]:
-    """The first ``n`` effects (all with ``None``), in a fixed order: hand-picked first, then families."""
+    """The first ``n`` effects (all with ``None``), in a fixed order: hand-picked first, then families,
+    then the stochastic effects (so a prefix of the deterministic ones never changes)."""
     lib = _library()
     if n is None:
         return list(lib)

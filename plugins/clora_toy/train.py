@@ -187,7 +187,10 @@ def train_teacher(
             sources = _augment(pairs[idx], g)
             prompts = _drop_prompts([effect.prompt] * cfg.batch_size, cfg.prompt_dropout, g)
             sigma = sample_sigmas(cfg.batch_size, cfg.shifted_sigma_frac, g)
-            return flow_matching_loss(backbone, sources, effect.apply(sources), prompts, sigma, g)
+            # a stochastic effect: a fresh draw per sample, so the teacher learns the distribution (a
+            # deterministic effect's exact result leaves g untouched, so its teachers stay as they were)
+            targets = effect.sample(sources, g)
+            return flow_matching_loss(backbone, sources, targets, prompts, sigma, g)
 
         start, cpu_start = time.perf_counter(), time.process_time()
         losses = _optimize(
