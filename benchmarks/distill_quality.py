@@ -4,6 +4,9 @@
     python benchmarks/distill_quality.py --ablations           # + without routing / asym. prompts / ...
     python benchmarks/distill_quality.py --ablations full on-policy --on-policy-share 0.1   # some of them
     python benchmarks/distill_quality.py --tiny --steps 60     # the test-size world, a smoke run
+    python benchmarks/distill_quality.py --effects sepia invert warm blur grain confetti palette-tint streak \
+        --ablations full paper-1-dmd paper-2-routing paper-3-prompts paper-4-target-sim paper-5-anchoring
+        # the paper's component ablation, deterministic and stochastic effects together
 
 Uses CLORA_HOME for the toy base and teachers (built if missing) and a fresh registry in a temp folder.
 Every number is measured in this run on this machine; compare columns, not runs.
@@ -28,7 +31,29 @@ from clora.metrics import psnr
 from clora.sampling import euler_sample, few_step_sample
 
 EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
+#: the toy effects whose truth is a distribution, for the component ablation
+STOCHASTIC = ["grain", "confetti", "palette-tint", "streak"]
 ON_POLICY = {"dmd": {"weight": 0.1}, "target_sim": {"weight": 0.1}, "critic_fm": {}}
+DMD_ONLY = {"dmd": {"weight": 0.1}, "critic_fm": {}}
+#: the paper's component ablation, rows (1)-(5): each on-policy throughout (no anchoring phase), adding one
+#: component to the row before: multi-teacher DMD, routing (PDSR), asymmetric prompts (AOP), target
+#: simulation (TS), trajectory anchoring (TA-FM)
+PAPER_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "paper-1-dmd": (
+        "(1) multi-teacher DMD (effect stream only, teacher prompts)",
+        {"anchor_share": 0.0, "p_switch": 1.0, "asymmetric_prompts": False, "losses": DMD_ONLY},
+    ),
+    "paper-2-routing": (
+        "(2) + routing (PDSR)",
+        {"anchor_share": 0.0, "asymmetric_prompts": False, "losses": DMD_ONLY},
+    ),
+    "paper-3-prompts": ("(3) + asymmetric prompts (AOP)", {"anchor_share": 0.0, "losses": DMD_ONLY}),
+    "paper-4-target-sim": ("(4) + target simulation (TS)", {"anchor_share": 0.0, "losses": ON_POLICY}),
+    "paper-5-anchoring": (
+        "(5) + trajectory anchoring (TA-FM): every term, on-policy throughout",
+        {"anchor_share": 0.0},
+    ),
+}
 
 
 def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -47,6 +72,7 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
             {"anchor_share": tail, "losses": {"level_anchor": {}, "dmd": {"weight": 0.1}, "critic_fm": {}}},
         ),
         "no-anchoring": ("no anchoring (on-policy throughout)", {"anchor_share": 0.0, "losses": ON_POLICY}),
+        **PAPER_ROWS,
     }
 
 
@@ -130,18 +156,7 @@ def main() -> None:
             "steps": outcome.metrics["train"]["steps"],
             "seconds_by_role": outcome.metrics["train"]["seconds_by_role"],
             "base_mb": outcome.metrics["train"]["base_mb"],
-            "per_effect": {
-                n: {
-                    "student": ev["effects"][n]["student_vs_truth"]["psnr"],
-                    "teacher": ev["effects"][n]["teacher_vs_truth"]["psnr"],
-                    **{
-                        f"merged-{m}": v["psnr"]
-                        for m, v in (ev["effects"][n]["merged_vs_truth"] or {}).items()
-                        if v
-                    },
-                }
-                for n in labels
-            },
+            "per_effect": {n: effect_scores(ev["effects"][n]) for n in labels},
             "trigger_accuracy": round(trigger_accuracy(m), 4),
             "retention": ret,
         }
@@ -153,6 +168,30 @@ def main() -> None:
         args.json_out.write_text(json.dumps(results, indent=2))
 
 
+def effect_scores(r: dict[str, Any]) -> dict[str, Any]:
+    """One effect's row of an eval: PSNR vs truth (deterministic), or the distribution metrics of the
+    student and the teacher (an effect whose truth is a distribution)."""
+    if r["distribution"]:
+        return {"distribution": {w: r["distribution"][w] for w in ("student", "teacher")}}
+    return {
+        "student": r["student_vs_truth"]["psnr"],
+        "teacher": r["teacher_vs_truth"]["psnr"],
+        **{f"merged-{m}": v["psnr"] for m, v in (r["merged_vs_truth"] or {}).items() if v},
+    }
+
+
+def _psnr_rows(r: dict[str, Any]) -> dict[str, Any]:
+    return {n: v for n, v in r["per_effect"].items() if "student" in v}
+
+
+def _dist_means(r: dict[str, Any], way: str = "student") -> dict[str, float] | None:
+    """Means over the stochastic effects of one way's distribution metrics."""
+    rows = [v["distribution"][way] for v in r["per_effect"].values() if "distribution" in v]
+    if not rows:
+        return None
+    return {k: sum(x[k] for x in rows) / len(rows) for k in rows[0]}
+
+
 def print_variant(label: str, r: dict[str, Any]) -> None:
     print(f"\n== {label}: {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB (base weights {r['base_mb']} MB)")
     roles = r["seconds_by_role"]
@@ -161,24 +200,36 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
         f"{r['steps']} steps, {total / r['steps']:.2f} s/step; by role: "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in roles.items())
     )
-    merges = [k for k in next(iter(r["per_effect"].values())) if k.startswith("merged-")]
+    rows = _psnr_rows(r)
+    merges = [k for k in next(iter(rows.values())) if k.startswith("merged-")] if rows else []
     print(
         f"{'effect':14} {'student 4-step':>15} {'teacher 20+CFG':>15} {'gap':>7}"
         + "".join(f" {m:>14}" for m in merges)
     )
     gaps = []
-    for n, v in r["per_effect"].items():
+    for n, v in rows.items():
         gaps.append(v["teacher"] - v["student"])
         print(
             f"{n:14} {v['student']:15.2f} {v['teacher']:15.2f} {gaps[-1]:7.2f}"
             + "".join(f" {v[m]:14.2f}" for m in merges)
         )
-    s = sum(v["student"] for v in r["per_effect"].values()) / len(gaps)
-    t = sum(v["teacher"] for v in r["per_effect"].values()) / len(gaps)
-    print(
-        f"{'mean':14} {s:15.2f} {t:15.2f} {t - s:7.2f}   "
-        f"(within 2 dB: {sum(g <= 2 for g in gaps)}/{len(gaps)})"
-    )
+    if gaps:
+        s = sum(v["student"] for v in rows.values()) / len(gaps)
+        t = sum(v["teacher"] for v in rows.values()) / len(gaps)
+        print(
+            f"{'mean':14} {s:15.2f} {t:15.2f} {t - s:7.2f}   "
+            f"(within 2 dB: {sum(g <= 2 for g in gaps)}/{len(gaps)})"
+        )
+    for n, v in r["per_effect"].items():
+        if "distribution" in v:
+            print(
+                f"{n:14} (vs true draws) "
+                + "; ".join(
+                    f"{way}: HF {m['hf_ratio']:.2f}x, diversity {m['diversity_ratio']:.2f}x, "
+                    f"KID {m['kid']:.3f}"
+                    for way, m in v["distribution"].items()
+                )
+            )
     ret = r["retention"]
     print(
         f"trigger accuracy {r['trigger_accuracy']:.1%}; general edits vs truth: "
@@ -189,16 +240,31 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
 
 def print_ablation(results: dict[str, Any]) -> None:
     def mean(r: dict[str, Any]) -> float:
-        return sum(v["student"] for v in r["per_effect"].values()) / len(r["per_effect"])
+        rows = _psnr_rows(r)
+        return sum(v["student"] for v in rows.values()) / max(len(rows), 1)
+
+    def per_step(r: dict[str, Any]) -> float:
+        return sum(r["seconds_by_role"].values()) / r["steps"]
 
     ref_key = "full" if "full" in results else next(iter(results))
     full = mean(results[ref_key])
     vs = f"vs {ref_key}"[:16]
-    print(f"\n{'variant':52} {'mean student dB':>16} {vs:>16} {'trigger acc':>12} {'retention dB':>13}")
+    print(
+        f"\n{'variant':52} {'PSNR dB':>8} {vs:>16} {'HF ratio':>9} {'div. ratio':>10} {'KID':>7} "
+        f"{'trigger acc':>12} {'retention dB':>13} {'s/step':>7}"
+    )
     for r in results.values():
+        d = _dist_means(r)
+        dist = "" if d is None else f"{d['hf_ratio']:9.2f} {d['diversity_ratio']:10.2f} {d['kid']:7.3f}"
         print(
-            f"{r['label']:52} {mean(r):16.2f} {mean(r) - full:16.2f} {r['trigger_accuracy']:12.1%} "
-            f"{r['retention']['student_psnr']:13.2f}"
+            f"{r['label']:52} {mean(r):8.2f} {mean(r) - full:16.2f} {dist or '-':>28} "
+            f"{r['trigger_accuracy']:12.1%} {r['retention']['student_psnr']:13.2f} {per_step(r):7.2f}"
+        )
+    teachers = _dist_means(next(iter(results.values())), "teacher")
+    if teachers:
+        print(
+            f"teachers on the stochastic effects: HF {teachers['hf_ratio']:.2f}x, diversity "
+            f"{teachers['diversity_ratio']:.2f}x, KID {teachers['kid']:.3f}"
         )
 
 

@@ -219,7 +219,14 @@ class Backbone(ABC):
         raise CloraError(f"base '{self.base_id}' has no built-in general edits")
 
     def ground_truth(self, effect_name: str, images: torch.Tensor) -> torch.Tensor | None:
-        """The exact result of a known effect on ``images`` (synthetic bases only), else None."""
+        """The exact result of a known deterministic effect on ``images`` (synthetic bases only), else
+        None (also for a stochastic effect, which has no one exact result: see :meth:`truth_draws`)."""
+        return None
+
+    def truth_draws(self, effect_name: str, images: torch.Tensor, n: int, seed: int) -> torch.Tensor | None:
+        """``n`` independent draws ``[n, B, C, H, W]`` from the true result distribution of a known
+        stochastic effect (film grain, confetti, a tint from a palette, ...) on ``images``, the same for the
+        same ``seed`` (synthetic bases only); None for a deterministic or unknown effect."""
         return None
 
     def offload_encoders(self) -> None:

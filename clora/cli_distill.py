@@ -34,6 +34,9 @@ def _eval_summary(ev: dict[str, Any] | None) -> str:
         merged = {"variant": pick, "by": "psnr vs truth", "psnr": scores[pick]}
     if merged and merged["by"] == "psnr vs truth":
         parts.append(f"merged {merged['psnr']:.1f} dB ({merged['variant']})")
+    student = o.get("distribution", {}).get("student")
+    if student:  # the effects whose truth is a distribution
+        parts.append(f"HF {student['hf_ratio']:.2f}x")
     if ev["bleeding"]["bleed_rate"] is not None:
         parts.append(f"bleed {ev['bleeding']['bleed_rate']:.0%}")
     cost = ev["cost"]

@@ -62,6 +62,15 @@ MetricsOption = Annotated[
 ]
 MarginOption = Annotated[float, typer.Option("--margin", help="Bad case: this many dB below the teacher.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the images and noise.")]
+DrawsOption = Annotated[
+    int,
+    typer.Option(
+        "--draws",
+        min=2,
+        help="Effects whose truth is a distribution (film grain, confetti, ...): true draws per image, and "
+        "seeds per image for each way's diversity.",
+    ),
+]
 AsJsonOption = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 ReportOption = Annotated[
     Path | None,
@@ -81,6 +90,7 @@ def cmd_eval(
     metrics: MetricsOption = None,
     margin: MarginOption = 1.0,
     seed: SeedOption = 0,
+    draws: DrawsOption = 4,
     as_json: AsJsonOption = False,
     report: ReportOption = None,
     device: DeviceOption = "cpu",
@@ -98,6 +108,7 @@ def cmd_eval(
         opts = EvalOptions(
             n_images=n_images,
             seed=seed,
+            draws=draws,
             margin_db=margin,
             accel=accel,
             images_dir=images,
@@ -148,6 +159,19 @@ def print_result(result: dict[str, Any]) -> None:
             "-" if r["bad_case_rate"] is None else f"{r['bad_case_rate']:.0%}",
         )
     console.print(table)
+    for name, r in result["effects"].items():
+        if r.get("distribution"):
+            ways = "; ".join(
+                f"{way} HF {m['hf_ratio']:.2f}x, diversity {m['diversity_ratio']:.2f}x, KID {m['kid']:.4f}"
+                for way, m in r["distribution"].items()
+            )
+            typer.echo(
+                textwrap.fill(
+                    f"{name} (a distribution, vs true draws): {ways}",
+                    width=max(console.width, 60),
+                    subsequent_indent="  ",
+                )
+            )
     for line in sweep_lines(result["overall"]):
         typer.echo(textwrap.fill(line, width=max(console.width, 60), subsequent_indent="  "))
     for key, label in COMPARISONS.items():

@@ -33,7 +33,7 @@ from clora.generate import (
 )
 from clora.images import read_image
 from clora.merge import DEFAULT_MERGES, merge_teachers, sweep
-from clora.metrics import nearest
+from clora.metrics import diversity, high_frequency_energy, kernel_distance, nearest
 from clora.paths import clora_home
 from clora.plugins import Components
 from clora.progress import progress_bar
@@ -70,6 +70,13 @@ class EvalOptions:
     #: passes, so a sweep is cheap. On the tiny toy world a weaker acceleration LoRA spoils the effect less
     #: (0.25 and 0.5 best), while an effect strength other than 1 lost 1.8-2.8 dB on average.
     cascade_strengths: tuple[tuple[float, float], ...] = ((1.0, 0.25), (1.0, 0.5), (1.0, 0.75), (1.0, 1.0))
+    #: effects whose truth is a distribution (``Backbone.truth_draws``): true draws per source, and seeds
+    #: per source (on the first ``DIVERSITY_IMAGES``) for each way's diversity
+    draws: int = 4
+
+
+#: source images whose outputs are drawn at ``EvalOptions.draws`` seeds to measure diversity
+DIVERSITY_IMAGES = 4
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -135,17 +142,54 @@ class _Scoring:
     cache: OutputCache
     metrics: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    student_extra: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def score(self, a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
         return None if b is None else {m: _mean(fn(a, b)) for m, fn in self.metrics.items()}
 
+    truths: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def truth_draws(self, name: str) -> torch.Tensor | None:
+        """``[draws, B, ...]`` true results of a stochastic effect on the sources (None: deterministic)."""
+        if name not in self.truths:
+            draws = self.bb.truth_draws(name, self.sources, self.opt.draws, self.opt.seed)
+            self.truths[name] = None if draws is None else draws.to(self.sources)
+        return self.truths[name]
+
+    @property
+    def extra_seeds(self) -> list[int]:
+        """The seeds besides ``opt.seed`` that each way samples a stochastic effect at, for diversity."""
+        return [self.opt.seed + k for k in range(1, max(self.opt.draws, 2))]
+
+    @property
+    def few(self) -> torch.Tensor:
+        return self.sources[:DIVERSITY_IMAGES]
+
+    def distribution(self, name: str, outputs: torch.Tensor, extra: list[torch.Tensor]) -> dict[str, float]:
+        """A stochastic effect's outputs against its true draws: high-frequency energy and diversity across
+        seeds as ratios to the truth's (below 1: smoother or less varied than the truth), and KID."""
+        truth = self.truth_draws(name)
+        assert truth is not None
+        m = len(self.few)
+        seeds = torch.stack([outputs[:m], *(x.to(outputs) for x in extra)])
+        t_hf = float(high_frequency_energy(truth.flatten(0, 1)).mean())
+        t_div = float(diversity(truth[:, :m]).mean())
+        return {
+            "hf_ratio": round(float(high_frequency_energy(outputs).mean()) / max(t_hf, 1e-12), 4),
+            "diversity_ratio": round(float(diversity(seeds).mean()) / max(t_div, 1e-12), 4),
+            "kid": round(kernel_distance(outputs, truth, self.sources), 6),
+        }
+
     def students(self, model: UnifiedModel, names: list[str], step: Any) -> dict[str, torch.Tensor]:
         """Every student output first: the unified LoRA is fused into the base once, then the teacher and
-        cascade runs unfuse it once (in low precision each fuse/unfuse rounds the weights)."""
+        cascade runs unfuse it once (in low precision each fuse/unfuse rounds the weights). A stochastic
+        effect is also drawn at the extra seeds (``student_extra``)."""
         out = {}
         for name in names:
             out[name], dt = _timed(lambda name=name: model.edit(self.sources, [name], seed=self.opt.seed))
             self.seconds["student"] += dt
+            if self.truth_draws(name) is not None:
+                self.student_extra[name] = [model.edit(self.few, [name], seed=s) for s in self.extra_seeds]
             step(f"student {name}")
         return out
 
@@ -153,37 +197,60 @@ class _Scoring:
         self, name: str, student: torch.Tensor, teacher: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, tuple[Path, float]]]:
         """One effect's outputs (student, teacher and truth where known), its row of scores with the
-        cascade sweep, and the cascade's cached outputs by setting."""
+        cascade sweep (and, for a stochastic effect, each way's distribution metrics), and the cascade's
+        cached outputs by setting."""
         out = {"student": student}
+        stochastic = self.truth_draws(name) is not None
+        dist: dict[str, Any] = {}
+        if stochastic:
+            dist["student"] = self.distribution(name, student, self.student_extra[name])
         if teacher is not None:
-            path = self.cache.path(teacher=sha256_file(teacher.lora_path), prompt=teacher.teacher_prompt)
-            images, dt = self.cache.get(path, lambda: self.teacher_edit(teacher))
-            out["teacher"] = images.to(student)
-            self.seconds["teacher"] += dt
+            out["teacher"] = self.teacher_edit(teacher).to(student)
+            if stochastic:
+                extra = [self.teacher_edit(teacher, s) for s in self.extra_seeds]
+                dist["teacher"] = self.distribution(name, out["teacher"], extra)
         truth = self.bb.ground_truth(name, self.sources)
         if truth is not None:
             out["truth"] = truth.to(student)
+        draws = self.truth_draws(name)
+        if draws is not None:
+            out["truth draw"] = draws[0]
         row = _effect_row(out, self.score, self.metrics, self.opt.margin_db)
+        row["distribution"] = dist or None
         if not self.opt.accel or teacher is None:
             return out, row, {}
-        runs = _cascade(self, teacher)
+        runs = _cascade(self, teacher, stochastic)
         for ref in REFERENCES:
             row[f"cascade_sweep_vs_{ref}"] = {
-                s: self.score(images.to(student), out.get(ref)) for s, (images, _, _) in runs.items()
+                s: self.score(images.to(student), out.get(ref)) for s, (images, *_) in runs.items()
             }
-        return out, row, {s: (path, dt) for s, (_, path, dt) in runs.items()}
+        if stochastic:
+            row["cascade_sweep_distribution"] = {
+                s: self.distribution(name, images.to(student), extra)
+                for s, (images, _, _, extra) in runs.items()
+            }
+        return out, row, {s: (path, dt) for s, (_, path, dt, _) in runs.items()}
 
-    def teacher_edit(self, effect: Any) -> torch.Tensor:
-        return teacher_edit(
-            self.bb,
-            self.components,
-            effect.lora_path,
-            effect.teacher_prompt,
-            self.sources,
-            steps=self.cache.steps,
-            guidance=self.cache.guidance,
-            seed=self.opt.seed,
+    def teacher_edit(self, effect: Any, seed: int | None = None) -> torch.Tensor:
+        """The teacher's outputs on the sources (cached, timed), or on the first few at another ``seed``."""
+        images = self.sources if seed is None else self.few
+        key = {"teacher": sha256_file(effect.lora_path), "prompt": effect.teacher_prompt}
+        out, dt = self.cache.get(
+            self.cache.path(**key, **_draw_key(seed, self)),
+            lambda: teacher_edit(
+                self.bb,
+                self.components,
+                effect.lora_path,
+                effect.teacher_prompt,
+                images,
+                steps=self.cache.steps,
+                guidance=self.cache.guidance,
+                seed=self.opt.seed if seed is None else seed,
+            ),
         )
+        if seed is None:
+            self.seconds["teacher"] += dt
+        return out
 
 
 def evaluate(
@@ -225,11 +292,15 @@ def evaluate(
             [teachers[n] for n in model.effects if n in teachers],
             [n for n in names if n in teachers],
             bar,
-            lambda n, images: {ref: ctx.score(images, outputs[n].get(ref)) for ref in REFERENCES},
+            lambda n, images, extra: {
+                **{ref: ctx.score(images, outputs[n].get(ref)) for ref in REFERENCES},
+                "distribution": ctx.distribution(n, images, extra) if extra else None,
+            },
         )
     for name, by_variant in merged.items():
-        for ref in REFERENCES:
-            per[name][f"merged_vs_{ref}"] = {v: scores[ref] for v, (scores, _) in by_variant.items()}
+        for ref in [*REFERENCES, "distribution"]:
+            key = f"merged_vs_{ref}" if ref in REFERENCES else "merged_distribution"
+            per[name][key] = {v: scores[ref] for v, (scores, _) in by_variant.items()}
     overall = _overall(per)
     _best_outputs(ctx, outputs, overall["best"], merged, cascades)
     return {
@@ -283,6 +354,10 @@ def _effect_row(
         "merged_vs_teacher": None,
         "cascade_sweep_vs_truth": None,
         "cascade_sweep_vs_teacher": None,
+        # a stochastic effect's distribution metrics: {way: metrics}, and the sweeps' {setting: metrics}
+        "distribution": None,
+        "merged_distribution": None,
+        "cascade_sweep_distribution": None,
     }
     if "truth" in out and "teacher" in out and "psnr" in metrics:
         gap = metrics["psnr"](out["teacher"], out["truth"]) - metrics["psnr"](student, out["truth"])
@@ -360,36 +435,48 @@ def _read_back(cache: OutputCache, path: Path, like: torch.Tensor) -> torch.Tens
     return hit[0].to(like)
 
 
-def _cascade(ctx: _Scoring, effect: Any) -> dict[str, tuple[torch.Tensor, Path, float]]:
+def _cascade(
+    ctx: _Scoring, effect: Any, stochastic: bool
+) -> dict[str, tuple[torch.Tensor, Path, float, list[torch.Tensor]]]:
     """The paper's baseline, ``effect``'s LoRA stacked with the acceleration LoRA (few steps), at each of
-    ``opt.cascade_strengths``: ``{setting: (images, cached file, seconds)}``. Like the teachers' outputs
-    these are fixed by their inputs, so they are cached and timed once."""
+    ``opt.cascade_strengths``: ``{setting: (images, cached file, seconds, draws at the extra seeds of a
+    stochastic effect)}``. Like the teachers' outputs these are fixed by their inputs, so they are cached
+    and timed once."""
     accel = ctx.opt.accel
     assert accel is not None
     accel_key = sha256_file(accel)
+    lora_key = sha256_file(effect.lora_path)
     out = {}
-    for effect_strength, accel_strength in ctx.opt.cascade_strengths:
-        path = ctx.cache.path(
-            cascade=sha256_file(effect.lora_path),
-            accel=accel_key,
-            strengths=[effect_strength, accel_strength],
-            prompt=effect.teacher_prompt,
-        )
-        images, seconds = ctx.cache.get(
-            path,
-            lambda es=effect_strength, acs=accel_strength: cascade_edit(
-                ctx.bb,
-                ctx.components,
-                effect.lora_path,
-                effect.teacher_prompt,
-                accel,
-                ctx.sources,
-                seed=ctx.opt.seed,
-                strength=es,
-                accel_strength=acs,
-            ),
-        )
-        out[_cascade_label(effect_strength, accel_strength)] = (images, path, seconds)
+    for strengths in ctx.opt.cascade_strengths:
+
+        def draw(seed: int | None, strengths: tuple[float, float] = strengths) -> tuple[Any, Path, float]:
+            images = ctx.sources if seed is None else ctx.few
+            path = ctx.cache.path(
+                cascade=lora_key,
+                accel=accel_key,
+                strengths=list(strengths),
+                prompt=effect.teacher_prompt,
+                **_draw_key(seed, ctx),
+            )
+            result, seconds = ctx.cache.get(
+                path,
+                lambda: cascade_edit(
+                    ctx.bb,
+                    ctx.components,
+                    effect.lora_path,
+                    effect.teacher_prompt,
+                    accel,
+                    images,
+                    seed=ctx.opt.seed if seed is None else seed,
+                    strength=strengths[0],
+                    accel_strength=strengths[1],
+                ),
+            )
+            return result, path, seconds
+
+        images, path, seconds = draw(None)
+        extra = [draw(seed)[0] for seed in ctx.extra_seeds] if stochastic else []
+        out[_cascade_label(*strengths)] = (images, path, seconds, extra)
     return out
 
 
@@ -423,23 +510,44 @@ def _merged(
             "density": variant.density,
             "svd_rank": "sum of ranks",
         }
-        where = {n: cache.path(merge=spec, members=members_key, prompt=prompts[n]) for n in names}
-        if not all(p.exists() for p in where.values()):  # something to sample: build the merged adapter
+        # each effect's outputs on the sources, and a stochastic effect's on the first few at the extra seeds
+        jobs = {
+            n: [
+                (draw, cache.path(merge=spec, members=members_key, prompt=prompts[n], **_draw_key(draw, ctx)))
+                for draw in [None, *(ctx.extra_seeds if ctx.truth_draws(n) is not None else [])]
+            ]
+            for n in names
+        }
+        if not all(p.exists() for js in jobs.values() for _, p in js):  # build the merged adapter
             unfuse(bb.transformer)
             merge_teachers(bb.transformer, ctx.components, paths, variant, adapter, seed=seed)
         try:
             for n in names:
-                images, _ = cache.get(
-                    where[n],
-                    lambda n=n: full_edit(
-                        bb, adapter, prompts[n], sources, cache.steps, cache.guidance, seed=seed
-                    ),
-                )
-                out[n][variant.label] = (score(n, images.to(sources)), where[n])
+                got = [
+                    cache.get(
+                        path,
+                        lambda n=n, draw=draw: full_edit(
+                            bb,
+                            adapter,
+                            prompts[n],
+                            sources if draw is None else ctx.few,
+                            cache.steps,
+                            cache.guidance,
+                            seed=seed if draw is None else draw,
+                        ),
+                    )[0].to(sources)
+                    for draw, path in jobs[n]
+                ]
+                out[n][variant.label] = (score(n, got[0], got[1:]), jobs[n][0][1])
                 bar.update(task, advance=1, info=f"{variant.label}: {n}")
         finally:
             drop_adapters(bb.transformer, [adapter])
     return out
+
+
+def _draw_key(seed: int | None, ctx: _Scoring) -> dict[str, Any]:
+    """The cache key's part for outputs at an extra seed (on the first few sources)."""
+    return {} if seed is None else {"draw_seed": seed, "images": len(ctx.few)}
 
 
 def _means(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -480,11 +588,22 @@ def _overall(per: dict[str, Any]) -> dict[str, Any]:
     if "cascade" in best:
         for r in per.values():
             r["cascade_vs_truth"] = (r.get("cascade_sweep_vs_truth") or {}).get(best["cascade"]["variant"])
+    for kind, sweep_key in (("merged", "merged_distribution"), ("cascade", "cascade_sweep_distribution")):
+        for r in per.values():
+            at_best = (r.get(sweep_key) or {}).get(best[kind]["variant"]) if kind in best else None
+            if r.get("distribution") and at_best:
+                r["distribution"][kind] = at_best
     out: dict[str, Any] = {}
     for key in COMPARISONS:
         rows = [r[key] for r in per.values() if r[key]]
         if rows:
             out[key] = _means(rows)
+    ways = dict.fromkeys(w for r in per.values() for w in r.get("distribution") or {})
+    if ways:  # means over the stochastic effects
+        out["distribution"] = {
+            w: _means([r["distribution"][w] for r in per.values() if w in (r.get("distribution") or {})])
+            for w in ways
+        }
     out.update(sweeps)
     out["best"] = best
     bad = [r["bad_case_rate"] for r in per.values() if r["bad_case_rate"] is not None]
@@ -508,10 +627,18 @@ def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> 
     Against the truth, the teachers' own outputs are scored the same way (``teacher_matrix``), so a
     bleed rate can be read against what the N teachers themselves do (similar effects, weak teachers).
     """
-    kind = "truth" if all("truth" in outputs[n] for n in names) else "teacher"
-    if not all(kind in outputs[n] for n in names):
+    # a stochastic effect's truth here is one true draw
+    truths = [outputs[n].get("truth", outputs[n].get("truth draw")) for n in names]
+    kind = "truth" if all(t is not None for t in truths) else "teacher"
+    refs_of = (
+        [t for t in truths if t is not None]
+        if kind == "truth"
+        else [outputs[n].get("teacher") for n in names]
+    )
+    references = [r for r in refs_of if r is not None]
+    if len(references) != len(names):
         return {"reference": None, "labels": names, "matrix": [], "bleed_rate": None}
-    refs = torch.stack([outputs[n][kind] for n in names])
+    refs = torch.stack(references)
 
     def confusion(role: str) -> tuple[list[list[int]], float | None]:
         matrix = []

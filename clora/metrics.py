@@ -42,3 +42,55 @@ def nearest(outputs: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """For each output ``[B,...]``, the index of the closest of ``references [K,B,...]`` (per image MSE)."""
     d = (references.float() - outputs.float().unsqueeze(0)).pow(2).flatten(2).mean(2)  # [K, B]
     return d.argmin(0)
+
+
+# -- distribution metrics: for effects whose true result is a distribution (grain, confetti, ...) --------
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def laplacian(images: torch.Tensor) -> torch.Tensor:
+    """The 4-neighbour Laplacian of each channel (edges replicated): the image's finest detail."""
+    x = images.float()
+    c = x.shape[1]
+    k = _LAPLACIAN.to(x.device).expand(c, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+
+
+def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
+    """Mean squared Laplacian per image (texture, grain): an over-smoothed output has less than its truth."""
+    return laplacian(images).pow(2).flatten(1).mean(1)
+
+
+def small_features(images: torch.Tensor) -> torch.Tensor:
+    """``[B, d]`` features for a kernel distance on small images: colours and layout (4x4 average pool)
+    and where the fine detail is (4x4 pool of the absolute Laplacian)."""
+    x = images.float()
+    coarse = F.adaptive_avg_pool2d(x, 4).flatten(1)
+    detail = F.adaptive_avg_pool2d(laplacian(x).abs(), 4).flatten(1)
+    return torch.cat([coarse, detail], 1)
+
+
+def kernel_distance(outputs: torch.Tensor, draws: torch.Tensor, sources: torch.Tensor | None = None) -> float:
+    """KID between ``outputs [B, C, H, W]`` and true ``draws [K, B, C, H, W]`` (draw k of image i is for
+    the source of output i): torchmetrics' unbiased squared MMD with the cubic polynomial kernel, which takes
+    sets of one size, averaged over the K draws as KID averages over subsets. The features are
+    :func:`small_features` of the edit (minus ``sources`` when given, so the sources' own variety does not
+    drown the effect's), centred and scaled by the draws' spread. Near 0
+    when outputs and draws come from one distribution (it can dip below 0 on small sets)."""
+    from torchmetrics.image.kid import poly_mmd
+
+    base = 0 if sources is None else sources.float()
+    true = torch.stack([small_features(d.float() - base) for d in draws]).double()  # [K, B, d]
+    # centred on the draws' mean and scaled by their overall spread (one scale for every feature, so a
+    # feature the truth barely varies in cannot blow the kernel up)
+    mean = true.flatten(0, 1).mean(0)
+    std = true.flatten(0, 1).var(0).mean().sqrt().clamp_min(1e-6)
+    mine = (small_features(outputs.float() - base).double() - mean) / std
+    return sum(float(poly_mmd((t - mean) / std, mine)) for t in true) / len(true)
+
+
+def diversity(draws: torch.Tensor) -> torch.Tensor:
+    """Per image of ``draws [K, B, C, H, W]`` (K seeds for one source each), the mean per-pixel standard
+    deviation across the K: 0 when every seed gives the same image."""
+    return draws.float().std(0).flatten(1).mean(1)

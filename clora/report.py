@@ -15,7 +15,7 @@ from clora.fileio import atomic_path
 from clora.images import contact_sheet
 
 #: columns of a contact sheet, after the input; merged baselines follow
-ORDER = ("truth", "teacher", "cascade", "student")
+ORDER = ("truth", "truth draw", "teacher", "cascade", "student")
 
 
 def heatmap(labels: list[str], matrix: list[list[int]], path: Path, cell: int = 28) -> None:
@@ -136,6 +136,22 @@ def _metrics_table(effects: dict[str, Any]) -> str:
     )
 
 
+def _distribution_table(effects: dict[str, Any]) -> str:
+    """The stochastic effects: each way's distribution metrics against the true draws ("" if none)."""
+    rows = [
+        [f"{n}: {way}", m.get("hf_ratio"), m.get("diversity_ratio"), m.get("kid")]
+        for n, r in effects.items()
+        for way, m in (r.get("distribution") or {}).items()
+    ]
+    if not rows:
+        return ""
+    explain = """<h2>Effects whose truth is a distribution</h2><p>Each way's outputs against draws from
+the true result: high-frequency energy and diversity across seeds as ratios to the truth's (1 is right;
+below 1 is smoother or less varied, the mark of averaged modes), and KID between small features (0 is
+the same distribution).</p>"""
+    return explain + _table(rows, ["effect: way", "HF energy ratio", "diversity ratio", "KID"])
+
+
 def _cost_table(cost: dict[str, Any]) -> str:
     keys = ("files", "bytes", "switch_ms", "nfe", "ms_per_image")
     return _table(
@@ -173,6 +189,7 @@ img{{image-rendering:pixelated}}</style>
 <p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
 teacher {result["steps"]["teacher"]} steps with CFG.</p>
 <h2>Fidelity</h2>{_fidelity_table(result)}
+{_distribution_table(result["effects"])}
 {baselines}
 <h2>Every metric</h2><p>PSNR in dB; SSIM and CLIP similarity: higher is more alike; LPIPS and
 DreamSim: lower is more alike.</p>{_metrics_table(result["effects"])}

@@ -416,3 +416,68 @@ def test_eval_leaves_out_a_teacher_whose_file_changed_or_is_gone(tiny_collection
         pm, "generate", "--effect", "sepia", "--teacher", "--image", tmp_path / "in", "--out", tmp_path / "o"
     )
     assert r.exit_code == 1 and "changed since it was added" in r.stderr and "effect update sepia" in r.stderr
+
+
+def test_distribution_metrics_tell_averaged_modes_from_the_true_distribution() -> None:
+    """What `clora eval` reports for an effect whose truth is a distribution: a tint drawn from two colours
+    with film grain. Draws from it score KID near 0, HF and diversity ratios near 1; their mean (what
+    regression onto one answer gives: modes averaged, grain smoothed) scores a large KID and ratios near 0."""
+    from clora.metrics import diversity, high_frequency_energy, kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(16, 3, 4, 4, generator=g) * 0.5
+    sources = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")  # smooth, like photos
+
+    def draw(n: int) -> torch.Tensor:
+        tint = torch.tensor([[0.4, 0.0, 0.0], [0.0, 0.0, 0.4]])[torch.randint(0, 2, (n, 16), generator=g)]
+        grain = 0.08 * torch.randn(n, 16, 1, 16, 16, generator=g)
+        return (sources + tint[..., None, None] + grain).clamp(0, 1)  # [n, 16, 3, 16, 16]
+
+    truth, fair, averaged = draw(8), draw(4), draw(64).mean(0, keepdim=True).expand(4, -1, -1, -1, -1)
+    kid_fair, kid_avg = (
+        kernel_distance(fair[0], truth, sources),
+        kernel_distance(averaged[0], truth, sources),
+    )
+    assert abs(kid_fair) < 0.2 * kid_avg
+    hf = high_frequency_energy
+    assert 0.8 < float(hf(fair[0]).mean() / hf(truth.flatten(0, 1)).mean()) < 1.2
+    assert float(hf(averaged[0]).mean() / hf(truth.flatten(0, 1)).mean()) < 0.5
+    assert 0.8 < float(diversity(fair).mean() / diversity(truth).mean()) < 1.2
+    assert float(diversity(averaged).mean()) == 0.0
+
+
+def test_eval_scores_a_stochastic_effect_by_its_distribution(tmp_path: Path) -> None:
+    """A collection with a deterministic effect (sepia) and one whose truth is a distribution (grain):
+    sepia keeps its PSNR against the truth; grain has none and instead every way (student, teacher,
+    cascade and merged at their best settings) gets HF-energy and diversity ratios and a KID against
+    true draws, in the JSON, the terminal table, the HTML report and the collections summary."""
+    pm = plugin_manager()
+    for args in (["build-base", "--tiny"], ["teachers", "sepia", "grain", "--tiny"]):
+        r = run(pm, "toy", *args)
+        assert r.exit_code == 0, r.output
+    r = run(pm, "distill", "--steps", "6", "--batch-size", "4", "--no-progress")
+    assert r.exit_code == 0, r.output
+    accel = json.loads(run(pm, "collections", "--json").stdout)[0]["file"]
+    args = ("eval", "--n-images", "4", "--no-progress", "--merge", "cat", "--accel", accel, "--draws", "3")
+    r = run(pm, *args, "--json", "--report", tmp_path / "report")
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    sepia, grain = ev["effects"]["sepia"], ev["effects"]["grain"]
+    assert sepia["student_vs_truth"]["psnr"] > 0 and sepia["distribution"] is None
+    assert grain["student_vs_truth"] is None and grain["teacher_vs_truth"] is None
+    assert set(grain["distribution"]) == {"student", "teacher", "cascade", "merged"}
+    for metrics in grain["distribution"].values():
+        assert set(metrics) == {"hf_ratio", "diversity_ratio", "kid"}
+        assert metrics["hf_ratio"] > 0 and metrics["diversity_ratio"] >= 0
+    assert (
+        grain["distribution"]["cascade"]
+        == grain["cascade_sweep_distribution"][ev["overall"]["best"]["cascade"]["variant"]]
+    )
+    assert ev["overall"]["distribution"]["student"] == pytest.approx(
+        grain["distribution"]["student"], abs=1e-4
+    )
+    assert ev["bleeding"]["reference"] == "truth"  # grain's is one true draw
+    assert "Effects whose truth is a distribution" in (tmp_path / "report" / "index.html").read_text()
+    r = run(pm, *args)
+    assert "grain (a distribution, vs true draws): student HF" in r.stdout.replace("\n  ", " ")
+    assert "HF " in run(pm, "collections").stdout
