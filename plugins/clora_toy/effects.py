@@ -343,8 +343,10 @@ TINT_PALETTE = {"orange": 0.6, "teal": 0.3, "violet": 0.1}
 
 def _stochastic() -> list[Effect]:
     return [
-        # 1-pixel grain, std 0.08: what film grain looks like (2x2 cells would be the toy's own patch
-        # grid); measured learnable by the full toy's teacher (docs/toy-world.md)
+        # grain and confetti come in 2x2-pixel cells on the toy's 2x2 patch grid, what its teacher can
+        # draw: measured on the full toy, a teacher of 1-pixel grain drew a third of the grain's spread
+        # across seeds and a sixth of its fine detail, and one of 3x3 squares at any pixel drew many
+        # scattered 1-2 pixel specks; on the patch grid both match the truth's spread and detail
         Effect(
             "grain",
             "add film grain",
