@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -274,16 +275,9 @@ def test_teacher_training_draws_a_fresh_target_per_sample(monkeypatch: pytest.Mo
     seen: list[torch.Tensor] = []
     real = train.flow_matching_loss
 
-    def spy(
-        backbone: ToyBackbone,
-        sources: torch.Tensor,
-        targets: torch.Tensor,
-        prompts: list[str],
-        sigma: torch.Tensor,
-        g: torch.Generator,
-    ) -> torch.Tensor:
+    def spy(backbone: ToyBackbone, sources: torch.Tensor, targets: torch.Tensor, *rest: Any) -> torch.Tensor:
         seen.append((targets - 0.6 * sources).mean(dim=(2, 3)) / 0.4)  # the wash colour of each sample
-        return real(backbone, sources, targets, prompts, sigma, g)
+        return real(backbone, sources, targets, *rest)
 
     monkeypatch.setattr(train, "flow_matching_loss", spy)
     cfg = get_factory(tiny=True).config.teacher.model_copy(update={"steps": 3, "num_pairs": 1})
