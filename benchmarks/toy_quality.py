@@ -4,6 +4,7 @@
     python benchmarks/toy_quality.py --tiny              # the test-size world, in seconds
     python benchmarks/toy_quality.py --effects sepia invert --sweep-guidance
     python benchmarks/toy_quality.py --compare-noise      # the toy's sampling noise vs standard normal
+    python benchmarks/toy_quality.py --sweep-steps 2 4 8 20 50   # each teacher at several Euler step counts
 
 Run one at a time on a small machine: every number here is wall-clock on the cores you have.
 """
@@ -93,6 +94,33 @@ def compare_noise(
     return {"base": base, "teachers": scores}
 
 
+def sweep_steps(
+    backbone: ToyBackbone, factory: ToyBackboneFactory, teachers: dict[str, Path], counts: list[int]
+) -> dict[str, dict[int, float]]:
+    """Each teacher (effect name -> LoRA file) scored against the truth with its full Euler sampler at
+    each of ``counts`` steps (the builds' guidance and sources): how many steps its best outputs take."""
+    cfg = factory.config
+    sources = teacher_eval_sources(backbone, cfg)
+    out: dict[str, dict[int, float]] = {}
+    print(f"\n{'teacher PSNR dB at':18}" + "".join(f"{f'{n} steps':>10}" for n in counts))
+    for name, path in teachers.items():
+        effect = get_effect(name)
+        apply_lora(backbone, path, "steps")
+        try:
+            out[name] = {
+                n: round(
+                    score(backbone, effect.apply, effect.prompt, sources, n, cfg.eval.teacher_guidance)[0], 2
+                )
+                for n in counts
+            }
+        finally:
+            backbone.transformer.delete_adapters("steps")
+        print(f"{name:18}" + "".join(f"{out[name][n]:10.2f}" for n in counts), flush=True)
+    means = {n: round(sum(r[n] for r in out.values()) / len(out), 2) for n in counts}
+    print(f"{'mean':18}" + "".join(f"{means[n]:10.2f}" for n in counts))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
@@ -104,6 +132,13 @@ def main() -> None:
         "--compare-noise",
         action="store_true",
         help="score the base and teachers again with the toy's sampling noise and with standard normal",
+    )
+    parser.add_argument(
+        "--sweep-steps",
+        type=int,
+        nargs="*",
+        metavar="N",
+        help="score each teacher with its Euler sampler at these step counts",
     )
     parser.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --tiny)")
@@ -137,10 +172,17 @@ def main() -> None:
         rows.append(r)
         print(f"{name:16} {r['psnr']:10.2f} {r['base_psnr']:8.2f} {r['train_seconds']:8.1f}")
     noise = compare_noise(backbone, factory, paths) if args.compare_noise else {}
+    steps = sweep_steps(backbone, factory, paths, args.sweep_steps) if args.sweep_steps else {}
     print(f"\ntotal wall seconds: {time.perf_counter() - start:.0f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            out = {"base": base.report, "guidance_sweep": sweep, "teachers": rows, "noise": noise}
+            out = {
+                "base": base.report,
+                "guidance_sweep": sweep,
+                "teachers": rows,
+                "noise": noise,
+                "steps_sweep": steps,
+            }
             json.dump(out, f, indent=2)
 
 
