@@ -226,7 +226,7 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
                 f"{n:14} (vs true draws) "
                 + "; ".join(
                     f"{way}: HF {m['hf_ratio']:.2f}x, diversity {m['diversity_ratio']:.2f}x, "
-                    f"KID {m['kid']:.3f}"
+                    f"MMD {m['mmd']:.3f}"
                     for way, m in v["distribution"].items()
                 )
             )
@@ -250,12 +250,12 @@ def print_ablation(results: dict[str, Any]) -> None:
     full = mean(results[ref_key])
     vs = f"vs {ref_key}"[:16]
     print(
-        f"\n{'variant':52} {'PSNR dB':>8} {vs:>16} {'HF ratio':>9} {'div. ratio':>10} {'KID':>7} "
+        f"\n{'variant':52} {'PSNR dB':>8} {vs:>16} {'HF ratio':>9} {'div. ratio':>10} {'MMD':>7} "
         f"{'trigger acc':>12} {'retention dB':>13} {'s/step':>7}"
     )
     for r in results.values():
         d = _dist_means(r)
-        dist = "" if d is None else f"{d['hf_ratio']:9.2f} {d['diversity_ratio']:10.2f} {d['kid']:7.3f}"
+        dist = "" if d is None else f"{d['hf_ratio']:9.2f} {d['diversity_ratio']:10.2f} {d['mmd']:7.3f}"
         print(
             f"{r['label']:52} {mean(r):8.2f} {mean(r) - full:16.2f} {dist or '-':>28} "
             f"{r['trigger_accuracy']:12.1%} {r['retention']['student_psnr']:13.2f} {per_step(r):7.2f}"
@@ -264,7 +264,7 @@ def print_ablation(results: dict[str, Any]) -> None:
     if teachers:
         print(
             f"teachers on the stochastic effects: HF {teachers['hf_ratio']:.2f}x, diversity "
-            f"{teachers['diversity_ratio']:.2f}x, KID {teachers['kid']:.3f}"
+            f"{teachers['diversity_ratio']:.2f}x, MMD {teachers['mmd']:.3f}"
         )
 
 

@@ -162,7 +162,7 @@ def print_result(result: dict[str, Any]) -> None:
     for name, r in result["effects"].items():
         if r.get("distribution"):
             ways = "; ".join(
-                f"{way} HF {m['hf_ratio']:.2f}x, diversity {m['diversity_ratio']:.2f}x, KID {m['kid']:.4f}"
+                f"{way} HF {m['hf_ratio']:.2f}x, diversity {m['diversity_ratio']:.2f}x, MMD {m['mmd']:.4f}"
                 for way, m in r["distribution"].items()
             )
             typer.echo(

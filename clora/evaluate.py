@@ -167,7 +167,7 @@ class _Scoring:
 
     def distribution(self, name: str, outputs: torch.Tensor, extra: list[torch.Tensor]) -> dict[str, float]:
         """A stochastic effect's outputs against its true draws: high-frequency energy and diversity across
-        seeds as ratios to the truth's (below 1: smoother or less varied than the truth), and KID."""
+        seeds as ratios to the truth's (below 1: smoother or less varied than the truth), and MMD."""
         truth = self.truth_draws(name)
         assert truth is not None
         m = len(self.few)
@@ -177,7 +177,7 @@ class _Scoring:
         return {
             "hf_ratio": round(float(high_frequency_energy(outputs).mean()) / max(t_hf, 1e-12), 4),
             "diversity_ratio": round(float(diversity(seeds).mean()) / max(t_div, 1e-12), 4),
-            "kid": round(kernel_distance(outputs, truth, self.sources), 6),
+            "mmd": round(kernel_distance(outputs, truth, self.sources), 6),
         }
 
     def students(self, model: UnifiedModel, names: list[str], step: Any) -> dict[str, torch.Tensor]:

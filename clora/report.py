@@ -139,7 +139,7 @@ def _metrics_table(effects: dict[str, Any]) -> str:
 def _distribution_table(effects: dict[str, Any]) -> str:
     """The stochastic effects: each way's distribution metrics against the true draws ("" if none)."""
     rows = [
-        [f"{n}: {way}", m.get("hf_ratio"), m.get("diversity_ratio"), m.get("kid")]
+        [f"{n}: {way}", m.get("hf_ratio"), m.get("diversity_ratio"), m.get("mmd")]
         for n, r in effects.items()
         for way, m in (r.get("distribution") or {}).items()
     ]
@@ -147,9 +147,9 @@ def _distribution_table(effects: dict[str, Any]) -> str:
         return ""
     explain = """<h2>Effects whose truth is a distribution</h2><p>Each way's outputs against draws from
 the true result: high-frequency energy and diversity across seeds as ratios to the truth's (1 is right;
-below 1 is smoother or less varied, the mark of averaged modes), and KID between small features (0 is
+below 1 is smoother or less varied, the mark of averaged modes), and MMD between small features (0 is
 the same distribution).</p>"""
-    return explain + _table(rows, ["effect: way", "HF energy ratio", "diversity ratio", "KID"])
+    return explain + _table(rows, ["effect: way", "HF energy ratio", "diversity ratio", "MMD"])
 
 
 def _cost_table(cost: dict[str, Any]) -> str:

@@ -420,8 +420,8 @@ def test_eval_leaves_out_a_teacher_whose_file_changed_or_is_gone(tiny_collection
 
 def test_distribution_metrics_tell_averaged_modes_from_the_true_distribution() -> None:
     """What `clora eval` reports for an effect whose truth is a distribution: a tint drawn from two colours
-    with film grain. Draws from it score KID near 0, HF and diversity ratios near 1; their mean (what
-    regression onto one answer gives: modes averaged, grain smoothed) scores a large KID and ratios near 0."""
+    with film grain. Draws from it score MMD near 0, HF and diversity ratios near 1; their mean (what
+    regression onto one answer gives: modes averaged, grain smoothed) scores a large MMD and ratios near 0."""
     from clora.metrics import diversity, high_frequency_energy, kernel_distance
 
     g = torch.Generator().manual_seed(0)
@@ -449,7 +449,7 @@ def test_distribution_metrics_tell_averaged_modes_from_the_true_distribution() -
 def test_eval_scores_a_stochastic_effect_by_its_distribution(tmp_path: Path) -> None:
     """A collection with a deterministic effect (sepia) and one whose truth is a distribution (grain):
     sepia keeps its PSNR against the truth; grain has none and instead every way (student, teacher,
-    cascade and merged at their best settings) gets HF-energy and diversity ratios and a KID against
+    cascade and merged at their best settings) gets HF-energy and diversity ratios and an MMD against
     true draws, in the JSON, the terminal table, the HTML report and the collections summary."""
     pm = plugin_manager()
     for args in (["build-base", "--tiny"], ["teachers", "sepia", "grain", "--tiny"]):
@@ -467,7 +467,7 @@ def test_eval_scores_a_stochastic_effect_by_its_distribution(tmp_path: Path) -> 
     assert grain["student_vs_truth"] is None and grain["teacher_vs_truth"] is None
     assert set(grain["distribution"]) == {"student", "teacher", "cascade", "merged"}
     for metrics in grain["distribution"].values():
-        assert set(metrics) == {"hf_ratio", "diversity_ratio", "kid"}
+        assert set(metrics) == {"hf_ratio", "diversity_ratio", "mmd"}
         assert metrics["hf_ratio"] > 0 and metrics["diversity_ratio"] >= 0
     assert (
         grain["distribution"]["cascade"]
