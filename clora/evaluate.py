@@ -142,12 +142,20 @@ class _Scoring:
     cache: OutputCache
     metrics: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
+    #: a stochastic effect's student outputs at ``extra_seeds``
     student_extra: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    truths: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
 
     def score(self, a: torch.Tensor, b: torch.Tensor | None) -> dict[str, float] | None:
         return None if b is None else {m: _mean(fn(a, b)) for m, fn in self.metrics.items()}
 
-    truths: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    def digest(self, path: str | Path) -> str:
+        """The sha256 of a LoRA file, read once per evaluation (it keys the cached outputs)."""
+        key = str(path)
+        if key not in self.digests:
+            self.digests[key] = sha256_file(path)
+        return self.digests[key]
 
     def truth_draws(self, name: str) -> torch.Tensor | None:
         """``[draws, B, ...]`` true results of a stochastic effect on the sources (None: deterministic)."""
@@ -200,7 +208,8 @@ class _Scoring:
         cascade sweep (and, for a stochastic effect, each way's distribution metrics), and the cascade's
         cached outputs by setting."""
         out = {"student": student}
-        stochastic = self.truth_draws(name) is not None
+        draws = self.truth_draws(name)
+        stochastic = draws is not None
         dist: dict[str, Any] = {}
         if stochastic:
             dist["student"] = self.distribution(name, student, self.student_extra[name])
@@ -212,7 +221,6 @@ class _Scoring:
         truth = self.bb.ground_truth(name, self.sources)
         if truth is not None:
             out["truth"] = truth.to(student)
-        draws = self.truth_draws(name)
         if draws is not None:
             out["truth draw"] = draws[0]
         row = _effect_row(out, self.score, self.metrics, self.opt.margin_db)
@@ -234,7 +242,7 @@ class _Scoring:
     def teacher_edit(self, effect: Any, seed: int | None = None) -> torch.Tensor:
         """The teacher's outputs on the sources (cached, timed), or on the first few at another ``seed``."""
         images = self.sources if seed is None else self.few
-        key = {"teacher": sha256_file(effect.lora_path), "prompt": effect.teacher_prompt}
+        key = {"teacher": self.digest(effect.lora_path), "prompt": effect.teacher_prompt}
         out, dt = self.cache.get(
             self.cache.path(**key, **_draw_key(seed, self)),
             lambda: teacher_edit(
@@ -298,9 +306,11 @@ def evaluate(
             },
         )
     for name, by_variant in merged.items():
-        for ref in [*REFERENCES, "distribution"]:
-            key = f"merged_vs_{ref}" if ref in REFERENCES else "merged_distribution"
-            per[name][key] = {v: scores[ref] for v, (scores, _) in by_variant.items()}
+        for ref in REFERENCES:
+            per[name][f"merged_vs_{ref}"] = {v: scores[ref] for v, (scores, _) in by_variant.items()}
+        per[name]["merged_distribution"] = {
+            v: scores["distribution"] for v, (scores, _) in by_variant.items()
+        }
     overall = _overall(per)
     _best_outputs(ctx, outputs, overall["best"], merged, cascades)
     return {
@@ -444,8 +454,7 @@ def _cascade(
     and timed once."""
     accel = ctx.opt.accel
     assert accel is not None
-    accel_key = sha256_file(accel)
-    lora_key = sha256_file(effect.lora_path)
+    accel_key, lora_key = ctx.digest(accel), ctx.digest(effect.lora_path)
     out = {}
     for strengths in ctx.opt.cascade_strengths:
 
@@ -500,7 +509,7 @@ def _merged(
         return {}
     prompts = {m.name: m.teacher_prompt for m in members}
     out: dict[str, dict[str, tuple[Any, Path]]] = {n: {} for n in names}
-    members_key = [sha256_file(p) for p in paths]
+    members_key = [ctx.digest(p) for p in paths]
     task = bar.add_task("merged baselines", total=len(variants) * len(names), info="")
     adapter = "merged_baseline"
     for variant in variants:
@@ -630,12 +639,8 @@ def _bleeding(names: list[str], outputs: dict[str, dict[str, torch.Tensor]]) -> 
     # a stochastic effect's truth here is one true draw
     truths = [outputs[n].get("truth", outputs[n].get("truth draw")) for n in names]
     kind = "truth" if all(t is not None for t in truths) else "teacher"
-    refs_of = (
-        [t for t in truths if t is not None]
-        if kind == "truth"
-        else [outputs[n].get("teacher") for n in names]
-    )
-    references = [r for r in refs_of if r is not None]
+    candidates = truths if kind == "truth" else [outputs[n].get("teacher") for n in names]
+    references = [r for r in candidates if r is not None]
     if len(references) != len(names):
         return {"reference": None, "labels": names, "matrix": [], "bleed_rate": None}
     refs = torch.stack(references)

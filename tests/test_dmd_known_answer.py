@@ -186,6 +186,37 @@ def assert_weights(weights: list[float], tol: float) -> None:
     assert max(abs(w - t) for w, t in zip(weights, WEIGHTS.tolist(), strict=True)) < tol, weights
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def train_by_dmd(
+    dmd: LossTerm,
+    sample: Callable[[], torch.Tensor],
+    critic: nn.Module,
+    critic_turn: Callable[[], None],
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    *,
+    steps: int,
+    warmup: int,
+    critic_updates: int,
+    eta_min: float,
+) -> None:
+    """``warmup`` critic updates, then ``steps`` DMD updates of what ``sample()`` draws (the learning rate
+    decaying to ``eta_min`` on a cosine), each followed by ``critic_updates`` critic updates."""
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=eta_min)
+    for _ in range(warmup):
+        critic_turn()
+    for _ in range(steps):
+        descend(opt, dmd(loss_context(sample(), gen, critic))["dmd"])
+        decay.step()
+        for _ in range(critic_updates):
+            critic_turn()
+
+
 # ---- the tests ---------------------------------------------------------------------------------
 
 
@@ -218,25 +249,24 @@ def test_dmd_and_its_critic_carry_free_samples_onto_the_teacher() -> None:
     critic = Critic()
     opt_critic = torch.optim.Adam(critic.parameters(), lr=1e-3)
     # the DMD loss is a mean over the n x 2 entries: this lr moves each sample 0.05 x the DMD gradient
-    opt = torch.optim.SGD([samples], lr=0.05 * samples.numel())
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=0.05 * opt.param_groups[0]["lr"])
+    lr = 0.05 * samples.numel()
+    opt = torch.optim.SGD([samples], lr=lr)
 
     def critic_turn() -> None:
-        loss = critic_fm(loss_context(samples.detach(), gen, critic))["critic_fm"]
-        opt_critic.zero_grad()
-        loss.backward()
-        opt_critic.step()
+        descend(opt_critic, critic_fm(loss_context(samples.detach(), gen, critic))["critic_fm"])
 
-    for _ in range(100):  # critic warm-up
-        critic_turn()
-    for _ in range(steps):
-        loss = dmd(loss_context(samples, gen, critic))["dmd"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        decay.step()
-        for _ in range(3):
-            critic_turn()
+    train_by_dmd(
+        dmd,
+        lambda: samples,
+        critic,
+        critic_turn,
+        opt,
+        gen,
+        steps=steps,
+        warmup=100,
+        critic_updates=3,
+        eta_min=0.05 * lr,
+    )
 
     report("teacher draws", teacher_draws(n, gen))
     _, _, start = report("N(0, I)", torch.randn(n, 2, generator=gen))
@@ -267,10 +297,7 @@ def test_one_step_generator_dmd_after_regression() -> None:
         for _ in range(steps):
             idx = torch.randint(len(pairs), (256,), generator=gen)
             # x0 = eps - v at s = 1: flow matching there is regression of x0 onto the paired sample
-            loss = flow_matching_loss(student(pairs[idx], one), targets[idx], pairs[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            descend(opt, flow_matching_loss(student(pairs[idx], one), targets[idx], pairs[idx]))
             if sched:
                 sched.step()
         return student
@@ -283,28 +310,29 @@ def test_one_step_generator_dmd_after_regression() -> None:
     student, critic = copy.deepcopy(regressed), Critic()
     batch, steps = 1024, 400
     opt_student = torch.optim.Adam(student.parameters(), lr=3e-5)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt_student, steps, eta_min=6e-7)
     opt_critic = torch.optim.Adam(critic.parameters(), lr=1e-3)
+
+    def draw() -> torch.Tensor:
+        return one_step(student, torch.randn(batch, 2, generator=gen))
 
     def critic_turn() -> None:
         with torch.no_grad():
-            sample = one_step(student, torch.randn(batch, 2, generator=gen))
-        loss = critic_fm(loss_context(sample, gen, critic))["critic_fm"]
-        opt_critic.zero_grad()
-        loss.backward()
-        opt_critic.step()
+            sample = draw()
+        descend(opt_critic, critic_fm(loss_context(sample, gen, critic))["critic_fm"])
 
-    for _ in range(300):  # critic warm-up on the regressed student's samples
-        critic_turn()
-    for _ in range(steps):
-        sample = one_step(student, torch.randn(batch, 2, generator=gen))
-        loss = dmd(loss_context(sample, gen, critic))["dmd"]
-        opt_student.zero_grad()
-        loss.backward()
-        opt_student.step()
-        decay.step()
-        for _ in range(5):
-            critic_turn()
+    # critic warm-up on the regressed student's samples
+    train_by_dmd(
+        dmd,
+        draw,
+        critic,
+        critic_turn,
+        opt_student,
+        gen,
+        steps=steps,
+        warmup=300,
+        critic_updates=5,
+        eta_min=6e-7,
+    )
     t_dmd = time.monotonic()
     weights, outside, d_dmd = report("regression + DMD (400 steps)", one_step(student, noise).detach())
     more = regress(copy.deepcopy(regressed), 4000, decay=True)
