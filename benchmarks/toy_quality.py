@@ -80,7 +80,7 @@ def compare_noise(
                         effect.apply,
                         effect.prompt,
                         sources,
-                        cfg.eval.steps,
+                        cfg.eval.teacher_steps,
                         cfg.eval.teacher_guidance,
                     )[0]
                 scores.setdefault(name, {})[label] = round(value, 2)
@@ -95,29 +95,35 @@ def compare_noise(
 
 
 def sweep_steps(
-    backbone: ToyBackbone, factory: ToyBackboneFactory, teachers: dict[str, Path], counts: list[int]
-) -> dict[str, dict[int, float]]:
+    backbone: ToyBackbone,
+    factory: ToyBackboneFactory,
+    teachers: dict[str, Path],
+    counts: list[int],
+    guidances: list[float],
+) -> dict[str, dict[str, float]]:
     """Each teacher (effect name -> LoRA file) scored against the truth with its full Euler sampler at
-    each of ``counts`` steps (the builds' guidance and sources): how many steps its best outputs take."""
+    each of ``counts`` steps and ``guidances`` CFG scales (the builds' sources): which sampler gives
+    its best outputs. Keys are ``"<steps> steps, CFG <g>"``."""
     cfg = factory.config
     sources = teacher_eval_sources(backbone, cfg)
-    out: dict[str, dict[int, float]] = {}
-    print(f"\n{'teacher PSNR dB at':18}" + "".join(f"{f'{n} steps':>10}" for n in counts))
+    cells = [(n, g) for g in guidances for n in counts]
+    label = {c: f"{c[0]} steps, CFG {c[1]:g}" for c in cells}
+    out: dict[str, dict[str, float]] = {}
+    header = "".join(f"{f'{n}/{g:g}':>10}" for n, g in cells)
+    print(f"\n{'teacher PSNR dB at':18}{header}   (steps/CFG)")
     for name, path in teachers.items():
         effect = get_effect(name)
         apply_lora(backbone, path, "steps")
         try:
             out[name] = {
-                n: round(
-                    score(backbone, effect.apply, effect.prompt, sources, n, cfg.eval.teacher_guidance)[0], 2
-                )
-                for n in counts
+                label[(n, g)]: round(score(backbone, effect.apply, effect.prompt, sources, n, g)[0], 2)
+                for n, g in cells
             }
         finally:
             backbone.transformer.delete_adapters("steps")
-        print(f"{name:18}" + "".join(f"{out[name][n]:10.2f}" for n in counts), flush=True)
-    means = {n: round(sum(r[n] for r in out.values()) / len(out), 2) for n in counts}
-    print(f"{'mean':18}" + "".join(f"{means[n]:10.2f}" for n in counts))
+        print(f"{name:18}" + "".join(f"{out[name][label[c]]:10.2f}" for c in cells), flush=True)
+    means = {label[c]: round(sum(r[label[c]] for r in out.values()) / len(out), 2) for c in cells}
+    print(f"{'mean':18}" + "".join(f"{means[label[c]]:10.2f}" for c in cells))
     return out
 
 
@@ -139,6 +145,13 @@ def main() -> None:
         nargs="*",
         metavar="N",
         help="score each teacher with its Euler sampler at these step counts",
+    )
+    parser.add_argument(
+        "--sweep-cfg",
+        type=float,
+        nargs="*",
+        metavar="G",
+        help="with --sweep-steps: the CFG scales to score at (default: the build's teacher guidance)",
     )
     parser.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     parser.add_argument("--threads", type=int, help="torch threads (default 2; 1 with --tiny)")
@@ -165,14 +178,17 @@ def main() -> None:
             print(f"base guidance {g}: {sweep[g]}")
 
     rows, paths = [], {}
-    print(f"\n{'effect':16} {'teacher dB':>10} {'base dB':>8} {'train s':>8}")
+    # a teacher's score is the one its build stored, at the sampler the build scored with
+    print(f"\n{'effect':16} {'teacher dB':>10} {'base dB':>8} {'train s':>8}  scored at")
     for name in args.effects:
         built = build_teacher(name, size=args.size, force=args.force, backbone=backbone)
         r, paths[name] = built.report, built.path
         rows.append(r)
-        print(f"{name:16} {r['psnr']:10.2f} {r['base_psnr']:8.2f} {r['train_seconds']:8.1f}")
+        at = f"{r.get('eval_steps', '?')} steps, CFG {r.get('eval_guidance', '?')}"
+        print(f"{name:16} {r['psnr']:10.2f} {r['base_psnr']:8.2f} {r['train_seconds']:8.1f}  {at}")
     noise = compare_noise(backbone, factory, paths) if args.compare_noise else {}
-    steps = sweep_steps(backbone, factory, paths, args.sweep_steps) if args.sweep_steps else {}
+    guidances = args.sweep_cfg or [factory.config.eval.teacher_guidance]
+    steps = sweep_steps(backbone, factory, paths, args.sweep_steps, guidances) if args.sweep_steps else {}
     print(f"\ntotal wall seconds: {time.perf_counter() - start:.0f}")
     if args.json_out:
         with open(args.json_out, "w") as f:

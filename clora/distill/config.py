@@ -172,7 +172,7 @@ class TeacherConfig(_Section):
     """The teachers' full sampler, which makes the targets and scores the student on-policy."""
 
     steps: int | None = Field(
-        None, ge=1, description="Euler steps of the full sampler (default: the base's: 20 toy, 40 Qwen)"
+        None, ge=1, description="Euler steps of the full sampler (default: the base's: 4 toy, 40 Qwen)"
     )
     batch_size: int | None = Field(
         None, ge=1, description="images per batch when sampling targets (default: optimizer.batch_size)"

@@ -196,7 +196,7 @@ def _score_effect(
     """How the backbone (with its active adapter) edits ``effect`` at the teacher's guidance: PSNR (dB)
     against the truth, for a stochastic effect :func:`score_draws`' distribution scores, and contact-sheet
     rows (source | truth | output; a stochastic effect's: source | two true draws | two seeds' outputs)."""
-    steps, guidance = cfg.eval.steps, cfg.eval.teacher_guidance
+    steps, guidance = cfg.eval.teacher_steps, cfg.eval.teacher_guidance
     if not effect.stochastic:
         value, truth, out = score(backbone, effect.apply, effect.prompt, sources, steps, guidance)
         return value, {}, _sheet_rows(sources, truth, out, 6)
@@ -264,7 +264,7 @@ def build_teacher(
         # a stochastic effect's: of the mean over SCORE_DRAWS seeds against the mean of as many true draws
         "psnr": round(teacher_psnr, 2),
         "base_psnr": round(base_psnr, 2),
-        "eval_steps": cfg.eval.steps,
+        "eval_steps": cfg.eval.teacher_steps,
         "eval_guidance": cfg.eval.teacher_guidance,
         **distribution,
         **stats,

@@ -104,11 +104,11 @@ class TeacherTrainConfig(_Strict):
 class EvalConfig(_Strict):
     """How the toy models are scored against ground truth."""
 
-    steps: int = Field(20, description="Euler steps on the shift3 schedule")
+    steps: int = Field(20, description="Euler steps on the shift3 schedule (the base's edits)")
     base_guidance: float = Field(0.0, description="CFG g in cond + g*(cond-uncond) for base edits")
+    teacher_steps: int = Field(4, description="Euler steps for scoring teachers (the toy backbone's default)")
     teacher_guidance: float = Field(
-        1.0,
-        description="CFG g for scoring teachers; 1.0 is best on the toy (the distiller's 4.0 loses 2-3 dB)",
+        0.0, description="CFG g for scoring teachers (the toy backbone's default: none)"
     )
     num_images: int = Field(32, description="held-out source images per score")
 
