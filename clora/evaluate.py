@@ -721,7 +721,8 @@ def _cost(
             "files": len(teacher_files),
             "bytes": sum(f.stat().st_size for f in teacher_files),
             "switch_ms": round(per_file_switch * 1e3, 3),
-            "nfe": 2 * (cfg.teachers.steps or bb.default_teacher_steps),
+            # one pass a step, two where the teachers' guidance needs the unconditional one
+            "nfe": ctx.cache.steps * (2 if bb.guidance_active(ctx.cache.guidance) else 1),
             "ms_per_image": round(seconds["teacher"] / n_calls * 1e3, 3),
         },
     }
