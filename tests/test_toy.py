@@ -498,6 +498,28 @@ def test_second_build_reuses_the_cache(built: dict[str, object]) -> None:
     assert base.report["psnr"] == built["base"].report["psnr"]
 
 
+def test_a_cached_teacher_scored_with_another_sampler_is_scored_again(built: dict[str, Any]) -> None:
+    """A teacher whose report an older clora scored (another eval sampler) keeps its weights and is
+    scored again at the recipe's sampler, so the PSNR it prints is the one distill and eval see."""
+    report_path = built["invert"].path.parent / store.TEACHER_REPORT
+    original = json.loads(report_path.read_text())
+    report_path.write_text(json.dumps({**original, "eval_steps": 20, "eval_guidance": 1.0, "psnr": -1.0}))
+    weights = built["invert"].path.read_bytes()
+    try:
+        again = build_teacher("invert", tiny=True, show_progress=False)
+        cfg = get_factory(tiny=True).config.eval
+        assert again.cached and again.path.read_bytes() == weights
+        assert (again.report["eval_steps"], again.report["eval_guidance"]) == (
+            cfg.teacher_steps,
+            cfg.teacher_guidance,
+        )
+        assert again.report["psnr"] == pytest.approx(original["psnr"], abs=0.05)
+        assert again.report["train_seconds"] == original["train_seconds"]  # the build's own record stays
+        assert json.loads(report_path.read_text()) == again.report
+    finally:
+        report_path.write_text(json.dumps(original))
+
+
 # -- CLI --------------------------------------------------------------------------------------------
 
 

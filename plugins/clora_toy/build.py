@@ -229,10 +229,20 @@ def build_teacher(
     if not force:
         shipped = not weights.exists() and store.install_shipped(folder, store.TEACHER_FILES)
         if weights.exists():
-            return BuildResult(weights, sheet, _read_report(report_path), cached=True, shipped=shipped)
+            report = _read_report(report_path)
+            if (report.get("eval_steps"), report.get("eval_guidance")) != (
+                cfg.eval.teacher_steps,
+                cfg.eval.teacher_guidance,
+            ):
+                # scored with another sampler than the recipe's (an older clora): the weights stand
+                backbone = backbone or factory.load(device)
+                report = {
+                    **report,
+                    **_score_teacher(backbone, effect, weights, sheet, cfg, factory.backbone_id),
+                }
+                _write_json(report_path, report)
+            return BuildResult(weights, sheet, report, cached=True, shipped=shipped)
     backbone = backbone or factory.load(device)
-    sources = teacher_eval_sources(backbone, cfg)
-    base_psnr, base_scores, _ = _score_effect(backbone, effect, sources, cfg)
     state, stats = train_teacher(backbone, effect, cfg.teacher, show_progress=show_progress)
     meta = lora_metadata(
         rank=cfg.teacher.rank,
@@ -244,6 +254,18 @@ def build_teacher(
         extra={"base_hash": cfg.base_hash(), "teacher_config": cfg.teacher.model_dump(), **stats},
     )
     save_lora(weights, state, meta)
+    report = {**_score_teacher(backbone, effect, weights, sheet, cfg, factory.backbone_id), **stats}
+    _write_json(report_path, report)
+    return BuildResult(weights, sheet, report, cached=False)
+
+
+def _score_teacher(
+    backbone: ToyBackbone, effect: Effect, weights: Path, sheet: Path, cfg: ToyConfig, backbone_id: str
+) -> dict[str, object]:
+    """A teacher's report (without its training stats) at the recipe's eval sampler, and its contact
+    sheet: PSNR with and without the LoRA, a stochastic effect's distribution scores."""
+    sources = teacher_eval_sources(backbone, cfg)
+    base_psnr, base_scores, _ = _score_effect(backbone, effect, sources, cfg)
     apply_lora(backbone, weights, "toy_eval")
     try:
         teacher_psnr, scores, rows = _score_effect(backbone, effect, sources, cfg)
@@ -257,18 +279,15 @@ def build_teacher(
             **{k: round(v, 6) for k, v in scores.items()},
             "base_diversity": round(base_scores["diversity"], 6),
         }
-    report: dict[str, object] = {
+    contact_sheet(rows, sheet)
+    return {
         "effect": effect.name,
         "prompt": effect.prompt,
-        "backbone_id": factory.backbone_id,
+        "backbone_id": backbone_id,
         # a stochastic effect's: of the mean over SCORE_DRAWS seeds against the mean of as many true draws
         "psnr": round(teacher_psnr, 2),
         "base_psnr": round(base_psnr, 2),
         "eval_steps": cfg.eval.teacher_steps,
         "eval_guidance": cfg.eval.teacher_guidance,
         **distribution,
-        **stats,
     }
-    contact_sheet(rows, sheet)
-    _write_json(report_path, report)
-    return BuildResult(weights, sheet, report, cached=False)
