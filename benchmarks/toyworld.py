@@ -72,8 +72,12 @@ class World:
             build_teacher(get_effect(name), size=self.size, show_progress=False)
 
     def register(self, names: list[str]) -> None:
-        """Train (or reuse) and register the teachers of ``names``."""
+        """Train (or reuse) and register the teachers of ``names`` (those the registry has already, as
+        in a folder an earlier run left, keep their registration and trigger)."""
+        registered = {e.name for e in self.registry.list_effects()}
         for name in names:
+            if name in registered:
+                continue
             t = build_teacher(get_effect(name), size=self.size, show_progress=False)
             effect = get_effect(name)
             add_effect(
