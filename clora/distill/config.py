@@ -233,7 +233,7 @@ class IncrementalConfig(_Section):
         None,
         gt=0,
         le=1,
-        description="the student trains at optimizer.lr x this (default: 1 when it grows, 0.25 when it "
+        description="the student trains at optimizer.lr x this (default: 0.3 when it grows, 0.25 when it "
         "trains the parent's own components)",
     )
     grow_rank: int = Field(
