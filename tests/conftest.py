@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 def _clora_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One CLORA_HOME per test session, so built toy models are shared by tests but never by users.
 
-    ``CLORA_TEST_HOME`` names a folder to keep between sessions instead (a faster local loop).
+    ``CLORA_TEST_HOME`` names a folder to keep between test runs instead (a faster local loop).
     """
     keep = os.environ.get("CLORA_TEST_HOME")
     home = Path(keep) if keep else tmp_path_factory.mktemp("clora_home")
