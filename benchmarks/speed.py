@@ -2,6 +2,9 @@
 
     python benchmarks/speed.py            # toy base size (timing does not depend on trained weights)
     python benchmarks/speed.py --tiny
+    python benchmarks/speed.py --teacher-steps 40 --teacher-guidance 4   # a Qwen-Image-Edit-like sampler
+
+The teachers sample as the toy's do (its default steps and guidance) unless told otherwise.
 
 Prints ratios measured in this one run; the machine is shared and noisy, so compare within a run.
 """
@@ -44,13 +47,19 @@ def main() -> None:
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="toy world size")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="size", help="= --size tiny")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--teacher-steps", type=int, help="teacher Euler steps (default: the base's own)")
+    parser.add_argument(
+        "--teacher-guidance", type=float, help="teacher CFG scale, 0 for none (default: the base's own)"
+    )
     parser.add_argument("--few-steps", type=int, default=4)
     parser.add_argument("--n", type=int, nargs="*", default=[10, 20, 50], help="effect counts for switching")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     bb = get_factory(size=args.size).fresh()
+    steps = args.teacher_steps or bb.default_teacher_steps
+    guidance = bb.default_guidance if args.teacher_guidance is None else args.teacher_guidance
+    teacher_nfe = steps * (2 if bb.guidance_active(guidance) else 1)
     tr = bb.transformer.requires_grad_(False).eval()
     shapes = linear_shapes(tr)
     work = Path(tempfile.mkdtemp(prefix="clora-speed-"))
@@ -74,7 +83,7 @@ def main() -> None:
         few_step_sample(bb, src, prompt, sig, torch.Generator().manual_seed(0))
 
     def full() -> None:
-        euler_sample(bb, src, prompt, steps=args.teacher_steps, guidance=4.0, generator=torch.Generator())
+        euler_sample(bb, src, prompt, steps=steps, guidance=guidance, generator=torch.Generator())
 
     def way(adapters: list[str], sample, fuse: bool = False):
         def call() -> None:
@@ -92,8 +101,8 @@ def main() -> None:
     rows = [
         ("unified, fused (clora generate)", way(["unified"], few, fuse=True), args.few_steps),
         ("unified, LoRA unfused", way(["unified"], few), args.few_steps),
-        ("teacher, LoRA unfused (--teacher)", way(["effect"], full), 2 * args.teacher_steps),
-        ("teacher, LoRA fused", way(["effect"], full, fuse=True), 2 * args.teacher_steps),
+        ("teacher, LoRA unfused (--teacher)", way(["effect"], full), teacher_nfe),
+        ("teacher, LoRA fused", way(["effect"], full, fuse=True), teacher_nfe),
         ("cascade (effect + accel), few steps", way(["effect", "accel"], few), args.few_steps),
     ]
     times = [(label, timed(fn), nfe) for label, fn, nfe in rows]
