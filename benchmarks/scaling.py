@@ -162,9 +162,9 @@ def main() -> None:
     print(f"\n{'':28}" + "".join(f"{'N = ' + k:>12}" for k in results))
     for label, key in (
         ("student dB (4 steps)", "student"),
-        ("teachers dB (20 + CFG)", "teacher"),
+        ("teachers dB (full sampler)", "teacher"),
         ("cascade dB (4 steps, best)", "cascade"),
-        ("merged dB (20 + CFG, best)", "merged"),
+        ("merged dB (full sampler, best)", "merged"),
         ("gap dB", "gap"),
         ("within 2 dB of teacher", "within_2db"),
         ("trigger accuracy", "trigger_accuracy"),
