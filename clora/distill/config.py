@@ -99,7 +99,7 @@ class OptimizerConfig(_Section):
         description="split each step's batch into this many micro-batches whose gradients add up before the "
         "optimizer step (less memory when the batch does not fit)",
     )
-    lr: float = Field(6e-3, gt=0, description="learning rate of the student (reference: 1e-4)")
+    lr: float = Field(3e-3, gt=0, description="learning rate of the student (reference: 1e-4)")
     critic_lr: float = Field(5e-4, gt=0, description="learning rate of the critic (reference: 1e-4)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine",
@@ -233,7 +233,7 @@ class IncrementalConfig(_Section):
         None,
         gt=0,
         le=1,
-        description="the student trains at optimizer.lr x this (default: 0.3 when it grows, 0.25 when it "
+        description="the student trains at optimizer.lr x this (default: 0.6 when it grows, 0.25 when it "
         "trains the parent's own components)",
     )
     grow_rank: int = Field(

@@ -78,7 +78,7 @@ def resolve(
         c.data.p_switch = 0.0
     if kind == "incremental":
         inc = c.incremental
-        ratio = inc.lr_ratio or (0.3 if inc.grow_rank else 0.25)
+        ratio = inc.lr_ratio or (0.6 if inc.grow_rank else 0.25)
         c.optimizer.lr *= ratio
         inc.lr_ratio = ratio
         c.data.effects_per_batch = inc.effects_per_batch or c.data.effects_per_batch
