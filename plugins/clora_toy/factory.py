@@ -78,7 +78,14 @@ class ToyBackboneFactory(BackboneFactory):
             transformer.to(dtype)
         text_encoder.to(device)
         return ToyBackbone(
-            self.backbone_id, self.config.model, self.fingerprint, transformer, text_encoder, device, dtype
+            self.backbone_id,
+            self.config.model,
+            self.config.eval,
+            self.fingerprint,
+            transformer,
+            text_encoder,
+            device,
+            dtype,
         )
 
     def fresh(self, device: torch.device | str = "cpu") -> ToyBackbone:
@@ -96,6 +103,7 @@ class ToyBackboneFactory(BackboneFactory):
         return ToyBackbone(
             self.backbone_id,
             self.config.model,
+            self.config.eval,
             self.fingerprint,
             transformer,
             text_encoder,
