@@ -318,6 +318,7 @@ def evaluate(
         "base": collection.base_id,
         "n_images": len(sources),
         "steps": {"student": len(model.header.few_step_sigmas), "teacher": cfg.teachers.steps},
+        "teacher_guidance": ctx.cache.guidance,
         "effects": per,
         "overall": overall,
         "bleeding": _bleeding(names, outputs),

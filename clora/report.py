@@ -136,6 +136,13 @@ def _metrics_table(effects: dict[str, Any]) -> str:
     )
 
 
+def _guidance(scale: float | None) -> str:
+    """How the teachers were guided, for the report's header (older results lack the scale)."""
+    if scale is None:
+        return "with their guidance"
+    return f"with CFG {scale:g}" if scale else "without CFG"
+
+
 def _distribution_table(effects: dict[str, Any]) -> str:
     """The stochastic effects: each way's distribution metrics against the true draws ("" if none)."""
     rows = [
@@ -187,7 +194,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#e
 img{{image-rendering:pixelated}}</style>
 <h1>Collection v{result["collection"]} on base {html.escape(result["base"])}</h1>
 <p>{result["n_images"]} held-out images per effect; student {result["steps"]["student"]} steps,
-teacher {result["steps"]["teacher"]} steps with CFG.</p>
+teacher {result["steps"]["teacher"]} steps {_guidance(result.get("teacher_guidance"))}.</p>
 <h2>Fidelity</h2>{_fidelity_table(result)}
 {_distribution_table(result["effects"])}
 {baselines}

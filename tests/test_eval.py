@@ -91,6 +91,7 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path, monkeypatch
         "base",
         "n_images",
         "steps",
+        "teacher_guidance",
         "effects",
         "overall",
         "bleeding",
@@ -142,6 +143,7 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path, monkeypatch
     assert cost["unified"]["ms_per_image"] > 0 and cost["per_effect_loras"]["switch_ms"] > 0
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "bleeding.png" in page and "sheet-sepia.png" in page
+    assert data["teacher_guidance"] == 0.0 and "teacher 4 steps without CFG" in page  # the toy's sampler
     assert (
         f"merged ({best['merged']['variant']}) vs truth" in page
         and f"{best['merged']['variant']} (best)" in page
