@@ -56,9 +56,6 @@ class ToyBackboneFactory(BackboneFactory):
         import torch
         from safetensors.torch import load_file
 
-        from clora_toy.backbone import ToyBackbone, build_transformer
-        from clora_toy.text import build_text_encoder
-
         device = torch.device(device)
         dtype = dtype or torch.float32
         try:
@@ -67,13 +64,33 @@ class ToyBackboneFactory(BackboneFactory):
             raise CloraError(
                 f"cannot read toy base weights {path} ({exc}); rebuild with `{self.build_hint} --force`"
             ) from exc
+        return self._assemble(device, dtype, tensors)
+
+    def fresh(self, device: torch.device | str = "cpu") -> ToyBackbone:
+        """An untrained backbone (seeded init), the starting point of base training."""
+        import torch
+
+        return self._assemble(torch.device(device), torch.float32)
+
+    def _assemble(
+        self, device: torch.device, dtype: torch.dtype, tensors: dict[str, torch.Tensor] | None = None
+    ) -> ToyBackbone:
+        """The backbone of this recipe on ``device``: with ``tensors`` (a base weights file) loaded and
+        frozen, else at its seeded initialisation."""
+        import torch
+
+        from clora_toy.backbone import ToyBackbone, build_transformer
+        from clora_toy.text import build_text_encoder
+
         # Any: mypy resolves diffusers' and transformers' nn.Module methods through their decorators
         transformer: Any = build_transformer(self.config.model)
         text_encoder: Any = build_text_encoder(self.config.model)
-        transformer.load_state_dict(_strip(tensors, "transformer."))
-        # position_ids is a buffer some transformers versions save and others do not
-        text_encoder.load_state_dict(_strip(tensors, "text_encoder."), strict=False)
-        transformer.requires_grad_(False).eval().to(device)
+        if tensors is not None:
+            transformer.load_state_dict(_strip(tensors, "transformer."))
+            # position_ids is a buffer some transformers versions save and others do not
+            text_encoder.load_state_dict(_strip(tensors, "text_encoder."), strict=False)
+            transformer.requires_grad_(False).eval()
+        transformer.to(device)
         if dtype != torch.float32:
             transformer.to(dtype)
         text_encoder.to(device)
@@ -86,29 +103,6 @@ class ToyBackboneFactory(BackboneFactory):
             text_encoder,
             device,
             dtype,
-        )
-
-    def fresh(self, device: torch.device | str = "cpu") -> ToyBackbone:
-        """An untrained backbone (seeded init), the starting point of base training."""
-        import torch
-
-        from clora_toy.backbone import ToyBackbone, build_transformer
-        from clora_toy.text import build_text_encoder
-
-        device = torch.device(device)
-        transformer: Any = build_transformer(self.config.model)
-        text_encoder: Any = build_text_encoder(self.config.model)
-        transformer.to(device)
-        text_encoder.to(device)
-        return ToyBackbone(
-            self.backbone_id,
-            self.config.model,
-            self.config.eval,
-            self.fingerprint,
-            transformer,
-            text_encoder,
-            device,
-            torch.float32,
         )
 
     def info(self) -> dict[str, Any]:
