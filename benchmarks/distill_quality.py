@@ -4,6 +4,8 @@
     python benchmarks/distill_quality.py --ablations           # + without routing / asym. prompts / ...
     python benchmarks/distill_quality.py --ablations full on-policy --on-policy-share 0.1   # some of them
     python benchmarks/distill_quality.py --tiny --steps 60     # the test-size world, a smoke run
+    python benchmarks/distill_quality.py --first 16 --steps 3000 --ablations full gap-router
+        # uniform against probe-guided effect sampling (the gap router), equal steps
     python benchmarks/distill_quality.py --effects sepia invert warm blur grain confetti palette-tint streak \
         --ablations full paper-1-dmd paper-2-routing paper-3-prompts paper-4-target-sim paper-5-anchoring
         # the paper's component ablation, deterministic and stochastic effects together
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 from clora_toy.data import general_batch
-from toyworld import World, add_world_args, merge_types, trigger_accuracy
+from toyworld import EFFECTS, World, add_world_args, merge_types, ordered, trigger_accuracy
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -30,7 +32,6 @@ from clora.generate import UnifiedModel, unfuse
 from clora.metrics import psnr
 from clora.sampling import euler_sample, few_step_sample
 
-EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
 #: the toy effects whose truth is a distribution, for the component ablation
 STOCHASTIC = ["grain", "confetti", "palette-tint", "streak"]
 ON_POLICY = {"dmd": {"weight": 0.1}, "target_sim": {"weight": 0.1}, "critic_fm": {}}
@@ -65,6 +66,10 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
             f"+ on-policy last {on_policy_share:.0%} (DMD, target simulation)",
             {"anchor_share": tail},
         ),
+        "gap-router": (
+            "gap router (effects furthest from their teachers at the probe train most)",
+            {"data.router": "gap"},
+        ),
         "no-routing": ("no routing (effect stream only)", {"p_switch": 1.0}),
         "no-asymmetric-prompts": ("no asymmetric prompts", {"asymmetric_prompts": False}),
         "on-policy-no-target-sim": (
@@ -97,6 +102,9 @@ def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--effects", nargs="*", default=EFFECTS)
+    parser.add_argument(
+        "--first", type=int, metavar="N", help="instead of --effects: the first N of scaling.py's order"
+    )
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument(
         "--ablations",
@@ -119,6 +127,8 @@ def main() -> None:
     add_world_args(parser)
     args = parser.parse_args()
 
+    if args.first:
+        args.effects = ordered(args.first)
     world = World.open(args.size, "clora-bench-", args.threads)
     world.register(args.effects)
     reg, comps, work = world.registry, world.components, world.work
@@ -159,6 +169,7 @@ def main() -> None:
             "per_effect": {n: effect_scores(ev["effects"][n]) for n in labels},
             "trigger_accuracy": round(trigger_accuracy(m), 4),
             "retention": ret,
+            "probe_db": outcome.metrics["train"].get("probe_db"),
         }
         del outputs
         print_variant(label, results[key])
@@ -202,10 +213,7 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
     )
     rows = _psnr_rows(r)
     merges = [k for k in next(iter(rows.values())) if k.startswith("merged-")] if rows else []
-    print(
-        f"{'effect':14} {'student 4-step':>15} {'teacher 20+CFG':>15} {'gap':>7}"
-        + "".join(f" {m:>14}" for m in merges)
-    )
+    print(f"{'effect':14} {'student':>15} {'teacher':>15} {'gap':>7}" + "".join(f" {m:>14}" for m in merges))
     gaps = []
     for n, v in rows.items():
         gaps.append(v["teacher"] - v["student"])

@@ -19,20 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toyworld import World, add_world_args, scores, table
+from toyworld import EFFECTS, NEXT, World, add_world_args, scores, table
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
 from clora.registry import Collection, Registry
 
-FIRST = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
-MORE = ["cool", "solarize"]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--first", nargs="*", default=FIRST, help="effects of the first full distill")
-    parser.add_argument("--more", nargs="*", default=MORE, help="effects added with --incremental")
+    parser.add_argument("--first", nargs="*", default=EFFECTS, help="effects of the first full distill")
+    parser.add_argument("--more", nargs="*", default=NEXT, help="effects added with --incremental")
     parser.add_argument(
         "--from",
         dest="from_dir",

@@ -25,25 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clora_toy.effects import effects_library
-from distill_quality import EFFECTS
-from toyworld import World, add_world_args, merge_types, summary, table, trigger_accuracy
+from toyworld import World, add_world_args, merge_types, ordered, summary, table, trigger_accuracy
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
 from clora.evaluate import EvalOptions, evaluate
 from clora.merge import DEFAULT_MERGES
 from clora.registry import Collection
-
-FIRST = [*EFFECTS, "cool", "solarize"]
-
-
-def ordered(n: int) -> list[str]:
-    """The first ``n`` effects: FIRST, then the toy library's order."""
-    names = FIRST + [e.name for e in effects_library() if e.name not in FIRST]
-    if n > len(names):
-        raise SystemExit(f"the toy library has {len(names)} effects; pick N <= {len(names)}")
-    return names[:n]
 
 
 def scores_at_best(

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from clora_toy.build import build_base, build_teacher
-from clora_toy.effects import get_effect
+from clora_toy.effects import effects_library, get_effect
 from clora_toy.factory import get_factory
 
 from clora.cli_eval import parse_merges
@@ -19,6 +19,20 @@ from clora.errors import CloraError
 from clora.evaluate import EvalOptions, evaluate
 from clora.plugins import Components, get_plugin_manager
 from clora.registry import Collection, Registry
+
+#: the default collection of the distill benchmarks: the toy's eight shipped teachers
+EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
+#: the effects the larger benchmarks add first (the demo's incremental pair), then the library's order
+NEXT = ["cool", "solarize"]
+
+
+def ordered(n: int) -> list[str]:
+    """The first ``n`` effects of the benchmarks: EFFECTS, NEXT, then the toy library's order."""
+    first = EFFECTS + NEXT
+    names = first + [e.name for e in effects_library() if e.name not in first]
+    if n > len(names):
+        raise SystemExit(f"the toy library has {len(names)} effects; pick N <= {len(names)}")
+    return names[:n]
 
 
 def merge_types(text: str) -> tuple[str, ...]:

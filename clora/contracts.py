@@ -99,8 +99,11 @@ class Router(Protocol):
     config's ``router`` field picks a router by id.
     """
 
-    #: unique id (``balanced``, ``file-order``, ...), the value of the distill config's ``router``
+    #: unique id (``balanced``, ``file-order``, ``gap``, ...), the value of the distill config's ``router``
     router_id: str
+    #: True: the loop probes the student during training (``data.probe_every``) and passes each effect's
+    #: latest probe PSNR to :meth:`choose` as ``probe_db``
+    uses_probe: bool = False
 
     @abstractmethod
     def choose(
@@ -119,6 +122,10 @@ class Router(Protocol):
         :param config: the run's :class:`~clora.distill.config.DistillConfig` (read only).
         :param rng: the run's seeded random generator; draw every random choice from it, so a run
             and its ``--resume`` choose alike.
+
+        A router with ``uses_probe`` is also given ``probe_db=``: effect -> PSNR (dB) of the student's
+        few-step samples against its teacher's outputs on the effect's held-out sources at the latest
+        probe (absent: not probed yet).
         """
 
 

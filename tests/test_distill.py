@@ -157,6 +157,52 @@ def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path
     assert all("loss/dmd" in row for row in rows[4:])
 
 
+def test_the_probe_scores_held_out_sources_and_ends_the_run_at_the_target(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pm = tiny_world
+    common = ["--batch-size", "4", "--no-progress", "--json", "--set", "data.probe_every=4"]
+    # a target no student reaches: every step trains, the probe runs every 4 steps and at the end, and
+    # the run names each effect under its target
+    r = run(pm, "distill", "--steps", "10", *common, "--set", "data.target_db=99")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    train = col["metrics"]["train"]
+    assert train["steps"] == 10 and not train["stopped_early"]
+    assert set(train["probe_db"]) == set(TINY_EFFECTS) and all(5 < v < 99 for v in train["probe_db"].values())
+    assert "2 of 2 under the target (99 dB)" in r.stderr
+    log = clora_home() / "runs" / col["run_id"] / "log.jsonl"
+    probes = [row for row in map(json.loads, log.read_text().splitlines()) if "probe" in row]
+    assert [row["step"] for row in probes] == [0, 4, 8, 10]
+    assert probes[-1]["probe"] == train["probe_db"]
+    # a target the untrained student already meets ends the run at its first probe: nothing trains
+    r = run(pm, "distill", "--steps", "10", *common, "--set", "data.target_db=1", "--fresh")
+    assert r.exit_code == 0, r.output
+    train = json.loads(r.stdout)["metrics"]["train"]
+    assert train["steps"] == 0 and train["stopped_early"]
+    assert "every effect within its target (1 dB); ended early at step 0 of 10" in r.stderr
+
+
+def test_the_gap_router_picks_effects_in_proportion_to_their_probe_error() -> None:
+    import random
+
+    from clora_routers import GapRouter
+
+    router, cfg, rng = GapRouter(), DistillConfig(), random.Random(0)
+    picks = [
+        router.choose(["a", "b"], [], {}, cfg, rng, probe_db={"a": 20.0, "b": 40.0}) for _ in range(2000)
+    ]
+    # RMS errors 0.1 and 0.01: a is picked 10 times as often as b
+    assert 0.88 < picks.count("a") / len(picks) < 0.94
+    # an effect not probed yet counts as the worst probed one
+    picks = [router.choose(["a", "c"], [], {}, cfg, rng, probe_db={"a": 20.0}) for _ in range(2000)]
+    assert 0.45 < picks.count("c") / len(picks) < 0.55
+    # an incremental run still gives the new effects their share, however far the old ones are
+    cfg.incremental.new_effect_share = 0.5
+    picks = [
+        router.choose(["a", "n"], ["n"], {}, cfg, rng, probe_db={"a": 10.0, "n": 50.0}) for _ in range(2000)
+    ]
+    assert 0.45 < picks.count("n") / len(picks) < 0.55
+
+
 def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pm = tiny_world
     cfg = _config_file(

@@ -165,7 +165,27 @@ class DataConfig(_Section):
         description="weigh each effect's rows in the regression terms by (its running loss)^-b, normalised "
         "to mean 1: 0 is plain MSE; 1 makes every effect's relative error count alike",
     )
-    router: str = Field("balanced", description="router plugin id that picks the effects of each block")
+    router: str = Field(
+        "balanced",
+        description="router plugin id that picks the effects of each block: balanced (each effect alike), "
+        "gap (effects furthest from their teachers at the latest probe more often), file-order",
+    )
+    probe_every: int = Field(
+        100,
+        ge=1,
+        description="steps between probes, when the run probes (the gap router, or target_db set): the "
+        "student's few-step samples scored against the teachers' outputs on held-out sources of each effect",
+    )
+    probe_rows: int = Field(
+        2, ge=1, description="sources per effect held out of training for the probe (when the run probes)"
+    )
+    target_db: float | None = Field(
+        None,
+        gt=0,
+        description="an effect whose probe PSNR against its teacher reaches this many dB is not routed "
+        "until it falls below again, and the run ends early once every effect is there; None: every "
+        "effect trains for the whole run",
+    )
 
 
 class TeacherConfig(_Section):

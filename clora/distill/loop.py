@@ -24,9 +24,16 @@ from clora.distill.plan import Plan
 from clora.distill.prepare import Prepared
 from clora.errors import CloraError
 from clora.fileio import save_torch
+from clora.metrics import psnr
 from clora.plugins import Components
 from clora.progress import progress_bar
-from clora.sampling import few_step_sigmas, guided_velocity, renoise_rollout, x0_from_velocity
+from clora.sampling import (
+    few_step_sample,
+    few_step_sigmas,
+    guided_velocity,
+    renoise_rollout,
+    x0_from_velocity,
+)
 
 CHECKPOINT = "checkpoint.pt"
 #: decay of the running per-effect losses (``effect_balance``), per step the effect trains
@@ -119,6 +126,8 @@ class LoopState:
     counts: dict[str, int] = field(default_factory=dict)
     #: running mean of each effect's regression loss per row (``effect_balance``)
     effect_loss: dict[str, float] = field(default_factory=dict)
+    #: each effect's PSNR against its teacher at the latest probe (runs that probe)
+    probe_db: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,6 +138,10 @@ class LoopResult:
     teacher_loads: int
     #: wall seconds by role of the steps this process ran (see :class:`RoleTimer`)
     seconds_by_role: dict[str, float] = field(default_factory=dict)
+    #: the last probe's PSNR against the teachers, by effect (empty: the run did not probe)
+    probe_db: dict[str, float] = field(default_factory=dict)
+    #: the run ended before its last step because every effect reached ``data.target_db``
+    stopped_early: bool = False
 
 
 class RoleTimer:
@@ -195,6 +208,16 @@ class Distiller:
         self.effects = {e.name: e for e in plan.effects}
         self.timer = RoleTimer(torch.device(backbone.device))
         self._frozen_values: list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]] | None = None
+        # a run that probes holds the last probe_rows sources of each effect's largest bucket out of
+        # training (leaving at least one) and scores the student on them
+        self.probing = cfg.data.target_db is not None or bool(getattr(self.router, "uses_probe", False))
+        self.held: dict[str, tuple[tuple[int, int], int]] = {}
+        for name, buckets in prepared.effects.items() if self.probing else ():
+            bucket = max(sorted(buckets), key=lambda b: len(buckets[b]))
+            n = min(cfg.data.probe_rows, len(buckets[bucket]) - 1)
+            if n > 0 and buckets[bucket].targets is not None:
+                self.held[name] = (bucket, n)
+        self._probe_truth: dict[str, torch.Tensor] = {}
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -203,57 +226,23 @@ class Distiller:
     ) -> LoopResult:
         cfg, total = self.cfg, self.cfg.steps
         start, t0, last = self.state.step, time.monotonic(), 0.0
-        # phases: anchoring alone (cheap) -> critic warm-up on student samples -> on-policy DMD
-        anchor_end = cfg.anchor_steps
-        warm_end = anchor_end + min(cfg.on_policy.critic_warmup, (total - anchor_end) // 4)
         final: dict[str, float] = {}
+        stopped = False
         with progress_bar(show_progress) as bar, open(self.run_dir / LOG, "a") as log:
             task = bar.add_task("distill", total=total, completed=start, info="")
             for step in range(start, total):
+                # 0. probe (runs that route by it or stop at a target): the run ends once every effect
+                # is within its target
+                if self.probing and step % cfg.data.probe_every == 0 and self.probe(step, log):
+                    stopped = True
+                    break
                 # 1. route: a coin flip per block picks the stream; the router picks the effects
                 if step % cfg.data.block_len == 0:
                     self.state.route, self.state.bucket = self.choose_route()
                 stream, effects = self.state.route
                 effect = ",".join(effects) or None
-                if step == anchor_end and anchor_end > 0 and cfg.on_policy.critic_from_student:
-                    self.critic_from_student()
-                # 2. batch (in micro-batches whose gradients add up, with grad_accumulation)
-                batch = self.make_batch(stream, effects, self.state.bucket)
-                micro = batch.split(cfg.optimizer.grad_accumulation)
-                self.set_student_lr(step)
-                logged: dict[str, float] = {}
-                if step < anchor_end:
-                    # the anchoring phase: regression onto the teacher targets, no simulation
-                    if batch.targets is not None:
-                        with self.timer("generator"):
-                            for mb in micro:
-                                ctx = self.loss_context(mb, None)
-                                self.backward(ctx, "generator", step, logged, len(micro))
-                                self.track_effect_losses(mb, ctx)
-                            self.optimizer_step("generator")
-                else:
-                    # 3. backward simulation; the last simulated step keeps its graph on generator turns
-                    gen_turn = step >= warm_end and (step - warm_end) % cfg.on_policy.gen_every == 0
-                    contexts = []
-                    for mb in micro:
-                        with self.timer("simulation"):
-                            sample = self.simulate(mb, with_grad=gen_turn)
-                        ctx = self.loss_context(mb, sample)
-                        # 4. generator turn
-                        if gen_turn:
-                            with self.timer("generator"):
-                                self.backward(ctx, "generator", step, logged, len(micro))
-                                self.track_effect_losses(mb, ctx)
-                        ctx.sample = sample.detach()
-                        contexts.append(ctx)
-                    if gen_turn:
-                        with self.timer("generator"):
-                            self.optimizer_step("generator")
-                    # 5. critic turn, on the same (now detached) student samples
-                    with self.timer("critic"):
-                        for ctx in contexts:
-                            self.backward(ctx, "critic", step, logged, len(micro))
-                        self.optimizer_step("critic")
+                # 2.-5. batch, then the phase's turns
+                logged = self.train_step(step, self.make_batch(stream, effects, self.state.bucket))
                 # 6. log and checkpoint
                 self.state.step = step + 1
                 final.update(logged)
@@ -271,9 +260,62 @@ class Distiller:
                     self.save_checkpoint()
                     if on_checkpoint:
                         on_checkpoint(step + 1)
+            if self.probing and not stopped:
+                self.probe(self.state.step, log)  # where the run ends
         return LoopResult(
-            total - start, time.monotonic() - t0, final, self.adapters.teacher_loads, self.timer.report()
+            self.state.step - start,
+            time.monotonic() - t0,
+            final,
+            self.adapters.teacher_loads,
+            self.timer.report(),
+            dict(self.state.probe_db),
+            stopped,
         )
+
+    def train_step(self, step: int, batch: Batch) -> dict[str, float]:
+        """One step on ``batch`` in the phase ``step`` falls in: anchoring alone (cheap), then the critic's
+        warm-up on student samples, then on-policy DMD; returns the logged losses and weights."""
+        cfg, total = self.cfg, self.cfg.steps
+        anchor_end = cfg.anchor_steps
+        warm_end = anchor_end + min(cfg.on_policy.critic_warmup, (total - anchor_end) // 4)
+        if step == anchor_end and anchor_end > 0 and cfg.on_policy.critic_from_student:
+            self.critic_from_student()
+        micro = batch.split(cfg.optimizer.grad_accumulation)  # micro-batches whose gradients add up
+        self.set_student_lr(step)
+        logged: dict[str, float] = {}
+        if step < anchor_end:
+            # the anchoring phase: regression onto the teacher targets, no simulation
+            if batch.targets is not None:
+                with self.timer("generator"):
+                    for mb in micro:
+                        ctx = self.loss_context(mb, None)
+                        self.backward(ctx, "generator", step, logged, len(micro))
+                        self.track_effect_losses(mb, ctx)
+                    self.optimizer_step("generator")
+            return logged
+        # 3. backward simulation; the last simulated step keeps its graph on generator turns
+        gen_turn = step >= warm_end and (step - warm_end) % cfg.on_policy.gen_every == 0
+        contexts = []
+        for mb in micro:
+            with self.timer("simulation"):
+                sample = self.simulate(mb, with_grad=gen_turn)
+            ctx = self.loss_context(mb, sample)
+            # 4. generator turn
+            if gen_turn:
+                with self.timer("generator"):
+                    self.backward(ctx, "generator", step, logged, len(micro))
+                    self.track_effect_losses(mb, ctx)
+            ctx.sample = sample.detach()
+            contexts.append(ctx)
+        if gen_turn:
+            with self.timer("generator"):
+                self.optimizer_step("generator")
+        # 5. critic turn, on the same (now detached) student samples
+        with self.timer("critic"):
+            for ctx in contexts:
+                self.backward(ctx, "critic", step, logged, len(micro))
+            self.optimizer_step("critic")
+        return logged
 
     # ---- helpers, in the order the loop uses them ----------------------------------------------
 
@@ -288,20 +330,22 @@ class Distiller:
         images'); the others come from the effects that have images of that size."""
         rng = self._rng()
         data = self.cfg.data
-        if not self.plan.effects or (rng.random() >= data.p_switch and self.data.general_rows):
+        if not any(self.trains(e.name) for e in self.plan.effects) or (
+            rng.random() >= data.p_switch and self.data.general_rows
+        ):
             return ("general", ()), self._pick_bucket({s: len(r) for s, r in self.data.general.items()}, rng)
         chosen: list[str] = []
         bucket: tuple[int, int] | None = None
-        for _ in range(min(data.effects_per_batch, len(self.plan.effects), self.cfg.optimizer.batch_size)):
+        pool = [e.name for e in self.plan.effects if self.trains(e.name)]
+        probe = {"probe_db": dict(self.state.probe_db)} if getattr(self.router, "uses_probe", False) else {}
+        for _ in range(min(data.effects_per_batch, len(pool), self.cfg.optimizer.batch_size)):
             names = [
-                e.name
-                for e in self.plan.effects
-                if e.name not in chosen and (bucket is None or bucket in self.data.effects[e.name])
+                n for n in pool if n not in chosen and (bucket is None or bucket in self.data.effects[n])
             ]
             if not names:
                 break
             new = [n for n in self.plan.new_effects if n in names]
-            effect = self.router.choose(names, new, self.state.counts, self.cfg, rng)
+            effect = self.router.choose(names, new, self.state.counts, self.cfg, rng, **probe)
             if effect not in names:
                 raise CloraError(f"router '{data.router}' chose unknown or repeated effect '{effect}'")
             self.state.counts[effect] = self.state.counts.get(effect, 0) + 1
@@ -309,6 +353,38 @@ class Distiller:
             if bucket is None:
                 bucket = self._pick_bucket({s: len(r) for s, r in self.data.effects[effect].items()}, rng)
         return ("effect", tuple(chosen)), bucket
+
+    def trains(self, name: str) -> bool:
+        """Whether effect ``name`` is routed: not when it reached ``data.target_db`` at the latest probe."""
+        target = self.cfg.data.target_db
+        return target is None or self.state.probe_db.get(name, -math.inf) < target
+
+    @torch.no_grad()
+    def probe(self, step: int, log: Any) -> bool:
+        """Score the student's few-step samples against the teachers' outputs on each effect's held-out
+        sources (PSNR, dB; the same noise at every probe), log them; True when every effect is within
+        ``data.target_db``."""
+        bb, gen = self.backbone, torch.Generator().manual_seed(self.cfg.seed + 1)
+        self.adapters.use(STUDENT)
+        for name, (bucket, n) in self.held.items():
+            rows = self.data.effects[name][bucket]
+            held = rows.take(torch.arange(len(rows) - n, len(rows)), bb.device, bb.dtype)
+            if name not in self._probe_truth:
+                assert held.targets is not None  # only effects with teacher outputs are held out
+                self._probe_truth[name] = bb.decode_latents(held.targets).float()
+            x = few_step_sample(
+                bb, held.sources, held.student, self.sigmas, gen, shape=(n, *held.latent_shape)
+            )
+            self.state.probe_db[name] = round(
+                float(psnr(bb.decode_latents(x), self._probe_truth[name]).mean()), 3
+            )
+        log.write(json.dumps({"step": step, "probe": self.state.probe_db}) + "\n")
+        target = self.cfg.data.target_db
+        return (
+            target is not None
+            and len(self.held) == len(self.plan.effects) > 0
+            and not any(self.trains(e.name) for e in self.plan.effects)
+        )
 
     @staticmethod
     def _pick_bucket(sizes: dict[tuple[int, int], int], rng: random.Random) -> tuple[int, int] | None:
@@ -328,7 +404,8 @@ class Distiller:
             for i, name in enumerate(effects):  # rows split as evenly as possible, one group per effect
                 start, stop = b * i // len(effects), b * (i + 1) // len(effects)
                 rows = self.data.effects[name][bucket]
-                idx = torch.randint(len(rows), (stop - start,), generator=self.generator)
+                held = self.held[name][1] if self.held.get(name, (None,))[0] == bucket else 0
+                idx = torch.randint(len(rows) - held, (stop - start,), generator=self.generator)
                 groups.append(Group(self.effects[name].lora_path, start, stop, name))
                 parts.append(rows.take(idx, device, dtype))
         else:
@@ -562,6 +639,7 @@ class Distiller:
                 "bucket": list(self.state.bucket) if self.state.bucket else [],
                 "counts": dict(self.state.counts),
                 "effect_loss": dict(self.state.effect_loss),
+                "probe_db": dict(self.state.probe_db),
                 "generator": self.generator.get_state(),
                 **self.training_state(),
                 "config": self.cfg.model_dump_json(),
@@ -588,6 +666,7 @@ class Distiller:
             bucket=tuple(ck["bucket"]) if ck.get("bucket") else None,
             counts=dict(ck["counts"]),
             effect_loss=dict(ck.get("effect_loss", {})),
+            probe_db=dict(ck.get("probe_db", {})),
         )
         self._truncate_log(self.state.step)
         return True

@@ -543,6 +543,8 @@ def _execute(
     result = distiller.run(
         show_progress, on_checkpoint=lambda step: registry.update_run(plan.run_id, step=step)
     )
+    if result.probe_db:
+        say(probe_summary(result, distiller.state.step, cfg))
 
     timing = {
         "seconds_total": round(time.monotonic() - t_start, 2),
@@ -587,9 +589,10 @@ def _write_collection(
     out = Path(plan.out_file)
     write_unified(out, distiller.adapters.state_dict(STUDENT), header)
     save_torch(distiller.training_state(), state_path(out))
+    steps = distiller.state.step
     metrics = {
         "train": {
-            "steps": cfg.steps,
+            "steps": steps,
             **timing,
             "seconds_loop": round(result.seconds, 2),
             "final_losses": {k: v for k, v in result.final_losses.items() if k.startswith("loss/")},
@@ -599,6 +602,9 @@ def _write_collection(
             "base_mb": round(base_bytes / 2**20, 2),
         }
     }
+    if result.probe_db:
+        metrics["train"]["probe_db"] = result.probe_db
+        metrics["train"]["stopped_early"] = result.stopped_early
     collection = registry.add_collection(
         file=str(out),
         sha256=sha256_file(out),
@@ -617,9 +623,28 @@ def _write_collection(
             for e in plan.effects
         ],
     )
-    registry.update_run(plan.run_id, status="completed", step=cfg.steps, collection_id=collection.id)
+    registry.update_run(plan.run_id, status="completed", step=steps, collection_id=collection.id)
     return DistillOutcome(
         collection, plan.run_id, f"collection v{collection.version} written to {out}", metrics
+    )
+
+
+def probe_summary(result: LoopResult, step: int, cfg: DistillConfig) -> str:
+    """One line on the last probe: mean PSNR against the teachers, and the effects under ``target_db``."""
+    db = result.probe_db
+    line = f"probe at step {step}: student vs teachers {sum(db.values()) / len(db):.2f} dB on average"
+    target = cfg.data.target_db
+    if target is None:
+        low = sorted(db, key=db.__getitem__)[:3]
+        return line + "; lowest " + ", ".join(f"{n} {db[n]:.2f}" for n in low)
+    missed = sorted((n for n in db if db[n] < target), key=db.__getitem__)
+    if not missed:
+        ended = f"; ended early at step {step} of {cfg.steps}" if result.stopped_early else ""
+        return line + f"; every effect within its target ({target:g} dB){ended}"
+    return (
+        line
+        + f"; {len(missed)} of {len(db)} under the target ({target:g} dB): "
+        + ", ".join(f"{n} {db[n]:.2f}" for n in missed)
     )
 
 

@@ -3,7 +3,8 @@
 A router (:class:`clora.contracts.Router`) has a ``router_id`` and ``choose(effects, new_effects, counts,
 config, rng) -> str``: an effect of the next effect block, given every effect's pick count so far. With
 ``effects_per_batch`` k > 1 the loop asks k times, leaving out the effects already picked. Whether a block is
-an effect or a general block is the loop's coin flip (``p_switch``), not the router's.
+an effect or a general block is the loop's coin flip (``p_switch``), not the router's. A router with
+``uses_probe`` is also told each effect's PSNR against its teacher at the loop's latest probe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ def _least_used(names: Sequence[str], counts: Mapping[str, int], rng: random.Ran
     return rng.choice([n for n in names if counts.get(n, 0) == low])
 
 
+def _pool(
+    effects: Sequence[str], new_effects: Sequence[str], config: DistillConfig, rng: random.Random
+) -> list[str]:
+    """The effects to pick from: in an incremental run the new ones with probability
+    ``incremental.new_effect_share``, else the old ones; otherwise all."""
+    old = [e for e in effects if e not in set(new_effects)]
+    if new_effects and old:
+        return list(new_effects) if rng.random() < config.incremental.new_effect_share else old
+    return list(effects)
+
+
 class BalancedRouter(Router):
     """Each effect gets the same number of blocks; in incremental runs new effects get a fixed share."""
 
@@ -37,12 +49,30 @@ class BalancedRouter(Router):
         config: DistillConfig,
         rng: random.Random,
     ) -> str:
-        old = [e for e in effects if e not in set(new_effects)]
-        if new_effects and old:
-            pool = list(new_effects) if rng.random() < config.incremental.new_effect_share else old
-        else:
-            pool = list(effects)
-        return _least_used(pool, counts, rng)
+        return _least_used(_pool(effects, new_effects, config, rng), counts, rng)
+
+
+class GapRouter(Router):
+    """Effects furthest from their teachers train most: an effect is picked with probability in proportion
+    to the RMS error of its latest probe (10^(-dB/20)); one not probed yet counts as the worst probed.
+    With ``data.target_db`` the loop leaves out the effects already there."""
+
+    router_id = "gap"
+    uses_probe = True
+
+    def choose(
+        self,
+        effects: Sequence[str],
+        new_effects: Sequence[str],
+        counts: Mapping[str, int],
+        config: DistillConfig,
+        rng: random.Random,
+        probe_db: Mapping[str, float] | None = None,
+    ) -> str:
+        pool, db = _pool(effects, new_effects, config, rng), probe_db or {}
+        error = {n: 10 ** (-db[n] / 20) for n in pool if n in db}
+        worst = max(error.values(), default=1.0)
+        return rng.choices(pool, weights=[error.get(n, worst) for n in pool])[0]
 
 
 class FileOrderRouter(Router):
@@ -64,4 +94,5 @@ class FileOrderRouter(Router):
 @hookimpl
 def register_routers(register: Callable[[Router], None]) -> None:
     register(BalancedRouter())
+    register(GapRouter())
     register(FileOrderRouter())
