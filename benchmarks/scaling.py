@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from toyworld import World, add_world_args, merge_types, ordered, summary, table, trigger_accuracy
 
 from clora.distill.config import load_config
@@ -66,6 +70,24 @@ def scores_at_best(
     return out
 
 
+RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
+
+
+def record(path: Path, n: int, result: dict[str, Any]) -> None:
+    """Merge one N's result into ``path`` (other N's entries stay), with when, where and how it ran."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[str(n)] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
+        **result,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(data.items(), key=lambda kv: int(kv[0]))), indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="*", default=[10, 20, 50], help="effect counts (columns)")
@@ -87,9 +109,17 @@ def main() -> None:
         help="merged-LoRA sweeps separated by commas, as `clora eval --merge`: cat, ties, dare_ties, linear, "
         f"all; none: skip (default: {','.join(DEFAULT_MERGES)}); the best variant is reported",
     )
+    parser.add_argument(
+        "--results",
+        help="JSON file each N's result is merged into, keyed by N, with the date, machine and command "
+        "(default: benchmarks/results/scaling.json for the full world, none for --tiny; '-': none)",
+    )
     add_world_args(parser)
     args = parser.parse_args()
     merges = args.merge
+    results_file: Path | None = RESULTS if args.size == "full" else None
+    if args.results:
+        results_file = None if args.results == "-" else Path(args.results)
     if args.accel is not None and not args.accel.is_file():
         parser.error(f"--accel {args.accel}: no such file")
 
@@ -146,6 +176,8 @@ def main() -> None:
             "sweeps": res.pop("_sweeps"),
             "per_effect": res,
         }
+        if results_file is not None:
+            record(results_file, n, results[str(n)])
 
     print(f"\n{'':28}" + "".join(f"{'N = ' + k:>12}" for k in results))
     for label, key in (
