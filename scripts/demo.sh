@@ -22,7 +22,7 @@ else
   # steps per effect), half the default source images per effect and general edits
   # (scripts/demo_distill.json); benchmarks/README.md has what the defaults reach
   STEPS="--steps ${DEMO_STEPS:-700} --config scripts/demo_distill.json"
-  MORE_STEPS="--steps ${DEMO_MORE_STEPS:-300} --config scripts/demo_distill.json"
+  MORE_STEPS="--steps ${DEMO_MORE_STEPS:-400} --config scripts/demo_distill.json"
 fi
 start=$(date +%s)
 step() { printf '\n\033[1m== %s\033[0m (at %d s)\n' "$*" "$(( $(date +%s) - start ))"; }
