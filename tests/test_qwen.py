@@ -185,7 +185,7 @@ def test_distill_generate_eval_and_grow_on_a_real_pipeline(
     assert col["base"] == "qe" and config["data"]["resolution"] == 128 and config["dtype"] == "float32"
     assert config["optimizer"]["gradient_checkpointing"] is True and config["teachers"]["guidance"] == 4.0
 
-    # grow it with the peft effect
+    # grow it with the peft effect, routed by the probe (the VAE decodes during training)
     r = run(
         pm,
         "distill",
@@ -194,12 +194,17 @@ def test_distill_generate_eval_and_grow_on_a_real_pipeline(
         "2",
         "--config",
         tmp_path / "cfg.json",
+        "--set",
+        "data.router=gap",
+        "--set",
+        "data.probe_every=1",
         "--no-progress",
         "--json",
     )
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
     assert v2["parent_version"] == 1 and {m["effect"] for m in v2["members"]} == {"ghibli", "plush", "neon"}
+    assert set(v2["metrics"]["train"]["probe_db"]) == {"ghibli", "plush", "neon"}
 
     # generate keeps the input's aspect (edited at the collection's resolution)
     me = write_photos(tmp_path / "me", [(300, 200)], seed=9) / "photo0.png"

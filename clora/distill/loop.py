@@ -378,6 +378,7 @@ class Distiller:
             self.state.probe_db[name] = round(
                 float(psnr(bb.decode_latents(x), self._probe_truth[name]).mean()), 3
             )
+        bb.offload_encoders()  # a real base's VAE leaves the GPU again
         log.write(json.dumps({"step": step, "probe": self.state.probe_db}) + "\n")
         target = self.cfg.data.target_db
         return (
