@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from toyworld import World, add_world_args, merge_types, ordered, summary, table, trigger_accuracy
+from toyworld import World, add_world_args, merge_types, ordered, overall, summary, table
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -55,12 +55,7 @@ def scores_at_best(
         if "merged" in best:
             row["merged"] = r["merged_vs_truth"][best["merged"]]["psnr"]
         out[n] = row
-    teachers = ev["bleeding"].get("teacher_matrix")
-    out["_overall"] = {
-        "trigger_accuracy": trigger_accuracy(ev["bleeding"]["matrix"]),
-        "teacher_trigger_accuracy": None if teachers is None else trigger_accuracy(teachers),
-        "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
-    }
+    out["_overall"] = overall(ev)
     out["_best"] = best
     out["_sweeps"] = {
         key: {s: v["psnr"] for s, v in ev["overall"][key].items()}

@@ -136,13 +136,33 @@ def scores(
             if v:
                 row[f"merged-{m}"] = v["psnr"]
         out[n] = row
-    teachers = ev["bleeding"].get("teacher_matrix")
-    out["_overall"] = {
-        "trigger_accuracy": trigger_accuracy(ev["bleeding"]["matrix"]),
+    out["_overall"] = overall(ev)
+    return out
+
+
+def confusions(labels: list[str], matrix: list[list[int]], top: int = 5) -> list[dict[str, Any]]:
+    """The ``top`` most frequent confusions of a bleeding matrix: effect asked for, effect whose truth the
+    output was nearest, and the share of the asked effect's outputs that went there."""
+    pairs = [
+        {"effect": labels[i], "looks_like": labels[j], "share": round(c / max(sum(row), 1), 4)}
+        for i, row in enumerate(matrix)
+        for j, c in enumerate(row)
+        if i != j and j < len(labels) and c
+    ]
+    return sorted(pairs, key=lambda p: -float(p["share"]))[:top]
+
+
+def overall(ev: dict[str, Any]) -> dict[str, Any]:
+    """An eval's overall figures the benchmarks report: trigger accuracy of the student and of the
+    teachers' outputs, the student's top confusions, and the general edits against the base."""
+    bleeding = ev["bleeding"]
+    teachers = bleeding.get("teacher_matrix")
+    return {
+        "trigger_accuracy": trigger_accuracy(bleeding["matrix"]),
         "teacher_trigger_accuracy": None if teachers is None else trigger_accuracy(teachers),
+        "confusions": confusions(bleeding["labels"], bleeding["matrix"]),
         "student_vs_base_general_psnr": (ev["retention"] or {}).get("student_vs_base_psnr"),
     }
-    return out
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -197,3 +217,9 @@ def table(label: str, result: dict[str, Any]) -> None:
         f"(full sampler): {m['general_vs_base']} dB PSNR",
         flush=True,
     )
+    confused = result["_overall"].get("confusions") or []
+    if confused:
+        print(
+            "most confused (asked -> nearest truth, share): "
+            + ", ".join(f"{c['effect']} -> {c['looks_like']} {c['share']:.0%}" for c in confused)
+        )
