@@ -143,13 +143,13 @@ def scores(
 def confusions(labels: list[str], matrix: list[list[int]], top: int = 5) -> list[dict[str, Any]]:
     """The ``top`` most frequent confusions of a bleeding matrix: effect asked for, effect whose truth the
     output was nearest, and the share of the asked effect's outputs that went there."""
-    pairs = [
+    pairs: list[dict[str, Any]] = [
         {"effect": labels[i], "looks_like": labels[j], "share": round(c / max(sum(row), 1), 4)}
         for i, row in enumerate(matrix)
         for j, c in enumerate(row)
         if i != j and j < len(labels) and c
     ]
-    return sorted(pairs, key=lambda p: -float(p["share"]))[:top]
+    return sorted(pairs, key=lambda p: -p["share"])[:top]
 
 
 def overall(ev: dict[str, Any]) -> dict[str, Any]:
