@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clora_routers import GapRouter
 from helpers import plugin_manager, run
 from safetensors import safe_open
 
@@ -182,10 +184,6 @@ def test_the_probe_scores_held_out_sources_and_ends_the_run_at_the_target(tiny_w
 
 
 def test_the_gap_router_picks_effects_in_proportion_to_their_probe_error() -> None:
-    import random
-
-    from clora_routers import GapRouter
-
     router, cfg, rng = GapRouter(), DistillConfig(), random.Random(0)
     picks = [
         router.choose(["a", "b"], [], {}, cfg, rng, probe_db={"a": 20.0, "b": 40.0}) for _ in range(2000)

@@ -210,7 +210,8 @@ class Distiller:
         self._frozen_values: list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]] | None = None
         # a run that probes holds the last probe_rows sources of each effect's largest bucket out of
         # training (leaving at least one) and scores the student on them
-        self.probing = cfg.data.target_db is not None or bool(getattr(self.router, "uses_probe", False))
+        self.router_probes = bool(getattr(self.router, "uses_probe", False))
+        self.probing = cfg.data.target_db is not None or self.router_probes
         self.held: dict[str, tuple[tuple[int, int], int]] = {}
         for name, buckets in prepared.effects.items() if self.probing else ():
             bucket = max(sorted(buckets), key=lambda b: len(buckets[b]))
@@ -330,14 +331,12 @@ class Distiller:
         images'); the others come from the effects that have images of that size."""
         rng = self._rng()
         data = self.cfg.data
-        if not any(self.trains(e.name) for e in self.plan.effects) or (
-            rng.random() >= data.p_switch and self.data.general_rows
-        ):
+        pool = [e.name for e in self.plan.effects if self.trains(e.name)]
+        if not pool or (rng.random() >= data.p_switch and self.data.general_rows):
             return ("general", ()), self._pick_bucket({s: len(r) for s, r in self.data.general.items()}, rng)
         chosen: list[str] = []
         bucket: tuple[int, int] | None = None
-        pool = [e.name for e in self.plan.effects if self.trains(e.name)]
-        probe = {"probe_db": dict(self.state.probe_db)} if getattr(self.router, "uses_probe", False) else {}
+        probe = {"probe_db": dict(self.state.probe_db)} if self.router_probes else {}
         for _ in range(min(data.effects_per_batch, len(pool), self.cfg.optimizer.batch_size)):
             names = [
                 n for n in pool if n not in chosen and (bucket is None or bucket in self.data.effects[n])
@@ -405,8 +404,9 @@ class Distiller:
             for i, name in enumerate(effects):  # rows split as evenly as possible, one group per effect
                 start, stop = b * i // len(effects), b * (i + 1) // len(effects)
                 rows = self.data.effects[name][bucket]
-                held = self.held[name][1] if self.held.get(name, (None,))[0] == bucket else 0
-                idx = torch.randint(len(rows) - held, (stop - start,), generator=self.generator)
+                held_bucket, held = self.held.get(name, (None, 0))  # the probe's rows never train
+                n_train = len(rows) - (held if held_bucket == bucket else 0)
+                idx = torch.randint(n_train, (stop - start,), generator=self.generator)
                 groups.append(Group(self.effects[name].lora_path, start, stop, name))
                 parts.append(rows.take(idx, device, dtype))
         else:
