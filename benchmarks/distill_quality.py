@@ -61,7 +61,16 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
     """Ablation id -> (label, config overrides); "full" is the default every other row is read against."""
     tail = 1.0 - on_policy_share  # anchor_share: the on-policy terms train over the last part of the run
     return {
-        "full": ("full (anchoring throughout, the default)", {}),
+        "full": ("the default (anchoring; the effects whose teacher varies with the seed also on-policy)", {}),
+        "anchoring-only": ("anchoring alone, every effect", {"on_policy.effects": "none"}),
+        "stochastic-on-policy": (
+            "anchoring; the four stochastic effects also on-policy",
+            {"on_policy.effects": ",".join(STOCHASTIC)},
+        ),
+        "on-policy-no-anchor-rows": (
+            "the default, without anchoring on the on-policy effects' rows",
+            {"on_policy.anchor_weight": 0.0},
+        ),
         "on-policy": (
             f"+ on-policy last {on_policy_share:.0%} (DMD, target simulation)",
             {"anchor_share": tail},
@@ -110,7 +119,7 @@ def main() -> None:
         "--ablations",
         nargs="*",
         metavar="ID",
-        help="run these ablations (same steps; none named: all): " + ", ".join(ablations(0.5)),
+        help="run these ablations, in this order (same steps; none named: all): " + ", ".join(ablations(0.5)),
     )
     parser.add_argument(
         "--on-policy-share",
@@ -140,7 +149,7 @@ def main() -> None:
         unknown = sorted(set(args.ablations) - set(table))
         if unknown:
             parser.error(f"unknown ablation(s) {', '.join(unknown)}; pick from {', '.join(table)}")
-        variants = {k: v for k, v in table.items() if not args.ablations or k in args.ablations}
+        variants = {k: table[k] for k in args.ablations or table}  # in the order given
     results: dict[str, Any] = {}
     for key, (label, overrides) in variants.items():
         cfg = load_config(

@@ -68,6 +68,16 @@ AnchorShareOption = Annotated[
         "on-policy phase with DMD and target simulation (default 1: the whole run anchors).",
     ),
 ]
+OnPolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--on-policy",
+        help="Effects whose rows also train on-policy (DMD on the student's own samples, target "
+        "simulation, a critic) while the rest anchor: auto (default: those whose teacher's result changes "
+        "with the seed, such as film grain or a tint drawn from a palette, measured on 4 sources; "
+        "anchoring alone averages such results into one smooth image), none, or names, comma-separated.",
+    ),
+]
 RankOption = Annotated[int | None, typer.Option("--rank", help="LoRA rank of the unified LoRA (default 16).")]
 FewStepsOption = Annotated[
     int | None,
@@ -169,6 +179,7 @@ def cmd_distill(
     effects: EffectsOption = None,
     steps: StepsOption = None,
     anchor_share: AnchorShareOption = None,
+    on_policy: OnPolicyOption = None,
     rank: RankOption = None,
     few_steps: FewStepsOption = None,
     p_switch: PSwitchOption = None,
@@ -202,6 +213,7 @@ def cmd_distill(
     overrides: dict[str, Any] = {
         "steps": steps,
         "anchor_share": anchor_share,
+        "on_policy_effects": on_policy,
         "rank": rank,
         "few_steps": few_steps,
         "p_switch": p_switch,

@@ -220,6 +220,44 @@ def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world
     assert all(v > 0 for v in roles.values()), roles
 
 
+def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(registry_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The default run anchors every effect; grain, whose teacher's result changes with the seed, is
+    found by its spread and its rows also train on-policy (a critic; DMD after the warm-up), while
+    sepia's rows only anchor. Naming the effects, or none, overrides the measurement."""
+    pm = plugin_manager()
+    for args in (["build-base", "--tiny"], ["teachers", "sepia", "grain", "--tiny"]):
+        r = run(pm, "toy", *args)
+        assert r.exit_code == 0, r.output
+    cfg = _config_file(tmp_path, steps=10, batch_size=4, critic_warmup=2, p_switch=1.0, block_len=1)
+    r = run(pm, "distill", "--config", cfg, "--set", "data.effects_per_batch=1", "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    train = col["metrics"]["train"]
+    assert train["seed_spread"]["grain"] > 0.25 > train["seed_spread"]["sepia"], train["seed_spread"]
+    assert train["on_policy_effects"] == ["grain"]
+    assert "on-policy too" in r.stderr and "grain" in r.stderr
+    rows = [json.loads(ln) for ln in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]
+    losses = {(row["step"], row["effect"]): {k for k in row if k.startswith("loss/")} for row in rows}
+    assert {e for _, e in losses} == {"sepia", "grain"}
+    for (step, effect), names in losses.items():
+        if effect == "sepia":
+            assert names == {"loss/level_anchor"}
+        elif step < 2:  # the critic's warm-up: the student only anchors
+            assert names == {"loss/level_anchor", "loss/critic_fm"}
+        else:
+            assert names == {"loss/level_anchor", "loss/dmd", "loss/target_sim", "loss/critic_fm"}
+    state = torch.load(Path(col["file"]).with_suffix(".state.pt"), weights_only=True)
+    assert "critic" in state
+
+    r = run(pm, "distill", "--config", cfg, "--on-policy", "none", "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    assert col["metrics"]["train"]["on_policy_effects"] == []
+    assert "critic" not in torch.load(Path(col["file"]).with_suffix(".state.pt"), weights_only=True)
+    r = run(pm, "distill", "--config", cfg, "--on-policy", "sepia,glitter", "--no-progress")
+    assert r.exit_code != 0 and "glitter" in r.output and "Traceback" not in r.output
+
+
 @pytest.mark.parametrize("copy", [True, False])
 def test_critic_starts_as_the_student_when_anchoring_ends(tiny_world, tmp_path: Path, copy: bool) -> None:  # type: ignore[no-untyped-def]
     # learning rates so small that neither adapter moves: what is left is how each one started

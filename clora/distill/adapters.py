@@ -56,15 +56,10 @@ class AdapterSet:
         self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))  # type: ignore[arg-type]
         self.transformer.requires_grad_(False)
         # a run that only anchors never uses a critic: it gets no adapter
-        self.trained = (STUDENT, CRITIC) if with_critic else (STUDENT,)
-        for name in self.trained:
-            self.transformer.add_adapter(self.config, adapter_name=name)
-        self.params = {name: self._params(name) for name in self.trained}
-        # the trained LoRAs (and so their optimizer state) stay float32 over a bfloat16 base; peft casts
-        # each layer's input to its LoRA's dtype and the sum back to the base's
-        for params in self.params.values():
-            for param in params:
-                param.data = param.data.float()
+        self.trained: tuple[str, ...] = ()
+        self.params: dict[str, list[torch.nn.Parameter]] = {}
+        for name in (STUDENT, CRITIC) if with_critic else (STUDENT,):
+            self.add_trained(name)
         self._teachers: OrderedDict[str, str] = OrderedDict()  # lora path -> adapter name
         #: lora path -> the sha256 the run's plan recorded; a teacher file changed since is refused
         self.expected_sha256: dict[str, str] = {}
@@ -72,6 +67,19 @@ class AdapterSet:
         #: the adapter the base runs with (None: none); UNKNOWN makes the next :meth:`use` switch
         self.active: str | None = UNKNOWN
         self._tuner_layers: list[Any] | None = None  # found again after an adapter is added
+        self._train_flags()
+
+    def add_trained(self, name: str) -> None:
+        """Add a trainable adapter ``name`` (the critic of a run that only anchors but has on-policy
+        effects is added once the effects are known). The trained LoRAs (and so their optimizer state)
+        stay float32 over a bfloat16 base; peft casts each layer's input to its LoRA's dtype and the sum
+        back to the base's."""
+        self.transformer.add_adapter(self.config, adapter_name=name)
+        self.trained = (*self.trained, name)
+        self.params[name] = self._params(name)
+        for param in self.params[name]:
+            param.data = param.data.float()
+        self.active, self._tuner_layers = UNKNOWN, None
         self._train_flags()
 
     def _named(self, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:

@@ -231,6 +231,25 @@ class OnPolicyConfig(_Section):
     critic_from_student: bool = Field(
         True, description="the critic starts the phase as a copy of the student"
     )
+    effects: str = Field(
+        "auto",
+        description="effects whose rows also train on-policy (DMD, target simulation, the critic) in "
+        "the anchoring phase, where the rest only anchor: auto (those whose teacher's result changes "
+        "with the seed: film grain, scattered sparkles, a tint drawn from a palette; see spread), none, "
+        "or effect names separated by commas",
+    )
+    spread: float = Field(
+        0.25,
+        ge=0,
+        description="auto: an effect trains on-policy when at least this share of its teacher's edit "
+        "changes with the seed (measured on 4 sources sampled at a second seed, cached with the targets)",
+    )
+    anchor_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the regression (anchoring) terms on the rows of the on-policy effects in "
+        "the anchoring phase (0: they train by DMD and target simulation alone)",
+    )
     target_levels: int = Field(
         5,
         ge=1,
@@ -357,6 +376,7 @@ FLAT_FIELDS: dict[str, tuple[str, ...]] = {
     "critic_warmup": ("on_policy", "critic_warmup"),
     "critic_from_student": ("on_policy", "critic_from_student"),
     "target_levels": ("on_policy", "target_levels"),
+    "on_policy_effects": ("on_policy", "effects"),
     "steps_per_new_effect": ("incremental", "steps_per_new_effect"),
     "new_effect_share": ("incremental", "new_effect_share"),
     "incremental_effects_per_batch": ("incremental", "effects_per_batch"),

@@ -87,6 +87,27 @@ class Batch:
     def __len__(self) -> int:
         return int(self.source.shape[0])
 
+    def subset(self, names: set[str]) -> Batch | None:
+        """The rows of the groups of effects ``names``, as a batch of their own (None: no such rows)."""
+        keep = [g for g in self.groups if g.name in names]
+        if not keep:
+            return None
+        idx = torch.cat([torch.arange(g.start, g.stop) for g in keep])
+        groups, start = [], 0
+        for g in keep:
+            groups.append(Group(g.lora, start, start + g.stop - g.start, g.name))
+            start += g.stop - g.start
+        return Batch(
+            self.stream,
+            groups,
+            self.source[idx.to(self.source.device)],
+            self.teacher_prompt.index(idx),
+            self.student_prompt.index(idx),
+            self.uncond.index(idx),
+            None if self.targets is None else self.targets[idx.to(self.targets.device)],
+            self.latent_shape,
+        )
+
     def split(self, n: int) -> list[Batch]:
         """The batch as ``n`` micro-batches of consecutive rows (gradient accumulation)."""
         if n == 1:
@@ -175,6 +196,24 @@ class RoleTimer:
         return {k: round(v, 2) for k, v in out.items()}
 
 
+def pick_on_policy_effects(cfg: DistillConfig, names: list[str], spread: dict[str, float]) -> set[str]:
+    """The effects ``on_policy.effects`` names: auto, those whose seed spread is at least
+    ``on_policy.spread``; none; or a comma-separated list (of effects of the run)."""
+    choice = cfg.on_policy.effects.strip()
+    if choice == "auto":
+        return {n for n in names if spread.get(n, 0.0) >= cfg.on_policy.spread}
+    if choice in ("none", ""):
+        return set()
+    asked = {n.strip() for n in choice.split(",") if n.strip()}
+    unknown = sorted(asked - set(names))
+    if unknown:
+        raise CloraError(
+            f"on_policy.effects names {', '.join(unknown)}, not an effect of this run; use auto, none or "
+            f"some of: {', '.join(names)}"
+        )
+    return asked
+
+
 class Distiller:
     """Owns the optimizers and runs steps; ``run`` is the loop."""
 
@@ -196,6 +235,10 @@ class Distiller:
             backbone.device, backbone.dtype
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        #: effects whose rows also train on-policy in the anchoring phase (``on_policy.effects``)
+        self.on_policy_effects = pick_on_policy_effects(cfg, [e.name for e in plan.effects], prepared.spread)
+        if self.on_policy_effects and CRITIC not in adapters.params:
+            adapters.add_trained(CRITIC)
         opt = cfg.optimizer
         self.opt_student = torch.optim.AdamW(adapters.params[STUDENT], lr=opt.lr, betas=opt.betas)
         # a run that only anchors has no critic (see AdapterSet)
@@ -281,22 +324,47 @@ class Distiller:
         warm_end = anchor_end + min(cfg.on_policy.critic_warmup, (total - anchor_end) // 4)
         if step == anchor_end and anchor_end > 0 and cfg.on_policy.critic_from_student:
             self.critic_from_student()
-        micro = batch.split(cfg.optimizer.grad_accumulation)  # micro-batches whose gradients add up
+        parts = cfg.optimizer.grad_accumulation
+        micro = batch.split(parts)  # micro-batches whose gradients add up
         self.set_student_lr(step)
         logged: dict[str, float] = {}
-        if step < anchor_end:
-            # the anchoring phase: regression onto the teacher targets, no simulation
-            if batch.targets is not None:
-                with self.timer("generator"):
-                    for mb in micro:
-                        ctx = self.loss_context(mb, None)
-                        self.backward(ctx, "generator", step, logged, len(micro))
-                        self.track_effect_losses(mb, ctx)
-                    self.optimizer_step("generator")
+        if step >= anchor_end:
+            gen_turn = step >= warm_end and (step - warm_end) % cfg.on_policy.gen_every == 0
+            self.on_policy_turns(step, micro, gen_turn, logged)
             return logged
-        # 3. backward simulation; the last simulated step keeps its graph on generator turns
-        gen_turn = step >= warm_end and (step - warm_end) % cfg.on_policy.gen_every == 0
+        # the anchoring phase: regression onto the teacher targets, no simulation; the rows of the
+        # on-policy effects (on_policy.effects) also train on-policy, on their own sub-batch
+        sub = batch.subset(self.on_policy_effects) if self.on_policy_effects else None
+        if batch.targets is not None:
+            with self.timer("generator"):
+                for mb in micro:
+                    ctx = self.loss_context(mb, None)
+                    if sub is not None:
+                        ctx.row_weights = self.on_policy_row_weights(mb, ctx.row_weights)
+                    self.backward(ctx, "generator", step, logged, len(micro))
+                    self.track_effect_losses(mb, ctx)
+        if sub is not None:
+            # the critic alone learns the student's samples for the first critic_warmup steps
+            warmup = min(cfg.on_policy.critic_warmup, total // 4)
+            gen_turn = step >= warmup and (step - warmup) % cfg.on_policy.gen_every == 0
+            n = parts if len(sub) % parts == 0 else 1
+            # DMD's share of the gradient per row as in a batch that is all on-policy
+            self.on_policy_turns(step, sub.split(n), gen_turn, logged, scale=len(sub) / len(batch))
+        elif batch.targets is not None:
+            with self.timer("generator"):
+                self.optimizer_step("generator")
+        return logged
+
+    def on_policy_turns(
+        self, step: int, micro: list[Batch], gen_turn: bool, logged: dict[str, float], scale: float = 0.0
+    ) -> None:
+        """Backward simulation on ``micro``, the generator's turn (when ``gen_turn``) and the critic's.
+
+        ``scale`` 0: an on-policy step, every generator term; else the on-policy rows of an anchoring
+        step, whose regression terms already ran on the whole batch: only the on-policy terms, their
+        loss times ``scale``, added to the gradients the student already has."""
         contexts = []
+        # 3. backward simulation; the last simulated step keeps its graph on generator turns
         for mb in micro:
             with self.timer("simulation"):
                 sample = self.simulate(mb, with_grad=gen_turn)
@@ -304,11 +372,12 @@ class Distiller:
             # 4. generator turn
             if gen_turn:
                 with self.timer("generator"):
-                    self.backward(ctx, "generator", step, logged, len(micro))
-                    self.track_effect_losses(mb, ctx)
+                    self.backward(ctx, "generator", step, logged, len(micro), scale)
+                    if not scale:
+                        self.track_effect_losses(mb, ctx)
             ctx.sample = sample.detach()
             contexts.append(ctx)
-        if gen_turn:
+        if gen_turn or scale:
             with self.timer("generator"):
                 self.optimizer_step("generator")
         # 5. critic turn, on the same (now detached) student samples
@@ -316,7 +385,6 @@ class Distiller:
             for ctx in contexts:
                 self.backward(ctx, "critic", step, logged, len(micro))
             self.optimizer_step("critic")
-        return logged
 
     # ---- helpers, in the order the loop uses them ----------------------------------------------
 
@@ -537,12 +605,24 @@ class Distiller:
         for group in self.opt_student.param_groups:
             group["lr"] = self.cfg.lr_at(step)
 
-    def backward(self, ctx: LossContext, role: str, step: int, logged: dict[str, float], parts: int) -> None:
+    def backward(
+        self, ctx: LossContext, role: str, step: int, logged: dict[str, float], parts: int, scale: float = 0.0
+    ) -> None:
         """Add the gradients of ``role``'s weighted terms (generator: the student, critic: the critic) on
-        one of ``parts`` micro-batches; :meth:`optimizer_step` applies them."""
-        loss = self.weighted(ctx, role, step, logged, parts)
+        one of ``parts`` micro-batches; :meth:`optimizer_step` applies them. ``scale`` > 0: only the
+        on-policy terms, their loss times ``scale`` (the on-policy rows of an anchoring step)."""
+        loss = self.weighted(ctx, role, step, logged, parts, on_policy_only=scale > 0)
         if loss is not None:
-            (loss / parts).backward()
+            (loss * (scale or 1.0) / parts).backward()
+
+    def on_policy_row_weights(self, batch: Batch, weights: torch.Tensor | None) -> torch.Tensor:
+        """The regression terms' row weights with the on-policy effects' rows times
+        ``on_policy.anchor_weight``."""
+        w = torch.ones(len(batch)) if weights is None else weights.detach().float().cpu().clone()
+        for g in batch.groups:
+            if g.name in self.on_policy_effects:
+                w[g.start : g.stop] *= self.cfg.on_policy.anchor_weight
+        return w.to(batch.source.device)
 
     def optimizer_step(self, role: str) -> None:
         """One optimizer step of ``role`` on the gradients gathered since the last one."""
@@ -576,15 +656,22 @@ class Distiller:
         return self._frozen_values
 
     def weighted(
-        self, ctx: LossContext, role: str, step: int, logged: dict[str, float], parts: int = 1
+        self,
+        ctx: LossContext,
+        role: str,
+        step: int,
+        logged: dict[str, float],
+        parts: int = 1,
+        on_policy_only: bool = False,
     ) -> torch.Tensor | None:
-        """Sum of the config's weighted terms of ``role``; every named loss is logged (the mean over
-        ``parts`` micro-batches)."""
+        """Sum of the config's weighted terms of ``role`` (``on_policy_only``: those that read the
+        student's sample); every named loss is logged (the mean over ``parts`` micro-batches)."""
         total: torch.Tensor | None = None
         for loss_id, term in self.terms.items():
             if getattr(term, "role", "generator") != role:
                 continue
-            if ctx.sample is None and not getattr(term, "off_policy", False):
+            off_policy = getattr(term, "off_policy", False)
+            if (ctx.sample is None and not off_policy) or (on_policy_only and off_policy):
                 continue
             weight = self.cfg.losses[loss_id].at(step, self.cfg.steps)
             if weight == 0:

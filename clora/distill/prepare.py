@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +90,8 @@ class Prepared:
 
     effects: dict[str, dict[Shape, Rows]]
     general: dict[Shape, Rows]
+    #: each effect's seed spread (:func:`seed_spread`; measured when ``on_policy.effects`` is "auto")
+    spread: dict[str, float] = field(default_factory=dict)
 
     @property
     def general_rows(self) -> int:
@@ -269,6 +271,8 @@ def prepare(
                     e.lora_path,
                     teachers.guidance,
                     effect_seed(e.name, cfg.seed + 1),
+                    e.name,
+                    imgs,
                 )
             )
     if cfg.data.general_targets:
@@ -289,8 +293,15 @@ def prepare(
                 backbone, job.rows, cfg, g, job.guidance, lambda n: bar.advance(task, n)
             )
             save_safetensors({"targets": job.rows.targets}, job.path)
+        # 3. how much of each teacher's edit changes with the seed (which effects train on-policy)
+        spread = {}
+        if cfg.on_policy.effects == "auto":
+            for job in jobs:
+                if job.name is not None and job.name not in spread:
+                    spread[job.name] = _spread_of(backbone, adapters, job, cfg)
+            backbone.offload_encoders()  # a real base's VAE leaves the GPU again
     adapters.use(None)
-    return Prepared(effects, general)
+    return Prepared(effects, general, spread)
 
 
 @dataclass
@@ -302,6 +313,42 @@ class _Job:
     lora: str | None
     guidance: float
     seed: int
+    #: the effect (None: the general pool) and its source images
+    name: str | None = None
+    images: torch.Tensor | None = None
+
+
+#: sources of each effect that its teacher samples again at another seed to measure its spread
+SPREAD_ROWS = 4
+
+
+def seed_spread(first: torch.Tensor, second: torch.Tensor, sources: torch.Tensor) -> float:
+    """How much of an edit changes with the seed: ``mse(y_a, y_b) / (2 mse(y_a, x))`` over images in
+    ``[0, 1]`` (two outputs of the same sources at two seeds, and the sources). 0: the same result at
+    every seed; about 1: the whole edit is random (film grain, a tint drawn from a palette)."""
+    diff = (first - second).pow(2).mean()
+    edit = (first - sources).pow(2).mean().clamp_min(1e-8)
+    return float(diff / (2 * edit))
+
+
+def _spread_of(backbone: Backbone, adapters: AdapterSet, job: _Job, cfg: DistillConfig) -> float:
+    """The seed spread of one effect's teacher on the first :data:`SPREAD_ROWS` sources of ``job``'s
+    bucket (their second sampling cached beside the targets)."""
+    assert job.rows.targets is not None and job.images is not None
+    n = min(SPREAD_ROWS, len(job.rows))
+    path = job.path.with_name(job.path.stem + "-reseeded.safetensors")
+    if path.exists():
+        second = _read(path, "targets")
+    else:
+        adapters.use_teacher(job.lora)
+        rows = job.rows.take(torch.arange(n), torch.device("cpu"), job.rows.sources.dtype)
+        g = torch.Generator().manual_seed(job.seed + 1)
+        second = _full_sampler(backbone, rows, cfg, g, job.guidance, lambda _: None)
+        save_safetensors({"targets": second}, path)
+    dev, dt = backbone.device, backbone.dtype
+    first = backbone.decode_latents(job.rows.targets[:n].to(dev, dt)).float().cpu()
+    again = backbone.decode_latents(second.to(dev, dt)).float().cpu()
+    return round(seed_spread(first, again, job.images[:n].float()), 4)
 
 
 def _target_key(

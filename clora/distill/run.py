@@ -533,6 +533,8 @@ def _execute(
     prepared = prepare(backbone, adapters, plan, cfg, plan.extra.get("examples", {}), show_progress)
     t_prepared = time.monotonic()
     distiller = Distiller(backbone, adapters, prepared, plan, cfg, components, run_dir)
+    if prepared.spread or distiller.on_policy_effects:
+        say(on_policy_line(prepared.spread, distiller.on_policy_effects, cfg))
     if distiller.load_checkpoint():
         say(f"resuming run {plan.run_id} at step {distiller.state.step}")
     elif plan.parent_state:
@@ -602,6 +604,9 @@ def _write_collection(
             "base_mb": round(base_bytes / 2**20, 2),
         }
     }
+    if distiller.data.spread:
+        metrics["train"]["seed_spread"] = distiller.data.spread
+    metrics["train"]["on_policy_effects"] = sorted(distiller.on_policy_effects)
     if result.probe_db:
         metrics["train"]["probe_db"] = result.probe_db
         metrics["train"]["stopped_early"] = result.stopped_early
@@ -627,6 +632,23 @@ def _write_collection(
     return DistillOutcome(
         collection, plan.run_id, f"collection v{collection.version} written to {out}", metrics
     )
+
+
+def on_policy_line(spread: dict[str, float], chosen: set[str], cfg: DistillConfig) -> str:
+    """One line on which effects train on-policy in the anchoring phase, and why."""
+    if not chosen:
+        top = max(spread, key=spread.__getitem__)
+        return (
+            f"every effect anchors: no teacher's result changes with the seed by {cfg.on_policy.spread:g} "
+            f"of its edit or more (the most: {top} {spread[top]:.2f})"
+        )
+    how = (
+        f"their teacher's result changes with the seed (spread >= {cfg.on_policy.spread:g})"
+        if cfg.on_policy.effects.strip() == "auto"
+        else "on_policy.effects"
+    )
+    named = ", ".join(f"{n} {spread[n]:.2f}" if n in spread else n for n in sorted(chosen))
+    return f"on-policy too (DMD, target simulation), as {how}: {named}"
 
 
 def probe_summary(result: LoopResult, step: int, cfg: DistillConfig) -> str:
