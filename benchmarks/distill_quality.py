@@ -61,7 +61,7 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
     """Ablation id -> (label, config overrides); "full" is the default every other row is read against."""
     tail = 1.0 - on_policy_share  # anchor_share: the on-policy terms train over the last part of the run
     return {
-        "full": ("the default (anchoring; the effects whose teacher varies with the seed also on-policy)", {}),
+        "full": ("the default (anchoring; effects whose teacher varies with the seed also on-policy)", {}),
         "anchoring-only": ("anchoring alone, every effect", {"on_policy.effects": "none"}),
         "stochastic-on-policy": (
             "anchoring; the four stochastic effects also on-policy",
