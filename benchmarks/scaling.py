@@ -159,6 +159,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         assert out.collection is not None, out.message
         res = scores_at_best(world, out.collection, args.n_images, accel, merges)
+        res["_overall"]["prompt_separation"] = world.separation(out.collection)
         steps = out.metrics["train"]["steps"]
         best = ", ".join(f"{kind}: {variant}" for kind, variant in res["_best"].items())
         table(f"N = {n}: {steps} steps, {seconds:.0f} s; best baseline settings: {best}", res)

@@ -19,6 +19,8 @@ from clora.errors import CloraError
 from clora.evaluate import EvalOptions, evaluate
 from clora.plugins import Components, get_plugin_manager
 from clora.registry import Collection, Registry
+from clora.separation import prompt_separation
+from clora.unified import read_header
 
 #: the default collection of the distill benchmarks: the toy's eight shipped teachers
 EFFECTS = ["sepia", "invert", "hue-120", "channel-swap", "warm", "tint-teal", "vignette", "blur"]
@@ -102,6 +104,13 @@ class World:
                 prompt=effect.prompt,
                 base=self.base_id,
             )
+
+    def separation(self, col: Collection) -> dict[str, Any]:
+        """How distinct the prompts the student learned ``col``'s effects under are (the base's prompt
+        encodings, :func:`clora.separation.prompt_separation`)."""
+        factory = get_factory(size=self.size)
+        prompts = {n: e["prompt"] for n, e in read_header(col.file).effects.items()}
+        return prompt_separation(factory.load("cpu", torch.float32), prompts)
 
     @property
     def overrides(self) -> dict[str, object]:
@@ -222,4 +231,10 @@ def table(label: str, result: dict[str, Any]) -> None:
         print(
             "most confused (asked -> nearest truth, share): "
             + ", ".join(f"{c['effect']} -> {c['looks_like']} {c['share']:.0%}" for c in confused)
+        )
+    sep = result["_overall"].get("prompt_separation")
+    if sep and sep["closest"]:
+        print(
+            f"student prompts, cosine of their encodings: mean {sep['mean_cosine']:.3f}, closest "
+            + ", ".join(f"{'/'.join(c['effects'])} {c['cosine']:.3f}" for c in sep["closest"])
         )

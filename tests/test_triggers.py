@@ -98,3 +98,27 @@ def test_registry_allocations_hold_across_many_adds(tmp_path_factory, effect_nam
         assert {e.name: e.trigger for e in reg.list_effects()} == {
             k: v for k, v in before.items() if k != effect_names[0]
         }
+
+
+def test_prompt_separation_ranks_the_pairs_the_base_encodes_alike_first() -> None:
+    """Two effects learned under the same prompt are the closest pair (cosine 1); a prompt that shares
+    no word with the others is further from each of them."""
+    from clora_toy.factory import get_factory
+    from helpers import plugin_manager, run
+
+    from clora.separation import prompt_separation
+
+    assert run(plugin_manager(), "toy", "build-base", "--tiny").exit_code == 0
+    backbone = get_factory(size="tiny").load("cpu")
+    prompts = {
+        "a": "zorvik apply film grain",
+        "b": "zorvik apply film grain",
+        "c": "zorvik apply film grain and confetti",
+        "d": "mosaic of pixels, blocky",
+    }
+    sep = prompt_separation(backbone, prompts, top=6)
+    assert sep["pairs"] == 6
+    assert sep["closest"][0] == {"effects": ["a", "b"], "cosine": 1.0}
+    far = {tuple(p["effects"]): p["cosine"] for p in sep["closest"]}
+    assert far[("a", "c")] > far[("a", "d")] and far[("b", "c")] > far[("c", "d")]
+    assert sep["max_cosine"] == 1.0 and sep["mean_cosine"] < 1.0
