@@ -9,6 +9,7 @@
     python benchmarks/distill_quality.py --effects sepia invert warm blur grain confetti palette-tint streak \
         --ablations full paper-1-dmd paper-2-routing paper-3-prompts paper-4-target-sim paper-5-anchoring
         # the paper's component ablation, deterministic and stochastic effects together
+    python benchmarks/distill_quality.py --table a.json b.json   # one table of rows run in two processes
 
 Uses CLORA_HOME for the toy base and teachers (built if missing) and a fresh registry in a temp folder.
 Every number is measured in this run on this machine; compare columns, not runs.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,8 +135,22 @@ def main() -> None:
         default="linear,ties",
         help="merged-LoRA baselines for the full run (none: skip them)",
     )
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="print the ablation table of earlier runs' --json files (rows run in several processes, "
+        "in the order given) and exit",
+    )
     add_world_args(parser)
     args = parser.parse_args()
+    if args.table:
+        merged: dict[str, Any] = {}
+        for path in args.table:
+            merged.update(json.loads(path.read_text()))
+        print_ablation(merged)
+        return
 
     if args.first:
         args.effects = ordered(args.first)
