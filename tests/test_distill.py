@@ -233,7 +233,7 @@ def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(registr
     assert r.exit_code == 0, r.output
     col = json.loads(r.stdout)
     train = col["metrics"]["train"]
-    assert train["seed_spread"]["grain"] > 0.25 > train["seed_spread"]["sepia"], train["seed_spread"]
+    assert train["seed_spread"]["grain"] > 0.05 > train["seed_spread"]["sepia"], train["seed_spread"]
     assert train["on_policy_effects"] == ["grain"]
     assert "on-policy too" in r.stderr and "grain" in r.stderr
     rows = [json.loads(ln) for ln in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]

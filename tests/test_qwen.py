@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tiny_qwen import build_tiny_qwen_edit
 
 from clora.bases import get_factory
+from clora.paths import clora_home
 from clora.plugins import Components
 from clora.registry import Registry
 
@@ -184,8 +185,11 @@ def test_distill_generate_eval_and_grow_on_a_real_pipeline(
     config = col["config"]
     assert col["base"] == "qe" and config["data"]["resolution"] == 128 and config["dtype"] == "float32"
     assert config["optimizer"]["gradient_checkpointing"] is True and config["teachers"]["guidance"] == 4.0
+    spread = col["metrics"]["train"]["seed_spread"]
+    assert set(spread) == {"ghibli", "plush"} and all(v >= 0 for v in spread.values()), spread
 
-    # grow it with the peft effect, routed by the probe (the VAE decodes during training)
+    # grow it with the peft effect, routed by the probe (the VAE decodes during training); its rows
+    # also train on-policy: the student's sampler, the teacher with CFG and the critic on a real pipeline
     r = run(
         pm,
         "distill",
@@ -198,11 +202,18 @@ def test_distill_generate_eval_and_grow_on_a_real_pipeline(
         "data.router=gap",
         "--set",
         "data.probe_every=1",
+        "--set",
+        "on_policy.critic_warmup=0",
+        "--on-policy",
+        "neon",
         "--no-progress",
         "--json",
     )
     assert r.exit_code == 0, r.output
     v2 = json.loads(r.stdout)
+    assert v2["metrics"]["train"]["on_policy_effects"] == ["neon"]
+    logged = [json.loads(ln) for ln in (clora_home() / "runs" / v2["run_id"] / "log.jsonl").open()]
+    assert any("loss/dmd" in row for row in logged if "neon" in (row.get("effect") or ""))
     assert v2["parent_version"] == 1 and {m["effect"] for m in v2["members"]} == {"ghibli", "plush", "neon"}
     assert set(v2["metrics"]["train"]["probe_db"]) == {"ghibli", "plush", "neon"}
 
@@ -391,8 +402,6 @@ def test_exports_run_in_the_pipeline_with_the_model_cards_settings_as_clora_gene
 def test_general_data_folder_feeds_the_general_stream(
     qwen_world, tmp_path: Path, registry_file: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    from clora.paths import clora_home
-
     pm = qwen_world
     data = write_photos(tmp_path / "general", [(128, 128), (160, 96)], seed=3)
     (data / "prompts.jsonl").write_text(

@@ -320,6 +320,9 @@ class _Job:
 
 #: sources of each effect that its teacher samples again at another seed to measure its spread
 SPREAD_ROWS = 4
+#: the fewest sampler steps the spread is measured with: a few-step sampler understates how much a
+#: teacher's result varies (the toy's 4-step teachers keep about half their diversity)
+SPREAD_MIN_STEPS = 20
 
 
 def seed_spread(first: torch.Tensor, second: torch.Tensor, sources: torch.Tensor) -> float:
@@ -333,22 +336,30 @@ def seed_spread(first: torch.Tensor, second: torch.Tensor, sources: torch.Tensor
 
 def _spread_of(backbone: Backbone, adapters: AdapterSet, job: _Job, cfg: DistillConfig) -> float:
     """The seed spread of one effect's teacher on the first :data:`SPREAD_ROWS` sources of ``job``'s
-    bucket (their second sampling cached beside the targets)."""
-    assert job.rows.targets is not None and job.images is not None
+    bucket, sampled at two seeds with the full sampler at no fewer than :data:`SPREAD_MIN_STEPS` steps
+    (cached beside the targets; a sampler of that many steps already made the first of each pair:
+    the targets)."""
+    assert job.images is not None and job.rows.targets is not None
     n = min(SPREAD_ROWS, len(job.rows))
-    path = job.path.with_name(job.path.stem + "-reseeded.safetensors")
+    steps = max(cfg.teachers.steps or 0, SPREAD_MIN_STEPS)
+    path = job.path.with_name(f"{job.path.stem}-spread{steps}.safetensors")
     if path.exists():
-        second = _read(path, "targets")
+        pair = [_read(path, "first"), _read(path, "second")]
     else:
         adapters.use_teacher(job.lora)
         rows = job.rows.take(torch.arange(n), torch.device("cpu"), job.rows.sources.dtype)
-        g = torch.Generator().manual_seed(job.seed + 1)
-        second = _full_sampler(backbone, rows, cfg, g, job.guidance, lambda _: None)
-        save_safetensors({"targets": second}, path)
+        pair = [
+            job.rows.targets[:n]
+            if k == 1 and steps == cfg.teachers.steps
+            else _full_sampler(
+                backbone, rows, cfg, torch.Generator().manual_seed(job.seed + k), job.guidance, steps=steps
+            )
+            for k in (1, 2)
+        ]
+        save_safetensors({"first": pair[0].contiguous(), "second": pair[1]}, path)
     dev, dt = backbone.device, backbone.dtype
-    first = backbone.decode_latents(job.rows.targets[:n].to(dev, dt)).float().cpu()
-    again = backbone.decode_latents(second.to(dev, dt)).float().cpu()
-    return round(seed_spread(first, again, job.images[:n].float()), 4)
+    first, second = (backbone.decode_latents(y.to(dev, dt)).float().cpu() for y in pair)
+    return round(seed_spread(first, second, job.images[:n].float()), 4)
 
 
 def _target_key(
@@ -439,12 +450,13 @@ def _full_sampler(
     cfg: DistillConfig,
     generator: torch.Generator,
     guidance: float,
-    advance: Callable[[int], object],
+    advance: Callable[[int], object] = lambda _: None,
+    steps: int | None = None,
 ) -> torch.Tensor:
-    """The full Euler sampler with guidance over ``rows``, in batches of ``teacher_batch_size``; the
-    outputs on the CPU."""
+    """The full Euler sampler with guidance over ``rows`` (``steps``: default the teachers'), in batches
+    of ``teacher_batch_size``; the outputs on the CPU."""
     size = cfg.teachers.batch_size or cfg.optimizer.batch_size
-    steps = cfg.teachers.steps
+    steps = steps or cfg.teachers.steps
     assert steps is not None  # resolved from the backbone before prepare
     outs = []
     for i in range(0, len(rows), size):
