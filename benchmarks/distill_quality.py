@@ -198,10 +198,10 @@ def main() -> None:
         }
         del outputs
         print_variant(label, results[key])
+        if args.json_out:  # after each row: a run stopped later keeps the rows it finished
+            args.json_out.write_text(json.dumps(results, indent=2))
     if args.ablations is not None and len(results) > 1:
         print_ablation(results)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2))
 
 
 def effect_scores(r: dict[str, Any]) -> dict[str, Any]:
