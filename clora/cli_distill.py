@@ -64,8 +64,10 @@ AnchorShareOption = Annotated[
     typer.Option(
         "--anchor-share",
         help="Share of the steps, at the start, spent on the cheap anchoring phase "
-        "(regression onto the teachers' outputs at the sampler's noise levels) before the "
-        "on-policy phase with DMD and target simulation (default 1: the whole run anchors).",
+        "(regression onto the teachers' outputs at the sampler's noise levels) before an "
+        "on-policy phase with DMD and target simulation for every effect (default 1: the whole run "
+        "anchors, with --on-policy effects also on-policy; on the toy, on-policy training of "
+        "deterministic effects costs PSNR: benchmarks/README.md, Ablations).",
     ),
 ]
 OnPolicyOption = Annotated[
