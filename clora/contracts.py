@@ -143,7 +143,7 @@ class LossTerm(Protocol):
     #: ``"generator"``: its gradients train the student; ``"critic"``: they train the critic
     role: Role = "generator"
     #: True for a generator term that reads no student sample (only ``ctx.targets``), so it also trains
-    #: in the anchoring phase, where the loop runs no simulation, teacher or critic
+    #: in the anchoring phase on every row; the other terms run there only on the on-policy effects' rows
     off_policy: bool = False
 
     @abstractmethod
