@@ -5,7 +5,8 @@ A loss term (registered through ``register_loss_terms``) has a ``loss_id``, a ``
 tensors (``dict[str, Tensor]``, empty when it does not apply to the batch). The loop weighs each
 term by the config and logs every name as ``loss/<name>``. A generator term with ``off_policy =
 True`` reads no student sample (only the teacher targets), so it also trains in the run's cheap
-anchoring phase, where the loop runs no simulation and no teacher or critic.
+anchoring phase, on every row; there the other terms run only on the rows of the on-policy effects
+(``on_policy.effects``), whose sample the loop simulates for them alone.
 """
 
 from __future__ import annotations
