@@ -76,7 +76,8 @@ OnPolicyOption = Annotated[
         "--on-policy",
         help="Effects whose rows also train on-policy (DMD on the student's own samples, target "
         "simulation, a critic) while the rest anchor: auto (default: those whose teacher's result changes "
-        "with the seed, such as film grain or a tint drawn from a palette, measured on 4 sources; "
+        "with the seed by 5% of the edit or more, such as film grain or sparkles at random places, "
+        "measured on 4 sources before training; "
         "anchoring alone averages such results into one smooth image), none, or names, comma-separated.",
     ),
 ]
