@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -593,18 +594,22 @@ def test_sim_anchor_regresses_the_step_after_the_students_own_sampler() -> None:
 
 
 def test_bfloat16_distill_on_cpu_keeps_float32_loras(tiny_world, tmp_path: Path, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
-    """A bfloat16 base trains float32 LoRAs (and optimizer state); the collection records the dtype and
-    generates in bfloat16."""
+    """A bfloat16 base trains float32 LoRAs (student and critic, and their optimizer state), also on the
+    on-policy rows; the collection records the dtype and generates in bfloat16."""
     pm = tiny_world
-    r = run(pm, "distill", *FAST, "--dtype", "bfloat16", "--json")
+    on_policy = ["--on-policy", "sepia", "--set", "on_policy.critic_warmup=1"]
+    r = run(pm, "distill", *FAST, *on_policy, "--dtype", "bfloat16", "--json")
     assert r.exit_code == 0, r.output
     col = json.loads(r.stdout)
     assert col["config"]["dtype"] == "bfloat16"
+    assert math.isfinite(col["metrics"]["train"]["final_losses"]["loss/dmd"])
     with safe_open(col["file"], framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
     state = torch.load(Path(col["file"]).with_name(Path(col["file"]).stem + ".state.pt"), weights_only=True)
-    moments = [s["exp_avg"] for s in state["opt_student"]["state"].values()]
-    assert moments and {m.dtype for m in moments} == {torch.float32}
+    for role in ("student", "critic"):
+        assert {t.dtype for t in state[role].values()} == {torch.float32}
+        moments = [s["exp_avg"] for s in state[f"opt_{role}"]["state"].values()]
+        assert moments and {m.dtype for m in moments} == {torch.float32}
     images = tmp_path / "in"
     assert run(pm, "toy", "sources", "--out", images, "-n", "2", "--size", "tiny").exit_code == 0
     r = run(
