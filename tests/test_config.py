@@ -188,3 +188,12 @@ def test_set_reaches_any_field_and_a_run_without_an_on_policy_phase_has_no_criti
     assert "critic" in torch.load(file.with_name(file.stem + ".state.pt"), weights_only=True)
     r = run(pm, "distill", "--steps", "2", "--set", "student.rnak=4")
     assert r.exit_code == 1 and "student.rnak" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [(" AUTO ", "auto"), ("None", "none"), ("", "none"), (" grain , confetti,", "grain,confetti")],
+)
+def test_on_policy_effects_are_read_as_users_type_them(given: str, kept: str) -> None:
+    """--on-policy takes auto / none in any case and names with blanks around the commas."""
+    assert load_config(None, {"on_policy_effects": given}).on_policy.effects == kept

@@ -235,7 +235,7 @@ class OnPolicyConfig(_Section):
         "auto",
         description="effects whose rows also train on-policy (DMD, target simulation, the critic) in "
         "the anchoring phase, where the rest only anchor: auto (those whose teacher's result changes "
-        "with the seed: film grain, scattered sparkles, a tint drawn from a palette; see spread), none, "
+        "with the seed: film grain, scattered sparkles, a streak in a random direction; see spread), none, "
         "or effect names separated by commas",
     )
     spread: float = Field(
@@ -258,6 +258,15 @@ class OnPolicyConfig(_Section):
         description="target simulation noises y_T to one of the sampler's last N levels (at most all "
         "but the first, pure-noise one)",
     )
+
+    @field_validator("effects")
+    @classmethod
+    def _effects(cls, v: str) -> str:
+        """``auto``, ``none`` (also empty) or effect names, comma-separated, without blanks."""
+        names = [n.strip() for n in v.split(",") if n.strip()]
+        if len(names) == 1 and names[0].lower() in ("auto", "none"):
+            return names[0].lower()
+        return ",".join(names) or "none"
 
 
 class IncrementalConfig(_Section):

@@ -87,16 +87,8 @@ class Batch:
     def __len__(self) -> int:
         return int(self.source.shape[0])
 
-    def subset(self, names: set[str]) -> Batch | None:
-        """The rows of the groups of effects ``names``, as a batch of their own (None: no such rows)."""
-        keep = [g for g in self.groups if g.name in names]
-        if not keep:
-            return None
-        idx = torch.cat([torch.arange(g.start, g.stop) for g in keep])
-        groups, start = [], 0
-        for g in keep:
-            groups.append(Group(g.lora, start, start + g.stop - g.start, g.name))
-            start += g.stop - g.start
+    def rows(self, idx: torch.Tensor, groups: list[Group]) -> Batch:
+        """Rows ``idx`` of the batch as a batch of their own, ``groups`` rebased onto them."""
         return Batch(
             self.stream,
             groups,
@@ -108,6 +100,17 @@ class Batch:
             self.latent_shape,
         )
 
+    def subset(self, names: set[str]) -> Batch | None:
+        """The rows of the groups of effects ``names``, as a batch of their own (None: no such rows)."""
+        keep = [g for g in self.groups if g.name in names]
+        if not keep:
+            return None
+        groups, start = [], 0
+        for g in keep:
+            groups.append(Group(g.lora, start, start + g.stop - g.start, g.name))
+            start += g.stop - g.start
+        return self.rows(torch.cat([torch.arange(g.start, g.stop) for g in keep]), groups)
+
     def split(self, n: int) -> list[Batch]:
         """The batch as ``n`` micro-batches of consecutive rows (gradient accumulation)."""
         if n == 1:
@@ -115,24 +118,12 @@ class Batch:
         size, out = len(self) // n, []
         for i in range(n):
             lo, hi = i * size, (i + 1) * size
-            rows = slice(lo, hi)
             groups = [
                 Group(g.lora, max(g.start, lo) - lo, min(g.stop, hi) - lo, g.name)
                 for g in self.groups
                 if g.start < hi and g.stop > lo
             ]
-            out.append(
-                Batch(
-                    self.stream,
-                    groups,
-                    self.source[rows],
-                    self.teacher_prompt.index(rows),
-                    self.student_prompt.index(rows),
-                    self.uncond.index(rows),
-                    None if self.targets is None else self.targets[rows],
-                    self.latent_shape,
-                )
-            )
+            out.append(self.rows(torch.arange(lo, hi), groups))
         return out
 
 
@@ -199,12 +190,12 @@ class RoleTimer:
 def pick_on_policy_effects(cfg: DistillConfig, names: list[str], spread: dict[str, float]) -> set[str]:
     """The effects ``on_policy.effects`` names: auto, those whose seed spread is at least
     ``on_policy.spread``; none; or a comma-separated list (of effects of the run)."""
-    choice = cfg.on_policy.effects.strip()
+    choice = cfg.on_policy.effects
     if choice == "auto":
         return {n for n in names if spread.get(n, 0.0) >= cfg.on_policy.spread}
-    if choice in ("none", ""):
+    if choice == "none":
         return set()
-    asked = {n.strip() for n in choice.split(",") if n.strip()}
+    asked = set(choice.split(","))
     unknown = sorted(asked - set(names))
     if unknown:
         raise CloraError(
@@ -349,20 +340,25 @@ class Distiller:
             gen_turn = step >= warmup and (step - warmup) % cfg.on_policy.gen_every == 0
             n = parts if len(sub) % parts == 0 else 1
             # DMD's share of the gradient per row as in a batch that is all on-policy
-            self.on_policy_turns(step, sub.split(n), gen_turn, logged, scale=len(sub) / len(batch))
+            self.on_policy_turns(step, sub.split(n), gen_turn, logged, share=len(sub) / len(batch))
         elif batch.targets is not None:
             with self.timer("generator"):
                 self.optimizer_step("generator")
         return logged
 
     def on_policy_turns(
-        self, step: int, micro: list[Batch], gen_turn: bool, logged: dict[str, float], scale: float = 0.0
+        self,
+        step: int,
+        micro: list[Batch],
+        gen_turn: bool,
+        logged: dict[str, float],
+        share: float | None = None,
     ) -> None:
         """Backward simulation on ``micro``, the generator's turn (when ``gen_turn``) and the critic's.
 
-        ``scale`` 0: an on-policy step, every generator term; else the on-policy rows of an anchoring
-        step, whose regression terms already ran on the whole batch: only the on-policy terms, their
-        loss times ``scale``, added to the gradients the student already has."""
+        ``share`` None: an on-policy step, every generator term. Else ``micro`` are the on-policy rows
+        of an anchoring step, that share of its batch, whose regression terms already ran on the whole
+        batch: only the on-policy terms, their loss times ``share``, added to the student's gradients."""
         contexts = []
         # 3. backward simulation; the last simulated step keeps its graph on generator turns
         for mb in micro:
@@ -372,12 +368,12 @@ class Distiller:
             # 4. generator turn
             if gen_turn:
                 with self.timer("generator"):
-                    self.backward(ctx, "generator", step, logged, len(micro), scale)
-                    if not scale:
+                    self.backward(ctx, "generator", step, logged, len(micro), share)
+                    if share is None:
                         self.track_effect_losses(mb, ctx)
             ctx.sample = sample.detach()
             contexts.append(ctx)
-        if gen_turn or scale:
+        if gen_turn or share is not None:  # an anchoring step's gradients are applied either way
             with self.timer("generator"):
                 self.optimizer_step("generator")
         # 5. critic turn, on the same (now detached) student samples
@@ -606,14 +602,20 @@ class Distiller:
             group["lr"] = self.cfg.lr_at(step)
 
     def backward(
-        self, ctx: LossContext, role: str, step: int, logged: dict[str, float], parts: int, scale: float = 0.0
+        self,
+        ctx: LossContext,
+        role: str,
+        step: int,
+        logged: dict[str, float],
+        parts: int,
+        share: float | None = None,
     ) -> None:
         """Add the gradients of ``role``'s weighted terms (generator: the student, critic: the critic) on
-        one of ``parts`` micro-batches; :meth:`optimizer_step` applies them. ``scale`` > 0: only the
-        on-policy terms, their loss times ``scale`` (the on-policy rows of an anchoring step)."""
-        loss = self.weighted(ctx, role, step, logged, parts, on_policy_only=scale > 0)
+        one of ``parts`` micro-batches; :meth:`optimizer_step` applies them. ``share`` set: only the
+        on-policy terms, their loss times ``share`` (the on-policy rows of an anchoring step)."""
+        loss = self.weighted(ctx, role, step, logged, parts, on_policy_only=share is not None)
         if loss is not None:
-            (loss * (scale or 1.0) / parts).backward()
+            (loss * (1.0 if share is None else share) / parts).backward()
 
     def on_policy_row_weights(self, batch: Batch, weights: torch.Tensor | None) -> torch.Tensor:
         """The regression terms' row weights with the on-policy effects' rows times

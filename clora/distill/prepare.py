@@ -295,7 +295,7 @@ def prepare(
             save_safetensors({"targets": job.rows.targets}, job.path)
         # 3. how much of each teacher's edit changes with the seed (which effects train on-policy)
         spread = {}
-        if cfg.on_policy.effects == "auto":
+        if cfg.on_policy.effects == "auto" and cfg.anchor_steps > 0:  # else no step anchors
             for job in jobs:
                 if job.name is not None and job.name not in spread:
                     spread[job.name] = _spread_of(backbone, adapters, job, cfg)
@@ -328,7 +328,7 @@ SPREAD_MIN_STEPS = 20
 def seed_spread(first: torch.Tensor, second: torch.Tensor, sources: torch.Tensor) -> float:
     """How much of an edit changes with the seed: ``mse(y_a, y_b) / (2 mse(y_a, x))`` over images in
     ``[0, 1]`` (two outputs of the same sources at two seeds, and the sources). 0: the same result at
-    every seed; about 1: the whole edit is random (film grain, a tint drawn from a palette)."""
+    every seed; about 1: the whole edit is random (film grain, sparkles at random places)."""
     diff = (first - second).pow(2).mean()
     edit = (first - sources).pow(2).mean().clamp_min(1e-8)
     return float(diff / (2 * edit))

@@ -644,7 +644,7 @@ def on_policy_line(spread: dict[str, float], chosen: set[str], cfg: DistillConfi
         )
     how = (
         f"their teacher's result changes with the seed (spread >= {cfg.on_policy.spread:g})"
-        if cfg.on_policy.effects.strip() == "auto"
+        if cfg.on_policy.effects == "auto"
         else "on_policy.effects"
     )
     named = ", ".join(f"{n} {spread[n]:.2f}" if n in spread else n for n in sorted(chosen))
