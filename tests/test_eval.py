@@ -446,6 +446,34 @@ def test_distribution_metrics_tell_averaged_modes_from_the_true_distribution() -
     assert float(diversity(averaged).mean()) == 0.0
 
 
+def test_kernel_distance_ranks_grain_by_how_far_it_is_from_the_truth() -> None:
+    """Film grain, whose pooled features barely vary between draws: outputs with slightly weak grain score
+    near 0; no grain and triple grain both score far (triple is twice as far from the truth as none, so it
+    must not look closer), and so does no better a set whose strength is scattered from none to triple."""
+    from clora.metrics import kernel_distance
+
+    g = torch.Generator().manual_seed(1)
+    sources = torch.nn.functional.interpolate(torch.rand(16, 3, 4, 4, generator=g) * 0.5, size=16, mode="bilinear")
+
+    def grain(strength: torch.Tensor | float) -> torch.Tensor:
+        s = torch.as_tensor(strength).reshape(-1, 1, 1, 1)
+        return (sources + s * torch.randn(16, 1, 16, 16, generator=g)).clamp(0, 1)
+
+    truth = torch.stack([grain(0.08) for _ in range(8)])
+    score = {
+        name: kernel_distance(out, truth, sources)
+        for name, out in {
+            "slightly weak": grain(0.072),
+            "none": sources,
+            "triple": grain(0.24),
+            "scattered": grain(torch.rand(16, generator=g) * 0.24),
+        }.items()
+    }
+    assert score["slightly weak"] < 0.1, score
+    assert score["none"] > 0.8 and score["triple"] > 0.8, score
+    assert score["scattered"] > 2 * score["slightly weak"], score
+
+
 def test_eval_scores_a_stochastic_effect_by_its_distribution(tmp_path: Path) -> None:
     """A collection with a deterministic effect (sepia) and one whose truth is a distribution (grain):
     sepia keeps its PSNR against the truth; grain has none and instead every way (student, teacher,
