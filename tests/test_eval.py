@@ -453,7 +453,8 @@ def test_kernel_distance_ranks_grain_by_how_far_it_is_from_the_truth() -> None:
     from clora.metrics import kernel_distance
 
     g = torch.Generator().manual_seed(1)
-    sources = torch.nn.functional.interpolate(torch.rand(16, 3, 4, 4, generator=g) * 0.5, size=16, mode="bilinear")
+    coarse = torch.rand(16, 3, 4, 4, generator=g) * 0.5
+    sources = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")
 
     def grain(strength: torch.Tensor | float) -> torch.Tensor:
         s = torch.as_tensor(strength).reshape(-1, 1, 1, 1)
