@@ -69,6 +69,31 @@ class PromptEmbeds:
         return PromptEmbeds(torch.cat(embeds), torch.cat(masks))
 
 
+@dataclass(frozen=True)
+class RankRule:
+    """How a base model sizes the student LoRA when a run's config leaves the rank out: ``per_effect``
+    components for each effect, rounded up to a multiple of ``step``, at least ``least`` and at most
+    ``most``; and the learning rate, tuned at rank ``lr_rank``, falls as ``sqrt(lr_rank / rank)``
+    above it (larger ranks take larger steps at one rate: alpha = rank). Measured on the toy base
+    (benchmarks/README.md, "Rank")."""
+
+    per_effect: int = 4
+    least: int = 16
+    most: int = 128
+    step: int = 16
+    lr_rank: int = 32
+
+    def rank_for(self, n_effects: int) -> int:
+        need = -(-max(n_effects, 1) * self.per_effect // self.step) * self.step
+        return max(self.least, min(self.most, need))
+
+    def lr_scale(self, trained_rank: int) -> float:
+        return min(1.0, (self.lr_rank / max(trained_rank, 1)) ** 0.5)
+
+    def describe(self) -> str:
+        return f"{self.per_effect} per effect, {self.least} to {self.most}"
+
+
 class Backbone(ABC):
     """A loaded base model on one device and dtype."""
 
@@ -92,6 +117,8 @@ class Backbone(ABC):
     negative_prompt: str = ""
     #: Euler steps of the full (teacher) sampler when a run's config leaves ``teacher_steps`` out
     default_teacher_steps: int = 20
+    #: the student's rank (and learning rate) when a run's config leaves them out
+    student_rank: RankRule = RankRule()
 
     @property
     @abstractmethod

@@ -81,7 +81,17 @@ OnPolicyOption = Annotated[
         "anchoring alone averages such results into one smooth image), none, or names, comma-separated.",
     ),
 ]
-RankOption = Annotated[int | None, typer.Option("--rank", help="LoRA rank of the unified LoRA (default 16).")]
+RankOption = Annotated[
+    int | None,
+    typer.Option(
+        "--rank",
+        min=1,
+        help="LoRA rank of the unified LoRA. Default: from the number of effects, by the base model's rule "
+        "(the toy's: 4 per effect, rounded up to a multiple of 16, 16 to 128; 32 for 8 effects, 128 from 32 "
+        "on). Above rank 32 the learning rate falls as sqrt(32 / rank) unless optimizer.lr is set (--set, "
+        "--config).",
+    ),
+]
 FewStepsOption = Annotated[
     int | None,
     typer.Option("--few-steps", help="Sampling steps of the unified LoRA: 4 or 8 (default 4)."),
@@ -148,8 +158,9 @@ GrowRankOption = Annotated[
         "--grow-rank",
         min=0,
         help="With --incremental: new LoRA components for the new effects; the parent's stay "
-        "fixed, so the file's rank grows by this much (default 16). 0: retrain the parent's "
-        "components (fixed size; old effects drift).",
+        "fixed, so the file's rank grows by this much. Default: up to the rank a full run of all the "
+        "effects would pick (see --rank), by at least 16. 0: retrain the parent's components (fixed "
+        "size; old effects drift).",
     ),
 ]
 GeneralOnlyOption = Annotated[

@@ -46,20 +46,24 @@ def test_every_command_and_option_has_help() -> None:
 
 def test_distill_help_states_the_config_defaults() -> None:
     # the help text is static (no config import on start-up), so it must be kept in step by hand
+    from clora.backbone import RankRule
     from clora.distill.config import DistillConfig
 
-    d = DistillConfig()
+    d, rule = DistillConfig(), RankRule()
+    assert d.student.rank is None and d.incremental.grow_rank is None
     # rich wraps the help in a box: drop its borders and line breaks
     text = " ".join(run(plugin_manager(), "distill", "--help").stdout.replace("│", " ").split())
     assert d.anchoring.share == 1.0 and "the whole run anchors" in text
     for phrase in (
         f"max({d.steps}, {d.steps_per_effect} per effect)",
         f"incremental: {d.incremental.steps_per_new_effect} per new effect",
-        f"(default {d.student.rank})",
         f"(default {d.student.few_steps})",
         f"(default {d.data.p_switch})",
         f"(default {d.optimizer.batch_size})",
-        f"(default {d.incremental.grow_rank})",
+        # the rank rule of the toy base, which the help quotes
+        f"{rule.per_effect} per effect, rounded up to a multiple of {rule.step}, {rule.least} to {rule.most}",
+        f"sqrt({rule.lr_rank} / rank)",
+        f"by at least {rule.least}",
     ):
         assert phrase in text, phrase
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import run
 
 from clora.distill.config import DistillConfig, load_config, read_config
-from clora.distill.resolve import BaseDefaults, ParentRun, resolve
+from clora.distill.resolve import BaseDefaults, ParentRun, Resolved, resolve
 from clora.errors import CloraError
 
 #: a collection's config as clora stored it before the sections (flat; frozen_rank was a field)
@@ -83,9 +83,7 @@ def test_resolution_fills_what_the_base_chooses_and_applies_the_run_kind() -> No
     assert c.student.target_modules == ["to_q", "img_in"] and c.optimizer.gradient_checkpointing is False
     # target simulation never starts from the 4-step sampler's first, pure-noise level
     assert (c.student.few_steps, c.on_policy.target_levels) == (4, 3)
-    assert (
-        full.frozen_rank == 0 and not full.notes and cfg.teachers.guidance is None
-    )  # the input is untouched
+    assert full.frozen_rank == 0 and cfg.teachers.guidance is None and cfg.student.rank is None  # untouched
     real = resolve(
         DistillConfig(teachers={"steps": 8}),
         kind="full",
@@ -143,6 +141,45 @@ def test_resolution_of_an_incremental_run_keeps_the_parents_shape() -> None:
     )
     assert same.frozen_rank == 0 and same.config.student.rank == 4 and same.config.student.alpha == 8.0
     assert same.config.optimizer.lr == pytest.approx(DistillConfig().optimizer.lr * 0.25)
+
+
+def test_the_rank_follows_the_number_of_effects_and_the_learning_rate_the_rank() -> None:
+    """Left out, the rank is the base's rule (toy: 4 per effect in steps of 16, 16 to 128), said in a note,
+    and the learning rate falls as sqrt(32 / rank) above 32; an incremental run grows to the rank a full
+    run of all its effects would get (by at least 16). What the user sets is kept."""
+    lr = DistillConfig().optimizer.lr
+
+    def full(n: int, cfg: DistillConfig | None = None) -> Resolved:
+        c = cfg or DistillConfig()
+        return resolve(c, kind="full", n_effects=n, n_new=n, auto_steps=False, base=TOY, dtype="float32")
+
+    for n, rank, rate in ((1, 16, lr), (8, 32, lr), (10, 48, lr * (32 / 48) ** 0.5), (16, 64, lr / 2**0.5)):
+        r = full(n)
+        assert (r.config.student.rank, r.config.student.lora_alpha) == (rank, rank)
+        assert r.config.optimizer.lr == pytest.approx(rate)
+        assert f"student rank {rank} for {n} effect(s)" in r.notes[0]
+    assert full(50).config.student.rank == full(180).config.student.rank == 128
+    assert full(50).config.optimizer.lr == pytest.approx(lr / 2)
+    mine = full(50, DistillConfig(student={"rank": 8}, optimizer={"lr": 1e-3}))
+    assert (mine.config.student.rank, mine.config.optimizer.lr, mine.notes) == (8, 1e-3, [])
+    assert full(50, DistillConfig(student={"rank": 64})).config.optimizer.lr == pytest.approx(lr / 2**0.5)
+
+    parent = ParentRun(1, full(8).config, ["to_q", "to_v"])
+    for n, grown, rate in ((10, 48, lr * 0.6), (9, 48, lr * 0.6), (50, 128, lr * 0.6 * (32 / 96) ** 0.5)):
+        r = resolve(
+            DistillConfig(),
+            kind="incremental",
+            n_effects=n,
+            n_new=n - 8,
+            auto_steps=True,
+            base=TOY,
+            dtype="float32",
+            parent=parent,
+        )
+        s = r.config.student
+        assert (s.rank, r.frozen_rank, r.config.incremental.grow_rank) == (grown, 32, grown - 32)
+        assert r.config.optimizer.lr == pytest.approx(rate)
+        assert f"student rank 32 + {grown - 32} new for {n} effect(s)" in r.notes[0]
 
 
 def test_set_reaches_any_field_and_a_run_without_an_on_policy_phase_has_no_critic(

@@ -65,7 +65,12 @@ def default_losses() -> dict[str, LossSpec]:
 class StudentConfig(_Section):
     """The unified LoRA: its shape, its sampler and the prompts it learns under."""
 
-    rank: int = Field(16, ge=1, description="LoRA rank of the student (and critic)")
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description="LoRA rank of the student (and critic); default: from the number of effects, by the "
+        "base model's rule (the toy's: 4 per effect, 16 to 128)",
+    )
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
     target_modules: list[str] | None = Field(
         None,
@@ -85,8 +90,15 @@ class StudentConfig(_Section):
     captioner: str = Field("template", description="captioner plugin id for effects without a caption")
 
     @property
+    def lora_rank(self) -> int:
+        """The rank of a resolved config (the rule has filled it in)."""
+        if self.rank is None:
+            raise ValueError("the student's rank is picked when the run's config is resolved")
+        return self.rank
+
+    @property
     def lora_alpha(self) -> float:
-        return float(self.alpha if self.alpha is not None else self.rank)
+        return float(self.alpha if self.alpha is not None else self.lora_rank)
 
 
 class OptimizerConfig(_Section):
@@ -99,7 +111,12 @@ class OptimizerConfig(_Section):
         description="split each step's batch into this many micro-batches whose gradients add up before the "
         "optimizer step (less memory when the batch does not fit)",
     )
-    lr: float = Field(3e-3, gt=0, description="learning rate of the student (reference: 1e-4)")
+    lr: float = Field(
+        3e-3,
+        gt=0,
+        description="learning rate of the student (reference: 1e-4); left out, it falls as sqrt(32 / rank) "
+        "when more than 32 LoRA components train (the base model's rule)",
+    )
     critic_lr: float = Field(5e-4, gt=0, description="learning rate of the critic (reference: 1e-4)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine",
@@ -286,11 +303,12 @@ class IncrementalConfig(_Section):
         description="the student trains at optimizer.lr x this (default: 0.6 when it grows, 0.25 when it "
         "trains the parent's own components)",
     )
-    grow_rank: int = Field(
-        16,
+    grow_rank: int | None = Field(
+        None,
         ge=0,
         description="the parent's LoRA components stay fixed and this many new ones train (the rank grows by "
-        "this much); 0: the parent's own components train (fixed size; old effects drift)",
+        "this much; default: to the rank a full run of all the effects would pick, by at least 16); 0: the "
+        "parent's own components train (fixed size; old effects drift)",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from clora.backbone import RankRule
 from clora.distill.config import DistillConfig
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ class BaseDefaults:
     resolution: int
     #: a base of free image size (a real model): gradient checkpointing is on by default
     real: bool
+    #: the student's rank and learning rate when the config leaves them out
+    rank: RankRule = field(default_factory=RankRule)
 
     @classmethod
     def of(cls, backbone: Backbone) -> BaseDefaults:
@@ -31,6 +34,7 @@ class BaseDefaults:
             teacher_steps=backbone.default_teacher_steps,
             resolution=backbone.image_size[0] if backbone.image_size else backbone.default_resolution,
             real=backbone.image_size is None,
+            rank=backbone.student_rank,
         )
 
 
@@ -52,7 +56,7 @@ class Resolved:
     frozen_rank: int = 0
     #: the parent's alpha / rank (its scale, folded into the grown student's B)
     parent_lora_scale: float = 1.0
-    #: what the user asked for that the run does not do, in sentences
+    #: what the run picked for the user (the rank) and what it ignored of what they asked, in sentences
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,7 +82,7 @@ def resolve(
         c.data.p_switch = 0.0
     if kind == "incremental":
         inc = c.incremental
-        ratio = inc.lr_ratio or (0.6 if inc.grow_rank else 0.25)
+        ratio = inc.lr_ratio or (0.25 if inc.grow_rank == 0 else 0.6)
         c.optimizer.lr *= ratio
         inc.lr_ratio = ratio
         c.data.effects_per_batch = inc.effects_per_batch or c.data.effects_per_batch
@@ -88,15 +92,28 @@ def resolve(
         c.steps = max(c.steps, c.steps_per_effect * n_effects)
 
     frozen, scale = 0, 1.0
+    rule = base.rank
+    if parent is None and c.student.rank is None:
+        c.student.rank = rule.rank_for(n_effects)
+        notes.append(
+            f"student rank {c.student.rank} for {n_effects} effect(s) (the base model's rule: "
+            f"{rule.describe()}; --rank sets it)"
+        )
+    trained = c.student.rank or 0  # set by here unless a parent gives the shape (below)
     if parent is not None:
         # the student keeps its parent's shape and modules; a grown one runs at alpha = rank (scale 1)
         # with the parent's scale moved into B
         p = parent.config.student
+        p_rank = p.lora_rank
         grow = c.incremental.grow_rank
-        scale = p.lora_alpha / p.rank
+        if grow is None:  # grow to what a full run of every effect would get, by at least rule.least
+            grow = max(rule.least, rule.rank_for(n_effects) - p_rank)
+            c.incremental.grow_rank = grow
+        scale = p.lora_alpha / p_rank
+        trained = grow or p_rank
         shape = {
-            "rank": p.rank + grow,
-            "alpha": float(p.rank + grow) if grow else p.alpha,
+            "rank": p_rank + grow,
+            "alpha": float(p_rank + grow) if grow else p.alpha,
             "few_steps": p.few_steps,
             "target_modules": list(parent.target_modules),
         }
@@ -104,15 +121,22 @@ def resolve(
         ignored = [
             f"{k} {getattr(cfg.student, k)}"
             for k, v in shape.items()
-            if k in asked and getattr(cfg.student, k) != v
+            if k in asked and getattr(cfg.student, k) not in (v, None)
         ]
         if ignored:
             notes.append(
-                f"incremental run: the student keeps collection v{parent.version}'s shape (rank {p.rank} + "
+                f"incremental run: the student keeps collection v{parent.version}'s shape (rank {p_rank} + "
                 f"{grow} new, few_steps {p.few_steps}, its modules); ignoring {', '.join(ignored)}"
             )
         c.student = c.student.model_copy(update=shape)
-        frozen = p.rank if grow else 0
+        frozen = p_rank if grow else 0
+        if "grow_rank" not in cfg.incremental.model_fields_set:
+            notes.append(
+                f"student rank {p_rank} + {grow} new for {n_effects} effect(s) (the base model's rule: "
+                f"{rule.describe()}; --grow-rank sets the new part)"
+            )
+    if "lr" not in cfg.optimizer.model_fields_set:
+        c.optimizer.lr *= rule.lr_scale(trained)
 
     # the base model's own choices for what the config leaves out
     c.dtype = dtype  # type: ignore[assignment]  # checked by the caller against the device
@@ -128,6 +152,7 @@ def resolve(
         c.optimizer.gradient_checkpointing = base.real
     # target simulation starts from the teacher's output at a late level: never the first, pure-noise one
     c.on_policy.target_levels = max(1, min(c.on_policy.target_levels, c.student.few_steps - 1))
+    assert c.student.rank is not None
     if frozen >= c.student.rank:
         raise ValueError(f"the fixed components ({frozen}) must be fewer than the rank ({c.student.rank})")
     return Resolved(DistillConfig.model_validate(c.model_dump()), frozen, scale, notes)

@@ -518,7 +518,7 @@ def _execute(
     base_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
     adapters = AdapterSet(
         backbone,
-        student.rank,
+        student.lora_rank,
         student.lora_alpha,
         modules,
         cfg.teachers.max_resident,
@@ -540,7 +540,7 @@ def _execute(
     elif plan.parent_state:
         distiller.init_from(
             torch.load(plan.parent_state, weights_only=True, map_location="cpu"),
-            scale=plan.parent_lora_scale / (student.lora_alpha / student.rank),
+            scale=plan.parent_lora_scale / (student.lora_alpha / student.lora_rank),
         )
     result = distiller.run(
         show_progress, on_checkpoint=lambda step: registry.update_run(plan.run_id, step=step)
@@ -581,7 +581,7 @@ def _write_collection(
         },
         few_step_sigmas=few_step_sigmas(student.few_steps, student.shift).tolist(),
         shift=student.shift,
-        rank=student.rank,
+        rank=student.lora_rank,
         alpha=student.lora_alpha,
         target_modules=list(student.target_modules or []),
         run_id=plan.run_id,
