@@ -135,8 +135,12 @@ def resolve(
                 f"student rank {p_rank} + {grow} new for {n_effects} effect(s) (the base model's rule: "
                 f"{rule.describe()}; --grow-rank sets the new part)"
             )
-    if "lr" not in cfg.optimizer.model_fields_set:
+    if "lr" not in cfg.optimizer.model_fields_set and rule.lr_scale(trained) < 1:
         c.optimizer.lr *= rule.lr_scale(trained)
+        notes.append(
+            f"learning rate {c.optimizer.lr:.2g}: sqrt({rule.lr_rank} / {trained}) of optimizer.lr for "
+            f"{trained} trained components"
+        )
 
     # the base model's own choices for what the config leaves out
     c.dtype = dtype  # type: ignore[assignment]  # checked by the caller against the device
