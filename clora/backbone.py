@@ -77,7 +77,7 @@ class RankRule:
     above it (larger ranks take larger steps at one rate: alpha = rank). Measured on the toy base
     (benchmarks/README.md, "Rank")."""
 
-    per_effect: int = 4
+    per_effect: int = 8
     least: int = 16
     most: int = 128
     step: int = 16

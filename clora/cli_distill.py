@@ -87,7 +87,7 @@ RankOption = Annotated[
         "--rank",
         min=1,
         help="LoRA rank of the unified LoRA. Default: from the number of effects, by the base model's rule "
-        "(the toy's: 4 per effect, rounded up to a multiple of 16, 16 to 128; 32 for 8 effects, 128 from 32 "
+        "(the toy's: 8 per effect, rounded up to a multiple of 16, 16 to 128; 64 for 8 effects, 128 from 16 "
         "on). Above rank 32 the learning rate falls as sqrt(32 / rank) unless optimizer.lr is set (--set, "
         "--config).",
     ),

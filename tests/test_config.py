@@ -144,7 +144,7 @@ def test_resolution_of_an_incremental_run_keeps_the_parents_shape() -> None:
 
 
 def test_the_rank_follows_the_number_of_effects_and_the_learning_rate_the_rank() -> None:
-    """Left out, the rank is the base's rule (toy: 4 per effect in steps of 16, 16 to 128), said in a note,
+    """Left out, the rank is the base's rule (toy: 8 per effect in steps of 16, 16 to 128), said in a note,
     and the learning rate falls as sqrt(32 / rank) above 32; an incremental run grows to the rank a full
     run of all its effects would get (by at least 16). What the user sets is kept."""
     lr = DistillConfig().optimizer.lr
@@ -153,7 +153,8 @@ def test_the_rank_follows_the_number_of_effects_and_the_learning_rate_the_rank()
         c = cfg or DistillConfig()
         return resolve(c, kind="full", n_effects=n, n_new=n, auto_steps=False, base=TOY, dtype="float32")
 
-    for n, rank, rate in ((1, 16, lr), (8, 32, lr), (10, 48, lr * (32 / 48) ** 0.5), (16, 64, lr / 2**0.5)):
+    rules = ((1, 16, lr), (3, 32, lr), (8, 64, lr / 2**0.5), (10, 80, lr * 0.4**0.5), (16, 128, lr / 2))
+    for n, rank, rate in rules:
         r = full(n)
         assert (r.config.student.rank, r.config.student.lora_alpha) == (rank, rank)
         assert r.config.optimizer.lr == pytest.approx(rate)
@@ -165,7 +166,7 @@ def test_the_rank_follows_the_number_of_effects_and_the_learning_rate_the_rank()
     assert full(50, DistillConfig(student={"rank": 64})).config.optimizer.lr == pytest.approx(lr / 2**0.5)
 
     parent = ParentRun(1, full(8).config, ["to_q", "to_v"])
-    for n, grown, rate in ((10, 48, lr * 0.6), (9, 48, lr * 0.6), (50, 128, lr * 0.6 * (32 / 96) ** 0.5)):
+    for n, grown, rate in ((10, 80, lr * 0.6), (9, 80, lr * 0.6), (50, 128, lr * 0.6 / 2**0.5)):
         r = resolve(
             DistillConfig(),
             kind="incremental",
@@ -177,9 +178,9 @@ def test_the_rank_follows_the_number_of_effects_and_the_learning_rate_the_rank()
             parent=parent,
         )
         s = r.config.student
-        assert (s.rank, r.frozen_rank, r.config.incremental.grow_rank) == (grown, 32, grown - 32)
+        assert (s.rank, r.frozen_rank, r.config.incremental.grow_rank) == (grown, 64, grown - 64)
         assert r.config.optimizer.lr == pytest.approx(rate)
-        assert f"student rank 32 + {grown - 32} new for {n} effect(s)" in r.notes[0]
+        assert f"student rank 64 + {grown - 64} new for {n} effect(s)" in r.notes[0]
 
 
 def test_set_reaches_any_field_and_a_run_without_an_on_policy_phase_has_no_critic(

@@ -69,7 +69,7 @@ class StudentConfig(_Section):
         None,
         ge=1,
         description="LoRA rank of the student (and critic); default: from the number of effects, by the "
-        "base model's rule (the toy's: 4 per effect, 16 to 128)",
+        "base model's rule (the toy's: 8 per effect, 16 to 128)",
     )
     alpha: float | None = Field(None, gt=0, description="LoRA alpha of the student (default: equal to rank)")
     target_modules: list[str] | None = Field(
