@@ -75,7 +75,7 @@ class RankRule:
     components for each effect, rounded up to a multiple of ``step``, at least ``least`` and at most
     ``most``; and the learning rate, tuned at rank ``lr_rank``, falls as ``sqrt(lr_rank / rank)``
     above it (larger ranks take larger steps at one rate: alpha = rank). Measured on the toy base
-    (benchmarks/README.md, "Rank")."""
+    (benchmarks/README.md, "Routing and rank at 16 effects")."""
 
     per_effect: int = 8
     least: int = 16
