@@ -38,7 +38,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from clora.backbone import Backbone, BackboneFactory, BaseKind, PromptEmbeds
+from clora.backbone import Backbone, BackboneFactory, BaseKind, PromptEmbeds, RankRule
 from clora.lora import LoraModule, TeacherProvider
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ __all__ = [
     "LossTerm",
     "Metric",
     "PromptEmbeds",
+    "RankRule",
     "Role",
     "Router",
     "TeacherProvider",
