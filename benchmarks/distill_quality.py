@@ -4,8 +4,8 @@
     python benchmarks/distill_quality.py --ablations           # + without routing / asym. prompts / ...
     python benchmarks/distill_quality.py --ablations full on-policy --on-policy-share 0.1   # some of them
     python benchmarks/distill_quality.py --tiny --steps 60     # the test-size world, a smoke run
-    python benchmarks/distill_quality.py --first 16 --steps 3000 --ablations full gap-router
-        # uniform against probe-guided effect sampling (the gap router), equal steps
+    python benchmarks/distill_quality.py --first 16 --steps 3000 --ablations full gap-router progress-router
+        # uniform against probe-guided effect sampling (the gap and progress routers), equal steps
     python benchmarks/distill_quality.py --effects sepia invert warm blur grain confetti palette-tint streak \
         --ablations full paper-1-dmd paper-2-routing paper-3-prompts paper-4-target-sim paper-5-anchoring
         # the paper's component ablation, deterministic and stochastic effects together
@@ -80,6 +80,10 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
         "gap-router": (
             "gap router (effects furthest from their teachers at the probe train most)",
             {"data.router": "gap"},
+        ),
+        "progress-router": (
+            "progress router (effects whose probe PSNR rises fastest per block train most)",
+            {"data.router": "progress"},
         ),
         "no-routing": ("no routing (effect stream only)", {"p_switch": 1.0}),
         "no-asymmetric-prompts": ("no asymmetric prompts", {"asymmetric_prompts": False}),

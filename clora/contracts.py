@@ -103,7 +103,7 @@ class Router(Protocol):
     #: unique id (``balanced``, ``file-order``, ``gap``, ...), the value of the distill config's ``router``
     router_id: str
     #: True: the loop probes the student during training (``data.probe_every``) and passes each effect's
-    #: latest probe PSNR to :meth:`choose` as ``probe_db``
+    #: latest probe PSNR to :meth:`choose` as ``probe_db``, its last few as ``probe_history``
     uses_probe: bool = False
 
     @abstractmethod
@@ -126,7 +126,8 @@ class Router(Protocol):
 
         A router with ``uses_probe`` is also given ``probe_db=``: effect -> PSNR (dB) of the student's
         few-step samples against its teacher's outputs on the effect's held-out sources at the latest
-        probe (absent: not probed yet).
+        probe (absent: not probed yet); and ``probe_history=``: effect -> its last few probes, oldest
+        first, each ``(times the effect was chosen by then, PSNR)``.
         """
 
 

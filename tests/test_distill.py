@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clora_routers import GapRouter
+from clora_routers import GapRouter, ProgressRouter
 from helpers import plugin_manager, run
 from safetensors import safe_open
 
@@ -165,7 +165,10 @@ def test_the_probe_scores_held_out_sources_and_ends_the_run_at_the_target(tiny_w
     common = ["--batch-size", "4", "--no-progress", "--json", "--set", "data.probe_every=4"]
     # a target no student reaches: every step trains, the probe runs every 4 steps and at the end, and
     # the run names each effect under its target
-    r = run(pm, "distill", "--steps", "10", *common, "--set", "data.target_db=99")
+    # (routed by the progress router, which reads the probes' history)
+    r = run(
+        pm, "distill", "--steps", "10", *common, "--set", "data.target_db=99", "--set", "data.router=progress"
+    )
     assert r.exit_code == 0, r.output
     col = json.loads(r.stdout)
     train = col["metrics"]["train"]
@@ -176,6 +179,14 @@ def test_the_probe_scores_held_out_sources_and_ends_the_run_at_the_target(tiny_w
     probes = [row for row in map(json.loads, log.read_text().splitlines()) if "probe" in row]
     assert [row["step"] for row in probes] == [0, 4, 8, 10]
     assert probes[-1]["probe"] == train["probe_db"]
+    # the checkpoint keeps each effect's probes with the times it was chosen by then (the probe after the
+    # last step is not in it)
+    ck = torch.load(clora_home() / "runs" / col["run_id"] / "checkpoint.pt", weights_only=True)
+    for name in TINY_EFFECTS:
+        history = ck["probe_history"][name]
+        assert [db for _, db in history] == [row["probe"][name] for row in probes[:3]]
+        chosen = [n for n, _ in history]
+        assert chosen[0] == 0 and chosen == sorted(chosen) and chosen[-1] == ck["counts"][name] > 0
     # a target the untrained student already meets ends the run at its first probe: nothing trains
     r = run(pm, "distill", "--steps", "10", *common, "--set", "data.target_db=1", "--fresh")
     assert r.exit_code == 0, r.output
@@ -200,6 +211,28 @@ def test_the_gap_router_picks_effects_in_proportion_to_their_probe_error() -> No
         router.choose(["a", "n"], ["n"], {}, cfg, rng, probe_db={"a": 10.0, "n": 50.0}) for _ in range(2000)
     ]
     assert 0.45 < picks.count("n") / len(picks) < 0.55
+
+
+def test_the_progress_router_picks_effects_in_proportion_to_their_recent_gain() -> None:
+    router, cfg, rng = ProgressRouter(), DistillConfig(), random.Random(0)
+    cfg.data.router_floor = 0.0
+    climbing = [(0.0, 20.0), (10.0, 25.0), (20.0, 30.0)]  # 0.5 dB per time chosen
+    levelled = [(0.0, 30.0), (10.0, 30.5), (20.0, 31.0), (30.0, 31.5)]  # 0.05
+    falling = [(0.0, 30.0), (10.0, 29.0)]
+
+    def share(name: str, history: dict[str, list[tuple[float, float]]], counts: dict[str, int]) -> float:
+        names = sorted(history) if "new" not in counts else [*sorted(history), "new"]
+        picks = [router.choose(names, [], counts, cfg, rng, probe_history=history) for _ in range(2000)]
+        return picks.count(name) / len(picks)
+
+    # in proportion to the slope of the probe PSNR against the times chosen: 10 to 1
+    assert 0.88 < share("a", {"a": climbing, "b": levelled}, {}) < 0.94
+    # a falling effect gets no picks beyond the floor; one without a slope yet counts as the fastest
+    assert share("c", {"a": climbing, "c": falling}, {}) == 0.0
+    assert 0.45 < share("new", {"a": climbing}, {"new": 0}) < 0.55
+    # the floor gives the least-chosen effect its share however flat it is
+    cfg.data.router_floor = 0.5
+    assert 0.52 < share("b", {"a": climbing, "b": levelled}, {"a": 9, "b": 3}) < 0.57
 
 
 def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -185,13 +185,22 @@ class DataConfig(_Section):
     router: str = Field(
         "balanced",
         description="router plugin id that picks the effects of each block: balanced (each effect alike), "
-        "gap (effects furthest from their teachers at the latest probe more often), file-order",
+        "gap (effects furthest from their teachers at the latest probe more often), progress (effects "
+        "whose probe PSNR rose most per block over the last probes more often), file-order",
+    )
+    router_floor: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the progress router's picks given to the least-chosen effect, so that no "
+        "effect starves while others gain faster",
     )
     probe_every: int = Field(
         100,
         ge=1,
-        description="steps between probes, when the run probes (the gap router, or target_db set): the "
-        "student's few-step samples scored against the teachers' outputs on held-out sources of each effect",
+        description="steps between probes, when the run probes (the gap and progress routers, or target_db "
+        "set): the student's few-step samples scored against the teachers' outputs on held-out sources of "
+        "each effect",
     )
     probe_rows: int = Field(
         2, ge=1, description="sources per effect held out of training for the probe (when the run probes)"

@@ -140,6 +140,12 @@ class LoopState:
     effect_loss: dict[str, float] = field(default_factory=dict)
     #: each effect's PSNR against its teacher at the latest probe (runs that probe)
     probe_db: dict[str, float] = field(default_factory=dict)
+    #: each effect's last ``PROBE_HISTORY`` probes as [times chosen by then, PSNR] (runs that probe)
+    probe_history: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+#: how many probes per effect routers are shown (``probe_history``)
+PROBE_HISTORY = 4
 
 
 @dataclass
@@ -400,7 +406,12 @@ class Distiller:
             return ("general", ()), self._pick_bucket({s: len(r) for s, r in self.data.general.items()}, rng)
         chosen: list[str] = []
         bucket: tuple[int, int] | None = None
-        probe = {"probe_db": dict(self.state.probe_db)} if self.router_probes else {}
+        probe: dict[str, Any] = {}
+        if self.router_probes:
+            probe = {
+                "probe_db": dict(self.state.probe_db),
+                "probe_history": {n: [tuple(p) for p in h] for n, h in self.state.probe_history.items()},
+            }
         for _ in range(min(data.effects_per_batch, len(pool), self.cfg.optimizer.batch_size)):
             names = [
                 n for n in pool if n not in chosen and (bucket is None or bucket in self.data.effects[n])
@@ -438,9 +449,11 @@ class Distiller:
             x = few_step_sample(
                 bb, held.sources, held.student, self.sigmas, gen, shape=(n, *held.latent_shape)
             )
-            self.state.probe_db[name] = round(
-                float(psnr(bb.decode_latents(x), self._probe_truth[name]).mean()), 3
-            )
+            db = round(float(psnr(bb.decode_latents(x), self._probe_truth[name]).mean()), 3)
+            self.state.probe_db[name] = db
+            history = self.state.probe_history.setdefault(name, [])
+            history.append([float(self.state.counts.get(name, 0)), db])
+            del history[:-PROBE_HISTORY]
         bb.offload_encoders()  # a real base's VAE leaves the GPU again
         log.write(json.dumps({"step": step, "probe": self.state.probe_db}) + "\n")
         target = self.cfg.data.target_db
@@ -730,6 +743,7 @@ class Distiller:
                 "counts": dict(self.state.counts),
                 "effect_loss": dict(self.state.effect_loss),
                 "probe_db": dict(self.state.probe_db),
+                "probe_history": {n: [list(p) for p in h] for n, h in self.state.probe_history.items()},
                 "generator": self.generator.get_state(),
                 **self.training_state(),
                 "config": self.cfg.model_dump_json(),
@@ -757,6 +771,7 @@ class Distiller:
             counts=dict(ck["counts"]),
             effect_loss=dict(ck.get("effect_loss", {})),
             probe_db=dict(ck.get("probe_db", {})),
+            probe_history={n: [list(p) for p in h] for n, h in ck.get("probe_history", {}).items()},
         )
         self._truncate_log(self.state.step)
         return True

@@ -4,7 +4,7 @@ A router (:class:`clora.contracts.Router`) has a ``router_id`` and ``choose(effe
 config, rng) -> str``: an effect of the next effect block, given every effect's pick count so far. With
 ``effects_per_batch`` k > 1 the loop asks k times, leaving out the effects already picked. Whether a block is
 an effect or a general block is the loop's coin flip (``p_switch``), not the router's. A router with
-``uses_probe`` is also told each effect's PSNR against its teacher at the loop's latest probe.
+``uses_probe`` is also told each effect's PSNR against its teacher at the loop's latest probes.
 """
 
 from __future__ import annotations
@@ -68,11 +68,55 @@ class GapRouter(Router):
         config: DistillConfig,
         rng: random.Random,
         probe_db: Mapping[str, float] | None = None,
+        probe_history: Mapping[str, Sequence[tuple[float, float]]] | None = None,
     ) -> str:
         pool, db = _pool(effects, new_effects, config, rng), probe_db or {}
         error = {n: 10 ** (-db[n] / 20) for n in pool if n in db}
         worst = max(error.values(), default=1.0)
         return rng.choices(pool, weights=[error.get(n, worst) for n in pool])[0]
+
+
+def _gain(history: Sequence[tuple[float, float]]) -> float | None:
+    """dB gained per time chosen: the least-squares slope of probe PSNR against the times the effect was
+    chosen, over ``history``; None when it was not chosen between its probes (or probed once)."""
+    if len(history) < 2:
+        return None
+    xs, ys = [h[0] for h in history], [h[1] for h in history]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+
+
+class ProgressRouter(Router):
+    """Effects still gaining train most: an effect is picked in proportion to the dB its probe PSNR rose
+    per time it was chosen over its last probes (a fall counts as 0), so effects that have levelled off
+    stop taking steps from those still climbing; an effect without that estimate yet counts as the fastest.
+    ``data.router_floor`` of the picks go to the least-chosen effect instead, so none starves."""
+
+    router_id = "progress"
+    uses_probe = True
+
+    def choose(
+        self,
+        effects: Sequence[str],
+        new_effects: Sequence[str],
+        counts: Mapping[str, int],
+        config: DistillConfig,
+        rng: random.Random,
+        probe_db: Mapping[str, float] | None = None,
+        probe_history: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    ) -> str:
+        pool = _pool(effects, new_effects, config, rng)
+        if rng.random() < config.data.router_floor:
+            return _least_used(pool, counts, rng)
+        gain = {n: _gain((probe_history or {}).get(n, ())) for n in pool}
+        fastest = max((g for g in gain.values() if g is not None and g > 0), default=1.0)
+        weights = [fastest if g is None else max(g, 0.0) for g in gain.values()]
+        if sum(weights) <= 0:  # every effect has levelled off or is falling
+            return _least_used(pool, counts, rng)
+        return rng.choices(pool, weights=weights)[0]
 
 
 class FileOrderRouter(Router):
@@ -95,4 +139,5 @@ class FileOrderRouter(Router):
 def register_routers(register: Callable[[Router], None]) -> None:
     register(BalancedRouter())
     register(GapRouter())
+    register(ProgressRouter())
     register(FileOrderRouter())
