@@ -126,7 +126,9 @@ def test_resolution_of_an_incremental_run_keeps_the_parents_shape() -> None:
     s = r.config.student
     assert (s.rank, s.alpha, s.few_steps, s.target_modules) == (6, 6.0, 8, ["to_q", "to_v"])
     assert (r.frozen_rank, r.parent_lora_scale) == (4, 2.0)
-    assert r.config.steps == 600 * 1 and r.config.data.effects_per_batch == 6
+    assert (
+        r.config.steps == asked.incremental.steps_per_new_effect * 1 and r.config.data.effects_per_batch == 6
+    )
     assert r.config.incremental.lr_ratio == 0.6 and r.config.on_policy.target_levels == 5
     assert r.notes and "ignoring rank 32" in r.notes[0]
     same = resolve(
