@@ -52,12 +52,9 @@ class BalancedRouter(Router):
         return _least_used(_pool(effects, new_effects, config, rng), counts, rng)
 
 
-class GapRouter(Router):
-    """Effects furthest from their teachers train most: an effect is picked with probability in proportion
-    to the RMS error of its latest probe (10^(-dB/20)); one not probed yet counts as the worst probed.
-    With ``data.target_db`` the loop leaves out the effects already there."""
+class _ProbeRouter(Router):
+    """A router that weighs the effects of its pool by the probes: subclasses give :meth:`pick`."""
 
-    router_id = "gap"
     uses_probe = True
 
     def choose(
@@ -70,7 +67,37 @@ class GapRouter(Router):
         probe_db: Mapping[str, float] | None = None,
         probe_history: Mapping[str, Sequence[tuple[float, float]]] | None = None,
     ) -> str:
-        pool, db = _pool(effects, new_effects, config, rng), probe_db or {}
+        pool = _pool(effects, new_effects, config, rng)
+        return self.pick(pool, counts, config, rng, probe_db or {}, probe_history or {})
+
+    def pick(
+        self,
+        pool: list[str],
+        counts: Mapping[str, int],
+        config: DistillConfig,
+        rng: random.Random,
+        db: Mapping[str, float],
+        history: Mapping[str, Sequence[tuple[float, float]]],
+    ) -> str:
+        raise NotImplementedError
+
+
+class GapRouter(_ProbeRouter):
+    """Effects furthest from their teachers train most: an effect is picked with probability in proportion
+    to the RMS error of its latest probe (10^(-dB/20)); one not probed yet counts as the worst probed.
+    With ``data.target_db`` the loop leaves out the effects already there."""
+
+    router_id = "gap"
+
+    def pick(
+        self,
+        pool: list[str],
+        counts: Mapping[str, int],
+        config: DistillConfig,
+        rng: random.Random,
+        db: Mapping[str, float],
+        history: Mapping[str, Sequence[tuple[float, float]]],
+    ) -> str:
         error = {n: 10 ** (-db[n] / 20) for n in pool if n in db}
         worst = max(error.values(), default=1.0)
         return rng.choices(pool, weights=[error.get(n, worst) for n in pool])[0]
@@ -89,29 +116,26 @@ def _gain(history: Sequence[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
 
 
-class ProgressRouter(Router):
+class ProgressRouter(_ProbeRouter):
     """Effects still gaining train most: an effect is picked in proportion to the dB its probe PSNR rose
     per time it was chosen over its last probes (a fall counts as 0), so effects that have levelled off
     stop taking steps from those still climbing; an effect without that estimate yet counts as the fastest.
     ``data.router_floor`` of the picks go to the least-chosen effect instead, so none starves."""
 
     router_id = "progress"
-    uses_probe = True
 
-    def choose(
+    def pick(
         self,
-        effects: Sequence[str],
-        new_effects: Sequence[str],
+        pool: list[str],
         counts: Mapping[str, int],
         config: DistillConfig,
         rng: random.Random,
-        probe_db: Mapping[str, float] | None = None,
-        probe_history: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+        db: Mapping[str, float],
+        history: Mapping[str, Sequence[tuple[float, float]]],
     ) -> str:
-        pool = _pool(effects, new_effects, config, rng)
         if rng.random() < config.data.router_floor:
             return _least_used(pool, counts, rng)
-        gain = {n: _gain((probe_history or {}).get(n, ())) for n in pool}
+        gain = {n: _gain(history.get(n, ())) for n in pool}
         fastest = max((g for g in gain.values() if g is not None and g > 0), default=1.0)
         weights = [fastest if g is None else max(g, 0.0) for g in gain.values()]
         if sum(weights) <= 0:  # every effect has levelled off or is falling
