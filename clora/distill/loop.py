@@ -138,10 +138,14 @@ class LoopState:
     counts: dict[str, int] = field(default_factory=dict)
     #: running mean of each effect's regression loss per row (``effect_balance``)
     effect_loss: dict[str, float] = field(default_factory=dict)
-    #: each effect's PSNR against its teacher at the latest probe (runs that probe)
-    probe_db: dict[str, float] = field(default_factory=dict)
-    #: each effect's last ``PROBE_HISTORY`` probes as [times chosen by then, PSNR] (runs that probe)
+    #: each effect's last ``PROBE_HISTORY`` probes, oldest first, as [times chosen by then, PSNR against
+    #: its teacher] (runs that probe)
     probe_history: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    @property
+    def probe_db(self) -> dict[str, float]:
+        """Each effect's PSNR against its teacher at the latest probe."""
+        return {name: h[-1][1] for name, h in self.probe_history.items()}
 
 
 #: how many probes per effect routers are shown (``probe_history``)
@@ -409,7 +413,6 @@ class Distiller:
         probe: dict[str, Any] = {}
         if self.router_probes:
             probe = {
-                "probe_db": dict(self.state.probe_db),
                 "probe_history": {n: [tuple(p) for p in h] for n, h in self.state.probe_history.items()},
             }
         for _ in range(min(data.effects_per_batch, len(pool), self.cfg.optimizer.batch_size)):
@@ -450,7 +453,6 @@ class Distiller:
                 bb, held.sources, held.student, self.sigmas, gen, shape=(n, *held.latent_shape)
             )
             db = round(float(psnr(bb.decode_latents(x), self._probe_truth[name]).mean()), 3)
-            self.state.probe_db[name] = db
             history = self.state.probe_history.setdefault(name, [])
             history.append([float(self.state.counts.get(name, 0)), db])
             del history[:-PROBE_HISTORY]
@@ -742,7 +744,6 @@ class Distiller:
                 "bucket": list(self.state.bucket) if self.state.bucket else [],
                 "counts": dict(self.state.counts),
                 "effect_loss": dict(self.state.effect_loss),
-                "probe_db": dict(self.state.probe_db),
                 "probe_history": {n: [list(p) for p in h] for n, h in self.state.probe_history.items()},
                 "generator": self.generator.get_state(),
                 **self.training_state(),
@@ -770,7 +771,6 @@ class Distiller:
             bucket=tuple(ck["bucket"]) if ck.get("bucket") else None,
             counts=dict(ck["counts"]),
             effect_loss=dict(ck.get("effect_loss", {})),
-            probe_db=dict(ck.get("probe_db", {})),
             probe_history={n: [list(p) for p in h] for n, h in ck.get("probe_history", {}).items()},
         )
         self._truncate_log(self.state.step)

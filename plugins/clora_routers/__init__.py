@@ -10,6 +10,7 @@ an effect or a general block is the loop's coin flip (``p_switch``), not the rou
 from __future__ import annotations
 
 import random
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,7 @@ class _ProbeRouter(Router):
         pool = _pool(effects, new_effects, config, rng)
         return self.pick(pool, counts, config, rng, probe_db or {}, probe_history or {})
 
+    @abstractmethod
     def pick(
         self,
         pool: list[str],
@@ -79,7 +81,8 @@ class _ProbeRouter(Router):
         db: Mapping[str, float],
         history: Mapping[str, Sequence[tuple[float, float]]],
     ) -> str:
-        raise NotImplementedError
+        """The next effect of ``pool`` (``_pool``'s), given each effect's latest probe PSNR ``db`` and its
+        last probes ``history`` (as :meth:`clora.contracts.Router.choose` is given them)."""
 
 
 class GapRouter(_ProbeRouter):
