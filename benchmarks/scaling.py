@@ -3,6 +3,7 @@
     python benchmarks/scaling.py                                   # N = 10 20 50, default steps
     python benchmarks/scaling.py --n 10 20 --steps-per-effect 150  # a cheaper table
     python benchmarks/scaling.py --n 100 180                       # the large columns (hours here)
+    python benchmarks/scaling.py --n 50 --work DIR                 # stopped? the same again continues
 
 For each N: the first N effects of the toy library (the 8 of distill_quality.py, cool and solarize
 first, then the library's order), their teachers trained or reused from CLORA_HOME (~80 s each on 2
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ from clora.distill.run import run_distill
 from clora.evaluate import EvalOptions, evaluate
 from clora.merge import DEFAULT_MERGES
 from clora.registry import Collection
+from clora.unified import read_header
 
 
 def scores_at_best(
@@ -63,6 +66,14 @@ def scores_at_best(
         if key in ev["overall"]
     }
     return out
+
+
+def finished(world: World, names: list[str]) -> Collection | None:
+    """A collection of exactly ``names`` distilled from scratch in this registry folder (``--work``)."""
+    for col in world.registry.list_collections():
+        if col.parent_id is None and sorted(read_header(col.file).effects) == sorted(names):
+            return col
+    return None
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
@@ -109,6 +120,13 @@ def main() -> None:
         help="JSON file each N's result is merged into, keyed by N, with the date, machine and command "
         "(default: benchmarks/results/scaling.json for the full world, none for --tiny; '-': none)",
     )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="registry folder to keep (default: a new temp folder); run the same command with the same "
+        "folder again and a distillation it stopped part-way continues from its last checkpoint, and "
+        "the acceleration LoRA it built is reused",
+    )
     add_world_args(parser)
     args = parser.parse_args()
     merges = args.merge
@@ -118,7 +136,9 @@ def main() -> None:
     if args.accel is not None and not args.accel.is_file():
         parser.error(f"--accel {args.accel}: no such file")
 
-    world = World.open(args.size, "clora-scale-", args.threads)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    world = World.open(args.size, "clora-scale-", args.threads, work=args.work)
     largest = ordered(max(args.n))
     t0 = time.perf_counter()
     world.register(largest)  # trains the missing teachers
@@ -128,6 +148,10 @@ def main() -> None:
     if args.steps_per_effect:
         overrides["steps_per_effect"] = args.steps_per_effect
     accel = args.accel
+    kept = world.work / f"accel-{args.accel_steps}.safetensors"
+    if accel is None and kept.is_file():
+        accel = kept
+        print(f"acceleration LoRA: {accel} (built by an earlier run in this folder)")
     if accel is None:
         t0 = time.perf_counter()
         cfg = load_config(args.config, {**overrides, "steps": args.accel_steps})
@@ -141,32 +165,46 @@ def main() -> None:
         )
         assert out.collection is not None, out.message
         accel = Path(out.collection.file)
+        shutil.copyfile(accel, kept.with_suffix(".tmp"))
+        kept.with_suffix(".tmp").replace(kept)
         print(f"acceleration LoRA ({args.accel_steps} steps) in {time.perf_counter() - t0:.0f} s: {accel}")
     results: dict[str, Any] = {}
     for n in sorted(args.n):
         names = ordered(n)
         cfg = load_config(args.config, overrides)
-        t0 = time.perf_counter()
-        out = run_distill(
-            world.registry,
-            world.components,
-            cfg,
-            effects=names,
-            auto_steps=True,
-            show_progress=False,
-            out_dir=world.work / "collections",
-        )
-        seconds = time.perf_counter() - t0
-        assert out.collection is not None, out.message
-        res = scores_at_best(world, out.collection, args.n_images, accel, merges)
-        res["_overall"]["prompt_separation"] = world.separation(out.collection)
-        steps = out.metrics["train"]["steps"]
+        col = finished(world, names)
+        if col is None:
+            out = run_distill(
+                world.registry,
+                world.components,
+                cfg,
+                effects=names,
+                auto_steps=True,
+                show_progress=False,
+                out_dir=world.work / "collections",
+            )
+            assert out.collection is not None, out.message
+            col = out.collection
+        else:
+            print(f"N = {n}: distilled by an earlier run in this folder (collection v{col.version})")
+        train = json.loads(col.metrics_json)["train"]
+        res = scores_at_best(world, col, args.n_images, accel, merges)
+        res["_overall"]["prompt_separation"] = world.separation(col)
+        steps, ran = train["steps"], train["steps_run"]
+        per_step = train["seconds_loop"] / max(ran, 1)
+        # a resumed run: its last process ran part of the steps; the whole at that process's rate
+        seconds = train["seconds_total"] if ran == steps else train["seconds_prepare"] + per_step * steps
         best = ", ".join(f"{kind}: {variant}" for kind, variant in res["_best"].items())
-        table(f"N = {n}: {steps} steps, {seconds:.0f} s; best baseline settings: {best}", res)
+        resumed = (
+            f" ({ran} of them in its last process, the rest estimated at its rate)" if ran < steps else ""
+        )
+        table(f"N = {n}: {steps} steps, {seconds:.0f} s{resumed}; best baseline settings: {best}", res)
         results[str(n)] = {
             "steps": steps,
             "seconds": round(seconds, 1),
-            "peak_rss_mb": out.metrics["train"]["peak_rss_mb"],
+            "seconds_per_step": round(per_step, 3),
+            "steps_resumed": steps - ran,
+            "peak_rss_mb": train["peak_rss_mb"],
             "summary": summary(res),
             "best": res.pop("_best"),
             "sweeps": res.pop("_sweeps"),

@@ -595,6 +595,8 @@ def _write_collection(
     metrics = {
         "train": {
             "steps": steps,
+            # fewer than steps when this process resumed the run
+            "steps_run": result.steps,
             **timing,
             "seconds_loop": round(result.seconds, 2),
             "final_losses": {k: v for k, v in result.final_losses.items() if k.startswith("loss/")},
