@@ -113,3 +113,53 @@ def test_use_switches_after_a_teacher_is_loaded_or_evicted(setup: Setup) -> None
         torch.testing.assert_close(setup.velocity(), student, rtol=0, atol=0)
         assert not torch.allclose(teacher, student)
     assert ad.teacher_loads == 3 and len(ad._teachers) == 1
+
+
+def test_a_growing_student_is_its_fixed_parent_and_new_components(setup: Setup) -> None:
+    """A student that grows runs as one rank-6 LoRA whose first 2 components are its parent's; only the
+    4 new ones get gradients (and so optimizer state), and it reads and writes as that one LoRA."""
+    modules = ["to_q", "to_v", "img_in", "proj_out"]
+
+    def on_fresh_base(frozen_rank: int) -> Setup:
+        ad = AdapterSet(
+            get_factory(tiny=True).load("cpu"), 6, 6.0, modules, 8, setup.components, False, frozen_rank
+        )
+        return Setup(
+            ad.backbone,
+            ad,
+            setup.components,
+            setup.loras,
+            setup.noisy,
+            setup.sigma,
+            setup.source,
+            setup.prompts,
+        )
+
+    grown, plain = on_fresh_base(2), on_fresh_base(0)  # plain: the same LoRA as one adapter
+    ad = grown.adapters
+    assert {p.shape[0] for n, p in ad._named(STUDENT) if ".lora_A." in n} == {4}
+    torch.manual_seed(3)
+    parent = {
+        k: torch.randn(v.shape[0], 2) if ".lora_B." in k else torch.randn(2, v.shape[1])
+        for k, v in ad.state_dict(STUDENT).items()
+    }
+    ad.load_leading(STUDENT, parent, scale=2.0)  # the parent's alpha/rank is twice the student's
+    with torch.no_grad():  # move the new components off their zero B
+        for p in ad.params[STUDENT]:
+            p.add_(torch.randn_like(p) * 0.05)
+    merged = ad.state_dict(STUDENT)
+    for k, v in parent.items():
+        head = merged[k][:2] if ".lora_A." in k else merged[k][:, :2] / 2.0
+        torch.testing.assert_close(head, v)
+    plain.adapters.load_state_dict(STUDENT, merged)
+    plain.adapters.use(STUDENT)
+    ad.use_teacher(setup.loras[0])
+    ad.use(STUDENT)
+    torch.testing.assert_close(grown.velocity(), plain.velocity(), rtol=1e-4, atol=1e-4)  # summed apart
+    out = grown.backbone.predict_velocity(grown.noisy, grown.sigma, grown.source, grown.prompts)
+    out.square().mean().backward()
+    fixed = [p for n, p in ad.transformer.named_parameters() if ".parent." in n]
+    assert fixed and all(p.grad is None and not p.requires_grad for p in fixed)
+    assert all(p.grad is not None for p in ad.params[STUDENT])
+    ad.load_state_dict(STUDENT, merged)  # a checkpoint's round trip
+    torch.testing.assert_close(ad.state_dict(STUDENT), merged)

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 STUDENT = "student"
 CRITIC = "critic"
+#: the fixed components of a student that grows (its parent collection's), a separate adapter that is
+#: active with the student; no name containing it or contained in it may be another adapter's (peft
+#: finds an adapter's weights by a substring match of its name)
+PARENT = "parent"
 #: ``AdapterSet.active`` while the active adapter is not known (after an adapter was added or deleted)
 UNKNOWN = "\0unknown"
 
@@ -37,7 +41,11 @@ UNKNOWN = "\0unknown"
 class AdapterSet:
     """Switches which adapter the base runs with; loads teacher LoRAs on demand (LRU-bounded).
 
-    The student (and, when the run has an on-policy phase, the critic) are trainable float32 adapters."""
+    The student (and, when the run has an on-policy phase, the critic) are trainable float32 adapters.
+    A student that grows (``frozen_rank``: its parent's rank) is two adapters, always active together:
+    the parent's components, fixed (``PARENT``), and ``rank - frozen_rank`` new ones that train, both at
+    the student's alpha/rank; :meth:`state_dict` and :meth:`load_state_dict` see them as one rank-``rank``
+    LoRA, parent components first. The fixed ones then cost no gradients and no optimizer state."""
 
     def __init__(
         self,
@@ -48,6 +56,7 @@ class AdapterSet:
         max_teachers: int,
         components: Components,
         with_critic: bool = True,
+        frozen_rank: int = 0,
     ):
         self.backbone = backbone
         self.transformer: Any = backbone.transformer
@@ -58,6 +67,10 @@ class AdapterSet:
         # a run that only anchors never uses a critic: it gets no adapter
         self.trained: tuple[str, ...] = ()
         self.params: dict[str, list[torch.nn.Parameter]] = {}
+        self.frozen_rank = frozen_rank
+        self._fixed: list[torch.nn.Parameter] = []
+        if frozen_rank:
+            self._fixed = self._add(PARENT, self._config(frozen_rank))
         for name in (STUDENT, CRITIC) if with_critic else (STUDENT,):
             self.add_trained(name)
         self._teachers: OrderedDict[str, str] = OrderedDict()  # lora path -> adapter name
@@ -74,13 +87,27 @@ class AdapterSet:
         effects is added once the effects are known). The trained LoRAs (and so their optimizer state)
         stay float32 over a bfloat16 base; peft casts each layer's input to its LoRA's dtype and the sum
         back to the base's."""
-        self.transformer.add_adapter(self.config, adapter_name=name)
+        config = self._config(self.config.r - self.frozen_rank) if name == STUDENT else self.config
+        self.params[name] = self._add(name, config)
         self.trained = (*self.trained, name)
-        self.params[name] = self._params(name)
-        for param in self.params[name]:
+        self._train_flags()
+
+    def _config(self, rank: int) -> LoraConfig:
+        """The student's LoRA config with ``rank`` of its components (the same alpha/rank)."""
+        scale = self.config.lora_alpha / self.config.r
+        return LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=self.config.target_modules)  # type: ignore[arg-type]
+
+    def _add(self, name: str, config: LoraConfig) -> list[torch.nn.Parameter]:
+        self.transformer.add_adapter(config, adapter_name=name)
+        params = self._params(name)
+        for param in params:
             param.data = param.data.float()
         self.active, self._tuner_layers = UNKNOWN, None
-        self._train_flags()
+        return params
+
+    def _with_parent(self, adapter: str) -> str | list[str]:
+        """What the base runs with for ``adapter``: a student that grows is its parent and itself."""
+        return [PARENT, adapter] if adapter == STUDENT and self.frozen_rank else adapter
 
     def _named(self, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if f".{adapter}." in n]
@@ -92,6 +119,8 @@ class AdapterSet:
         for params in self.params.values():
             for p in params:
                 p.requires_grad_(True)
+        for p in self._fixed:
+            p.requires_grad_(False)
 
     def use(self, adapter: str | None) -> None:
         """Run the base with ``adapter`` active, or with no adapter at all for ``None`` (nothing to do
@@ -107,7 +136,7 @@ class AdapterSet:
                 continue
             if self.active is None or self.active == UNKNOWN:
                 layer.enable_adapters(True)
-            layer.set_adapter(adapter)
+            layer.set_adapter(self._with_parent(adapter))
         self.active = adapter
         self._train_flags()
 
@@ -150,34 +179,52 @@ class AdapterSet:
         return name
 
     def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
-        """peft state dict (``<module>.lora_A.weight`` ...) of ``adapter``, on CPU."""
+        """peft state dict (``<module>.lora_A.weight`` ...) of ``adapter``, on CPU (a student that grows:
+        its parent's components, then its own)."""
+        sd = self._state_dict(adapter)
+        if adapter != STUDENT or not self.frozen_rank:
+            return sd
+        fixed = self._state_dict(PARENT)
+        return {k: torch.cat([fixed[k], v], dim=0 if _is_a(k) else 1) for k, v in sd.items()}
+
+    def _state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
         sd = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
         return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
 
     def load_leading(self, adapter: str, state: dict[str, torch.Tensor], scale: float) -> None:
         """Load a lower-rank ``state`` into the leading components of ``adapter`` (the rest keep their
         init: random A, zero B, so the output is unchanged); ``scale`` = the state's alpha/rank over
-        this adapter's, folded into B."""
+        this adapter's, folded into B. For a student that grows these are its fixed components."""
         own = self.state_dict(adapter)
         for key, value in state.items():
             cur = own[key]
-            if key.endswith("lora_A.weight"):
+            if _is_a(key):
                 cur[: value.shape[0]] = value
             else:
                 cur[:, : value.shape[1]] = value * scale
         self.load_state_dict(adapter, own)
 
-    def leading_slices(self, adapter: str, rank: int) -> list[tuple[torch.nn.Parameter, tuple[slice, ...]]]:
-        """Each parameter of ``adapter`` with the index of its first ``rank`` components."""
-        a_rows, b_cols = (slice(0, rank),), (slice(None), slice(0, rank))
-        return [(p, a_rows if ".lora_A." in name else b_cols) for name, p in self._named(adapter)]
-
     def load_state_dict(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
-        ref = self.params[adapter][0]  # set_peft_model_state_dict copies into the float32 parameters
+        """Load a peft state dict into ``adapter`` (a student that grows: its parent's components
+        first, as :meth:`state_dict` gives them)."""
+        if adapter == STUDENT and self.frozen_rank:
+            r = self.frozen_rank
+            self._load(PARENT, {k: v[:r] if _is_a(k) else v[:, :r] for k, v in state.items()})
+            state = {k: v[r:] if _is_a(k) else v[:, r:] for k, v in state.items()}
+        self._load(adapter, state)
+        self._train_flags()
+
+    def _load(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
+        # set_peft_model_state_dict copies into the float32 parameters
+        ref = self.params.get(adapter, self._fixed)[0]
         result = set_peft_model_state_dict(
             self.transformer, {k: v.to(ref.device, ref.dtype) for k, v in state.items()}, adapter_name=adapter
         )
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"unexpected keys loading {adapter}: {unexpected[:3]}")
-        self._train_flags()
+
+
+def _is_a(key: str) -> bool:
+    """A LoRA down (A) weight of a peft state dict, whose rows are the components (B: its columns)."""
+    return key.endswith("lora_A.weight")

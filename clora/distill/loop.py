@@ -166,6 +166,16 @@ class LoopResult:
     stopped_early: bool = False
 
 
+def load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an optimizer's saved state; moments that do not fit its parameters are dropped (the state
+    of a grown student covers its new components only; one saved before the student's fixed components
+    became their own adapter covers all of them), so it starts those moments afresh."""
+    opt.load_state_dict(state)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if any(opt.state[p].get("exp_avg", p).shape != p.shape for p in params if p in opt.state):
+        opt.state.clear()
+
+
 class RoleTimer:
     """Wall time per role of a step: ``simulation`` (student few-step rollout), ``teacher`` and
     ``critic_score`` (no-grad calls inside the generator's losses), ``generator`` (the rest of the
@@ -251,7 +261,6 @@ class Distiller:
         self.state = LoopState(counts={e.name: 0 for e in plan.effects})
         self.effects = {e.name: e for e in plan.effects}
         self.timer = RoleTimer(torch.device(backbone.device))
-        self._frozen_values: list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]] | None = None
         # a run that probes holds the last probe_rows sources of each effect's largest bucket out of
         # training (leaving at least one) and scores the student on them
         self.router_probes = bool(getattr(self.router, "uses_probe", False))
@@ -648,29 +657,9 @@ class Distiller:
         params = self.adapters.params[adapter]
         if all(p.grad is None for p in params):
             return
-        frozen = self._frozen() if adapter == STUDENT else []
-        for p, lead, _ in frozen:
-            if p.grad is not None:
-                p.grad[lead] = 0
         torch.nn.utils.clip_grad_norm_(params, self.cfg.optimizer.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, lead, value in frozen:  # AdamW's weight decay and momentum would still move them
-                p[lead] = value
-
-    def _frozen(self) -> list[tuple[torch.nn.Parameter, tuple[slice, ...], torch.Tensor]]:
-        """The student's fixed leading components (an incremental run that grows), read once."""
-        if self._frozen_values is None:
-            self._frozen_values = (
-                [
-                    (p, lead, p.detach()[lead].clone())
-                    for p, lead in self.adapters.leading_slices(STUDENT, self.plan.frozen_rank)
-                ]
-                if self.plan.frozen_rank
-                else []
-            )
-        return self._frozen_values
 
     def weighted(
         self,
@@ -759,7 +748,7 @@ class Distiller:
             return False
         ck: dict[str, Any] = torch.load(path, weights_only=True, map_location="cpu")
         self.adapters.load_state_dict(STUDENT, ck["student"])
-        self.opt_student.load_state_dict(ck["opt_student"])
+        load_optimizer(self.opt_student, ck["opt_student"])
         if self.opt_critic is not None:
             self.adapters.load_state_dict(CRITIC, ck["critic"])
             self.opt_critic.load_state_dict(ck["opt_critic"])
@@ -798,7 +787,7 @@ class Distiller:
                 self.adapters.load_leading(CRITIC, parent_critic, scale)
             return
         self.adapters.load_state_dict(STUDENT, state["student"])
-        self.opt_student.load_state_dict(state["opt_student"])
+        load_optimizer(self.opt_student, state["opt_student"])
         if critic:
             self.adapters.load_state_dict(CRITIC, parent_critic)
             if "opt_critic" in state:

@@ -524,6 +524,7 @@ def _execute(
         cfg.teachers.max_resident,
         components,
         with_critic=cfg.uses_critic,
+        frozen_rank=plan.frozen_rank,
     )
     adapters.expected_sha256 = {e.lora_path: e.lora_sha256 for e in plan.effects}
     say(
