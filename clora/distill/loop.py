@@ -639,6 +639,9 @@ class Distiller:
         on-policy terms, their loss times ``share`` (the on-policy rows of an anchoring step)."""
         loss = self.weighted(ctx, role, step, logged, parts, on_policy_only=share is not None)
         if loss is not None:
+            # the losses ran teachers and the critic since the trained forward: with gradient
+            # checkpointing the backward pass recomputes that forward with the active adapter
+            self.adapters.use(STUDENT if role == "generator" else CRITIC)
             (loss * (1.0 if share is None else share) / parts).backward()
 
     def on_policy_row_weights(self, batch: Batch, weights: torch.Tensor | None) -> torch.Tensor:
