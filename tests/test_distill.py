@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -660,6 +661,28 @@ def test_bfloat16_distill_on_cpu_keeps_float32_loras(tiny_world, tmp_path: Path,
     )
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    # grown in bfloat16: the parent's components stay as they were (float32, their alpha/rank folded
+    # into B) and new float32 ones train beside them
+    assert run(pm, "toy", "teachers", "warm", "--tiny").exit_code == 0
+    r = run(pm, "distill", "--incremental", *FAST, "--dtype", "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    grown = json.loads(r.stdout)
+
+    def scale(c: dict[str, Any]) -> float:
+        student = c["config"]["student"]
+        return float(student["alpha"] or student["rank"]) / student["rank"]  # alpha None: = rank
+
+    trained = 0.0
+    with safe_open(col["file"], framework="pt") as f1, safe_open(grown["file"], framework="pt") as f2:
+        for k in f1.keys():  # noqa: SIM118
+            old, new = f1.get_tensor(k), f2.get_tensor(k)
+            assert new.dtype == torch.float32
+            if ".lora_A." in k:
+                assert torch.equal(new[: old.shape[0]], old)
+            else:
+                torch.testing.assert_close(new[:, : old.shape[1]] * scale(grown), old * scale(col))
+                trained += float(new[:, old.shape[1] :].abs().sum())
+    assert trained > 0
 
 
 def test_unavailable_device_or_dtype_is_one_line_and_records_no_run(tiny_world, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
