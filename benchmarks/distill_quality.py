@@ -11,7 +11,9 @@
         # the paper's component ablation, deterministic and stochastic effects together
     python benchmarks/distill_quality.py --table a.json b.json   # one table of rows run in two processes
 
-Uses CLORA_HOME for the toy base and teachers (built if missing) and a fresh registry in a temp folder.
+Uses CLORA_HOME for the toy base and teachers (built if missing) and a fresh registry in a temp folder
+(`--work DIR`: kept; the same command again skips the rows its --json file has and continues a
+distillation it stopped part-way).
 Every number is measured in this run on this machine; compare columns, not runs.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 from clora_toy.data import general_batch
-from toyworld import EFFECTS, World, add_world_args, merge_types, ordered, trigger_accuracy
+from toyworld import EFFECTS, add_work_arg, add_world_args, merge_types, open_work, ordered, trigger_accuracy
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -147,6 +149,7 @@ def main() -> None:
         help="print the ablation table of earlier runs' --json files (rows run in several processes, "
         "in the order given) and exit",
     )
+    add_work_arg(parser)
     add_world_args(parser)
     args = parser.parse_args()
     if args.table:
@@ -158,7 +161,7 @@ def main() -> None:
 
     if args.first:
         args.effects = ordered(args.first)
-    world = World.open(args.size, "clora-bench-", args.threads)
+    world = open_work(args, "clora-bench-")
     world.register(args.effects)
     reg, comps, work = world.registry, world.components, world.work
 
@@ -171,7 +174,14 @@ def main() -> None:
             parser.error(f"unknown ablation(s) {', '.join(unknown)}; pick from {', '.join(table)}")
         variants = {k: table[k] for k in args.ablations or table}  # in the order given
     results: dict[str, Any] = {}
+    if args.work is not None and args.json_out is not None and args.json_out.is_file():
+        # the same command again: the rows an earlier run finished are kept, not run again
+        results = {k: v for k, v in json.loads(args.json_out.read_text()).items() if k in variants}
+        if results:
+            print(f"rows done by an earlier run ({args.json_out}): {', '.join(results)}")
     for key, (label, overrides) in variants.items():
+        if key in results:
+            continue
         cfg = load_config(
             args.config,
             {"steps": args.steps, **world.overrides, **overrides},

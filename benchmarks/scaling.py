@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from toyworld import World, add_world_args, merge_types, ordered, overall, summary, table
+from toyworld import (
+    World,
+    add_work_arg,
+    add_world_args,
+    merge_types,
+    open_work,
+    ordered,
+    overall,
+    summary,
+    table,
+)
 
 from clora.distill.config import load_config
 from clora.distill.run import run_distill
@@ -120,13 +130,7 @@ def main() -> None:
         help="JSON file each N's result is merged into, keyed by N, with the date, machine and command "
         "(default: benchmarks/results/scaling.json for the full world, none for --tiny; '-': none)",
     )
-    parser.add_argument(
-        "--work",
-        type=Path,
-        help="registry folder to keep (default: a new temp folder); run the same command with the same "
-        "folder again and a distillation it stopped part-way continues from its last checkpoint, and "
-        "the acceleration LoRA it built is reused",
-    )
+    add_work_arg(parser)  # a kept folder also keeps the acceleration LoRA a run built in it
     add_world_args(parser)
     args = parser.parse_args()
     merges = args.merge
@@ -136,9 +140,7 @@ def main() -> None:
     if args.accel is not None and not args.accel.is_file():
         parser.error(f"--accel {args.accel}: no such file")
 
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-    world = World.open(args.size, "clora-scale-", args.threads, work=args.work)
+    world = open_work(args, "clora-scale-")
     largest = ordered(max(args.n))
     t0 = time.perf_counter()
     world.register(largest)  # trains the missing teachers

@@ -57,6 +57,23 @@ def add_world_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_work_arg(parser: argparse.ArgumentParser) -> None:
+    """``--work``: a registry folder kept between runs of a long benchmark."""
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="registry folder to keep (default: a new temp folder); run the same command with the same "
+        "folder again and a distillation it stopped part-way continues from its last checkpoint",
+    )
+
+
+def open_work(args: argparse.Namespace, prefix: str) -> World:
+    """The world of ``args`` (``add_world_args``, ``add_work_arg``) in its kept folder or a new one."""
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    return World.open(args.size, prefix, args.threads, work=args.work)
+
+
 @dataclass
 class World:
     """The built toy base of one size, its plugins, and a registry in a fresh temp folder."""
