@@ -161,7 +161,17 @@ def main() -> None:
 
     if args.first:
         args.effects = ordered(args.first)
-    world = open_work(args, "clora-bench-")
+    world = open_work(
+        args,
+        "clora-bench-",
+        {
+            "effects": args.effects,
+            "steps": args.steps,
+            "n_images": args.n_images,
+            "on_policy_share": args.on_policy_share,
+            "merge": list(args.merge),
+        },
+    )
     world.register(args.effects)
     reg, comps, work = world.registry, world.components, world.work
 

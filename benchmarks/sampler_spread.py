@@ -27,7 +27,7 @@ from clora_toy.factory import get_factory
 
 from clora.distill.prepare import effect_seed
 from clora.lora import attach_teacher
-from clora.metrics import diversity, high_frequency_energy, kernel_distance
+from clora.metrics import distribution_scores
 from clora.plugins import Components, get_plugin_manager
 from clora.sampling import euler_sample, few_step_sample, few_step_sigmas
 
@@ -91,14 +91,7 @@ def main() -> None:
                         for k in range(args.seeds)
                     ]
                 )
-            row = {
-                "hf_ratio": float(
-                    high_frequency_energy(outs.flatten(0, 1)).mean()
-                    / high_frequency_energy(truth.flatten(0, 1)).mean()
-                ),
-                "diversity_ratio": float(diversity(outs).mean() / diversity(truth).mean()),
-                "mmd": kernel_distance(outs[0], truth, images),
-            }
+            row = distribution_scores(outs[0], outs, truth, images)
             results[name][label] = row
             print(
                 f"{label:44} {row['hf_ratio']:9.2f} {row['diversity_ratio']:11.2f} {row['mmd']:7.3f}",

@@ -79,7 +79,8 @@ def scores_at_best(
 
 
 def finished(world: World, names: list[str]) -> Collection | None:
-    """A collection of exactly ``names`` distilled from scratch in this registry folder (``--work``)."""
+    """A collection of exactly ``names`` distilled from scratch in this registry folder (``--work``, which
+    holds the runs of one command's settings)."""
     for col in world.registry.list_collections():
         if col.parent_id is None and sorted(read_header(col.file).effects) == sorted(names):
             return col
@@ -140,7 +141,7 @@ def main() -> None:
     if args.accel is not None and not args.accel.is_file():
         parser.error(f"--accel {args.accel}: no such file")
 
-    world = open_work(args, "clora-scale-")
+    world = open_work(args, "clora-scale-", {"steps_per_effect": args.steps_per_effect})
     largest = ordered(max(args.n))
     t0 = time.perf_counter()
     world.register(largest)  # trains the missing teachers

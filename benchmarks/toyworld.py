@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,25 @@ def add_work_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_work(args: argparse.Namespace, prefix: str) -> World:
-    """The world of ``args`` (``add_world_args``, ``add_work_arg``) in its kept folder or a new one."""
+def open_work(args: argparse.Namespace, prefix: str, settings: dict[str, Any]) -> World:
+    """The world of ``args`` (``add_world_args``, ``add_work_arg``) in its kept folder or a new one. A kept
+    folder holds what its first command ran with (``settings``, the size and the --config file's text)
+    and refuses another: what an earlier run left there is reused, so it must be the same runs."""
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
+        config = args.config.read_text() if args.config else None
+        wanted = {"benchmark": prefix, "size": args.size, "config": config, **settings}
+        kept = args.work / "benchmark.json"
+        if kept.is_file():
+            held = json.loads(kept.read_text())
+            differ = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+            if differ:
+                raise SystemExit(
+                    f"--work {args.work} holds runs of other settings ({', '.join(differ)} differ); "
+                    "pass another folder"
+                )
+        else:
+            kept.write_text(json.dumps(wanted, indent=2) + "\n")
     return World.open(args.size, prefix, args.threads, work=args.work)
 
 

@@ -33,7 +33,7 @@ from clora.generate import (
 )
 from clora.images import read_image
 from clora.merge import DEFAULT_MERGES, merge_teachers, sweep
-from clora.metrics import diversity, high_frequency_energy, kernel_distance, nearest
+from clora.metrics import distribution_scores, nearest
 from clora.paths import clora_home
 from clora.plugins import Components
 from clora.progress import progress_bar
@@ -174,19 +174,12 @@ class _Scoring:
         return self.sources[:DIVERSITY_IMAGES]
 
     def distribution(self, name: str, outputs: torch.Tensor, extra: list[torch.Tensor]) -> dict[str, float]:
-        """A stochastic effect's outputs against its true draws: high-frequency energy and diversity across
-        seeds as ratios to the truth's (below 1: smoother or less varied than the truth), and MMD."""
+        """A stochastic effect's outputs against its true draws (:func:`clora.metrics.distribution_scores`),
+        diversity over the first sources at every seed."""
         truth = self.truth_draws(name)
         assert truth is not None
-        m = len(self.few)
-        seeds = torch.stack([outputs[:m], *(x.to(outputs) for x in extra)])
-        t_hf = float(high_frequency_energy(truth.flatten(0, 1)).mean())
-        t_div = float(diversity(truth[:, :m]).mean())
-        return {
-            "hf_ratio": round(float(high_frequency_energy(outputs).mean()) / max(t_hf, 1e-12), 4),
-            "diversity_ratio": round(float(diversity(seeds).mean()) / max(t_div, 1e-12), 4),
-            "mmd": round(kernel_distance(outputs, truth, self.sources), 6),
-        }
+        seeds = torch.stack([outputs[: len(self.few)], *(x.to(outputs) for x in extra)])
+        return distribution_scores(outputs, seeds, truth, self.sources)
 
     def students(self, model: UnifiedModel, names: list[str], step: Any) -> dict[str, torch.Tensor]:
         """Every student output first: the unified LoRA is fused into the base once, then the teacher and

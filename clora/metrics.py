@@ -104,3 +104,19 @@ def diversity(draws: torch.Tensor) -> torch.Tensor:
     """Per image of ``draws [K, B, C, H, W]`` (K seeds for one source each), the mean per-pixel standard
     deviation across the K: 0 when every seed gives the same image."""
     return draws.float().std(0).flatten(1).mean(1)
+
+
+def distribution_scores(
+    outputs: torch.Tensor, seeds: torch.Tensor, truth: torch.Tensor, sources: torch.Tensor | None = None
+) -> dict[str, float]:
+    """A stochastic effect's ``outputs [B, C, H, W]`` (one seed) and ``seeds [K, M, C, H, W]`` (the
+    first M sources at K seeds) against its true ``draws [D, B, C, H, W]``: high-frequency energy and
+    diversity across seeds as ratios to the truth's (below 1: smoother or less varied than the truth),
+    and :func:`kernel_distance` (edits from ``sources`` when given)."""
+    t_hf = float(high_frequency_energy(truth.flatten(0, 1)).mean())
+    t_div = float(diversity(truth[:, : seeds.shape[1]]).mean())
+    return {
+        "hf_ratio": round(float(high_frequency_energy(outputs).mean()) / max(t_hf, 1e-12), 4),
+        "diversity_ratio": round(float(diversity(seeds).mean()) / max(t_div, 1e-12), 4),
+        "mmd": round(kernel_distance(outputs, truth, sources), 6),
+    }
