@@ -35,10 +35,14 @@ def main() -> None:
     model = UnifiedModel.load(Components.collect(get_plugin_manager()), args.file)
     bb = model.backbone
     model.activate()
-    levels = torch.tensor(model.header.few_step_sigmas)
-    print("levels", " ".join(f"{float(s):.3f}" for s in levels))
+    print(
+        "levels", " ".join(f"{float(s):.3f}" for s in model.sigmas(None)), "(an effect's own: after its name)"
+    )
     print(f"{'effect':14} {'sources':9} {'sampler':>8}  one step from the truth at each level")
     for name in model.effects:
+        levels = model.sigmas(None, [name])
+        if not torch.equal(levels, model.sigmas(None)):
+            print(name, "levels", " ".join(f"{float(s):.3f}" for s in levels))
         sets = {
             "held-out": bb.sample_sources(args.n_images, effect_seed("clora-eval", 0)),
             "train": bb.sample_sources(args.n_images, effect_seed(name, 0)),

@@ -434,8 +434,25 @@ def _sampling(header: UnifiedHeader) -> list[str]:
         "the next level with fresh noise (the last prediction is the result)",
         f"- noise levels (sigmas, shift applied): [{sigmas}]",
         f"- shift: {header.shift:g}",
+        *_own_levels(header),
         "- guidance: none (CFG scale 1)",
         "",
+    ]
+
+
+def _own_levels(header: UnifiedHeader) -> list[str]:
+    """The card's lines for effects sampled with levels of their own (their result varies with the
+    seed; they were trained at those levels)."""
+    own: dict[str, list[str]] = {}
+    for name in sorted(header.effects):
+        fields = header.effects[name]
+        if "few_step_sigmas" in fields:
+            levels = ", ".join(f"{s:.6g}" for s in fields["few_step_sigmas"])
+            own.setdefault(f"shift {fields['shift']:g}, sigmas [{levels}]", []).append(name)
+    return [
+        f"- {', '.join(names)} (their result varies with the seed): {levels}; a prompt with one of them "
+        "samples with these"
+        for levels, names in own.items()
     ]
 
 

@@ -132,10 +132,19 @@ class UnifiedModel:
         fields = self.header.effects[name]
         return fields.get("prompt") or f"{fields['trigger']} {fields['caption']}".strip()
 
-    def sigmas(self, steps: int | None) -> torch.Tensor:
-        if steps is None or steps == len(self.header.few_step_sigmas):
-            return torch.tensor(self.header.few_step_sigmas)
-        return few_step_sigmas(steps, self.header.shift)
+    def sigmas(self, steps: int | None, effects: list[str] | None = None) -> torch.Tensor:
+        """The few-step levels of ``steps`` steps (None: the trained ones) for a prompt of ``effects``:
+        the collection's, or those of the first effect with levels of its own (effects whose result
+        varies with the seed; ``student.on_policy_shift``)."""
+        fields: dict[str, Any] = vars(self.header)
+        for name in effects or []:
+            if "few_step_sigmas" in self.header.effects.get(name, {}):
+                fields = self.header.effects[name]
+                break
+        trained, shift = fields["few_step_sigmas"], fields["shift"]
+        if steps is None or steps == len(trained):
+            return torch.tensor(trained)
+        return few_step_sigmas(steps, shift)
 
     @property
     def resolution(self) -> int | None:
@@ -155,7 +164,9 @@ class UnifiedModel:
         (composed in order); images in [0,1] out."""
         self.activate()
         text = self.prompt(effects, prompt)
-        return sample_few_steps(self.backbone, images, [text] * len(images), self.sigmas(steps), seed)
+        return sample_few_steps(
+            self.backbone, images, [text] * len(images), self.sigmas(steps, effects), seed
+        )
 
 
 def sample_few_steps(

@@ -148,19 +148,19 @@ def few_step_sample(
     renoise_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Few-step sampling: at each level predict x0, then re-noise it to the next level with fresh noise
-    (drawn from ``renoise_generator``, default ``generator``)."""
+    (drawn from ``renoise_generator``, default ``generator``). ``sigmas`` is one level set ``[L]`` or
+    one per row ``[B, L]``."""
     cond = _embeds(backbone, prompts, images)
     x = _start(backbone, source_latents, shape, noise, generator)
     renoise = renoise_generator if renoise_generator is not None else generator
     levels = torch.tensor(sigmas.tolist())
+    last = levels.shape[-1] - 1
 
     def x0_at(noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x0_from_velocity(noisy, backbone.predict_velocity(noisy, sigma, source_latents, cond), sigma)
 
-    x = renoise_rollout(
-        x0_at, x, levels, len(levels) - 1, lambda x0: backbone.sampling_noise(x0.shape, renoise)
-    )
-    return x0_at(x, levels[-1])
+    x = renoise_rollout(x0_at, x, levels, last, lambda x0: backbone.sampling_noise(x0.shape, renoise))
+    return x0_at(x, level_at(levels, -1))
 
 
 def renoise_rollout(
@@ -170,11 +170,18 @@ def renoise_rollout(
     steps: int,
     noise: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """The few-step sampler's first ``steps`` steps from ``x`` at ``levels[0]``: at each level predict x0
+    """The few-step sampler's first ``steps`` steps from ``x`` at its first level (``levels``: one set
+    ``[L]`` or one per row ``[B, L]``, see :func:`level_at`): at each level predict x0
     (``x0_at(x, level)``), then re-noise it to the next level with ``noise(x0)``; returns the input of
     step ``steps`` (at ``levels[steps]``). The sampler, the distiller's backward simulation and the
     loss terms that run the student's sampler all go through here."""
     for i in range(steps):
-        x0 = x0_at(x, levels[i])
-        x = add_noise(x0, noise(x0).to(x0), levels[i + 1])
+        x0 = x0_at(x, level_at(levels, i))
+        x = add_noise(x0, noise(x0).to(x0), level_at(levels, i + 1))
     return x
+
+
+def level_at(levels: torch.Tensor, i: int) -> torch.Tensor:
+    """Level ``i`` of a level set: ``levels`` is one set ``[L]`` (a scalar out) or one set per row
+    ``[B, L]`` (a level per row ``[B]`` out, as in a batch of effects with their own levels)."""
+    return levels[..., i]

@@ -32,9 +32,10 @@ class UnifiedHeader:
 
     base_id: str
     base_fingerprint: str
-    # name -> {"trigger", "caption", "teacher_prompt", "prompt"}; "prompt", the text the student was
-    # trained with, is absent from older files (read as trigger + caption, a default run's prompt)
-    effects: dict[str, dict[str, str]]
+    # name -> {"trigger", "caption", "teacher_prompt", "prompt"} and, for an effect sampled with levels
+    # of its own, "few_step_sigmas" and "shift"; "prompt", the text the student was trained with, is
+    # absent from older files (read as trigger + caption, a default run's prompt)
+    effects: dict[str, dict[str, Any]]
     few_step_sigmas: list[float]
     shift: float
     rank: int

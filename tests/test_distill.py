@@ -24,10 +24,11 @@ from clora import hookimpl
 from clora.distill.config import DistillConfig, LossSpec
 from clora.distill.loop import Group, balance_weights
 from clora.distill.losses import LossContext, dmd_gradient, dmd_loss, flow_matching_loss
-from clora.generate import UnifiedModel
+from clora.generate import UnifiedModel, sample_few_steps
 from clora.paths import clora_home
 from clora.plugins import Components
 from clora.registry import Registry
+from clora.sampling import few_step_sigmas, renoise_rollout
 
 TINY_EFFECTS = ("sepia", "invert")
 FAST = ["--steps", "6", "--batch-size", "4", "--no-progress"]
@@ -291,6 +292,66 @@ def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(registr
     assert "critic" not in torch.load(Path(col["file"]).with_suffix(".state.pt"), weights_only=True)
     r = run(pm, "distill", "--config", cfg, "--on-policy", "sepia,glitter", "--no-progress")
     assert r.exit_code != 0 and "glitter" in r.output and "Traceback" not in r.output
+
+
+def test_effects_trained_on_policy_can_sample_with_levels_of_their_own(registry_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``student.on_policy_shift``: grain (on-policy, its result varies with the seed) trains and
+    samples with the levels of shift 1, sepia with the collection's (shift 3); batches that mix them
+    carry a level set per row. The file records grain's levels, `clora generate`'s sampler uses them
+    for a prompt with grain, and the export card lists them."""
+    pm = plugin_manager()
+    for args in (["build-base", "--tiny"], ["teachers", "sepia", "grain", "--tiny"]):
+        r = run(pm, "toy", *args)
+        assert r.exit_code == 0, r.output
+    cfg = _config_file(tmp_path, steps=8, batch_size=4, critic_warmup=2, p_switch=1.0, block_len=1)
+    own = ["--set", "student.on_policy_shift=1", "--set", "data.effects_per_batch=2"]
+    r = run(pm, "distill", "--config", cfg, *own, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    col = json.loads(r.stdout)
+    assert col["metrics"]["train"]["on_policy_effects"] == ["grain"]
+    rows = [json.loads(ln) for ln in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]
+    assert any("loss/dmd" in row and "," in row["effect"] for row in rows)  # mixed batches went on-policy
+    model = UnifiedModel.load(Components.collect(pm), Path(col["file"]))
+    grain, collection = few_step_sigmas(4, 1.0), few_step_sigmas(4, 3.0)
+    assert model.header.effects["grain"]["few_step_sigmas"] == pytest.approx(grain.tolist())
+    assert model.header.effects["grain"]["shift"] == 1.0 and "shift" not in model.header.effects["sepia"]
+    torch.testing.assert_close(model.sigmas(None), collection)
+    torch.testing.assert_close(model.sigmas(None, ["sepia"]), collection)
+    torch.testing.assert_close(model.sigmas(None, ["sepia", "grain"]), grain)
+    torch.testing.assert_close(model.sigmas(8, ["grain"]), few_step_sigmas(8, 1.0))
+    images = model.backbone.sample_sources(2, 5)
+    edited = model.edit(images, ["grain"], seed=3)
+    prompt = [model.prompt(["grain"])] * 2
+    torch.testing.assert_close(edited, sample_few_steps(model.backbone, images, prompt, grain, 3))
+    assert not torch.allclose(edited, sample_few_steps(model.backbone, images, prompt, collection, 3))
+    r = run(pm, "export", "--format", "diffusers", "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    levels = ", ".join(f"{s:.6g}" for s in grain.tolist())
+    assert f"- grain (their result varies with the seed): shift 1, sigmas [{levels}]" in card
+
+
+def test_rows_with_levels_of_their_own_draw_and_sample_from_them() -> None:
+    """A batch whose rows have their own level sets ``[B, L]``: the regression terms draw each row's
+    level from its own set, and the sampler steps each row through its own levels."""
+    per_row = torch.stack([few_step_sigmas(4, 3.0), few_step_sigmas(4, 1.0)]).repeat_interleave(8, 0)
+    ctx = _ctx(torch.zeros(16, 2))
+    ctx.few_step_sigmas = per_row
+    drawn = torch.stack([ctx.sampler_levels() for _ in range(20)], 1)  # [16, 20]
+    for row, levels in zip(drawn, per_row, strict=True):
+        assert set(row.tolist()) <= set(levels.tolist())
+    assert set(drawn[8:].flatten().tolist()) == set(per_row[8].tolist())  # every level, rows' own
+    late = torch.stack([ctx.sampler_levels(2) for _ in range(20)], 1)
+    assert set(late[:8].flatten().tolist()) == set(per_row[0, -2:].tolist())
+    seen: list[torch.Tensor] = []
+
+    def x0_at(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        seen.append(s)
+        return torch.zeros_like(x)
+
+    out = renoise_rollout(x0_at, torch.zeros(16, 2), per_row, 3, lambda x0: torch.ones_like(x0))
+    torch.testing.assert_close(torch.stack(seen, 1), per_row[:, :3])
+    torch.testing.assert_close(out, per_row[:, 3:4].expand(16, 2))  # re-noised to each row's level 3
 
 
 @pytest.mark.parametrize("copy", [True, False])

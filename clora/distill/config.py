@@ -82,6 +82,14 @@ class StudentConfig(_Section):
     shift: float = Field(
         3.0, gt=0, description="timestep shift of the few-step schedule: s = shift*u / (1 + (shift-1)*u)"
     )
+    on_policy_shift: float | None = Field(
+        None,
+        gt=0,
+        description="timestep shift of the few-step levels of the effects that train on-policy "
+        "(on_policy.effects: those whose result varies with the seed); lower ends their sampler at a "
+        "lower noise level, where more of the seed's texture is drawn (1: levels to 0.25, shift 3: to "
+        "0.50); the collection records them and clora samples those effects with them; none: shift",
+    )
     asymmetric_prompts: bool = Field(
         True,
         description="the student learns each effect under its trigger + caption; off: under the teacher's "

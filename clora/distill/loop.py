@@ -31,6 +31,7 @@ from clora.sampling import (
     few_step_sample,
     few_step_sigmas,
     guided_velocity,
+    level_at,
     renoise_rollout,
     x0_from_velocity,
 )
@@ -225,6 +226,16 @@ def pick_on_policy_effects(cfg: DistillConfig, names: list[str], spread: dict[st
     return asked
 
 
+def effect_levels(cfg: DistillConfig, on_policy: set[str]) -> dict[str, torch.Tensor]:
+    """The few-step levels of the effects sampled with their own: the on-policy effects, when
+    ``student.on_policy_shift`` is set and differs from ``student.shift``."""
+    student = cfg.student
+    shift = student.on_policy_shift
+    if shift is None or shift == student.shift:
+        return {}
+    return {name: few_step_sigmas(student.few_steps, shift) for name in sorted(on_policy)}
+
+
 class Distiller:
     """Owns the optimizers and runs steps; ``run`` is the loop."""
 
@@ -248,6 +259,11 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         #: effects whose rows also train on-policy in the anchoring phase (``on_policy.effects``)
         self.on_policy_effects = pick_on_policy_effects(cfg, [e.name for e in plan.effects], prepared.spread)
+        #: the few-step levels of the effects that have their own (``student.on_policy_shift``)
+        self.effect_sigmas = {
+            name: levels.to(backbone.device, backbone.dtype)
+            for name, levels in effect_levels(cfg, self.on_policy_effects).items()
+        }
         if self.on_policy_effects and CRITIC not in adapters.params:
             adapters.add_trained(CRITIC)
         opt = cfg.optimizer
@@ -459,7 +475,7 @@ class Distiller:
                 assert held.targets is not None  # only effects with teacher outputs are held out
                 self._probe_truth[name] = bb.decode_latents(held.targets).float()
             x = few_step_sample(
-                bb, held.sources, held.student, self.sigmas, gen, shape=(n, *held.latent_shape)
+                bb, held.sources, held.student, self.levels_of(name), gen, shape=(n, *held.latent_shape)
             )
             db = round(float(psnr(bb.decode_latents(x), self._probe_truth[name]).mean()), 3)
             history = self.state.probe_history.setdefault(name, [])
@@ -514,13 +530,25 @@ class Distiller:
             latent_shape=parts[0].latent_shape,
         )
 
+    def levels_of(self, name: str | None) -> torch.Tensor:
+        """Effect ``name``'s few-step levels (the collection's, unless it has its own)."""
+        return self.effect_sigmas.get(name or "", self.sigmas)
+
+    def batch_levels(self, batch: Batch) -> torch.Tensor:
+        """The few-step levels of a batch's rows: one set ``[L]`` when every row has the collection's,
+        else one set per row ``[B, L]``."""
+        if not any(g.name in self.effect_sigmas for g in batch.groups):
+            return self.sigmas
+        return torch.cat([self.levels_of(g.name).expand(g.stop - g.start, -1) for g in batch.groups])
+
     def sampler_noise(self, like: torch.Tensor) -> torch.Tensor:
         """Noise as the student's few-step sampler draws it at inference."""
         return self.backbone.sampling_noise(like.shape, self.generator).to(like)
 
     def simulate(self, batch: Batch, with_grad: bool) -> torch.Tensor:
         """Run the student's few-step sampler from noise, stop at a random step k, return step k's x0."""
-        k = int(torch.randint(len(self.sigmas), (1,), generator=self.generator))
+        levels = self.batch_levels(batch)
+        k = int(torch.randint(levels.shape[-1], (1,), generator=self.generator))
         self.adapters.use(STUDENT)
         shape = torch.Size((len(batch), *batch.latent_shape))
         x = self.backbone.initial_noise(shape, self.generator).to(batch.source)
@@ -530,11 +558,11 @@ class Distiller:
                     noisy, self.backbone.predict_velocity(noisy, s, batch.source, batch.student_prompt), s
                 ),
                 x,
-                self.sigmas,
+                levels,
                 k,
                 self.sampler_noise,
             )
-        s = self.sigmas[k]
+        s = level_at(levels, k)
         with torch.set_grad_enabled(with_grad):
             v = self.backbone.predict_velocity(x, s, batch.source, batch.student_prompt)
             return x0_from_velocity(x, v, s)
@@ -592,7 +620,7 @@ class Distiller:
             sample=sample,
             stream=batch.stream,
             targets=batch.targets,
-            few_step_sigmas=self.sigmas,
+            few_step_sigmas=self.batch_levels(batch),
             config=cfg,
             generator=self.generator,
             teacher_x0=teacher_x0,

@@ -42,6 +42,8 @@ class LossContext:
     sample: torch.Tensor | None
     stream: Literal["effect", "general"]
     targets: torch.Tensor | None  # teacher outputs y_T of the batch's sources (effect stream)
+    #: the student's few-step levels: one set ``[L]``, or one per row ``[B, L]`` when some rows'
+    #: effects have their own (``student.on_policy_shift``); see :func:`clora.sampling.level_at`
     few_step_sigmas: torch.Tensor
     config: DistillConfig
     generator: torch.Generator
@@ -95,10 +97,14 @@ class LossContext:
         return shift_sigma(self.uniform(low, high), self.config.student.shift).clamp(0.02, 0.98)
 
     def sampler_levels(self, last: int | None = None) -> torch.Tensor:
-        """Per-sample noise levels drawn from the few-step sampler's own (its ``last`` ones, or all)."""
-        levels = self.few_step_sigmas[-(last or len(self.few_step_sigmas)) :].to(self.like)
-        pick = torch.randint(len(levels), (self.batch_size,), generator=self.generator)
-        return levels[pick.to(levels.device)]
+        """Per-sample noise levels drawn from the few-step sampler's own (its ``last`` ones, or all;
+        each row's own where the rows have their own level sets)."""
+        levels = self.few_step_sigmas.to(self.like)
+        levels = levels[..., -(last or levels.shape[-1]) :]
+        pick = torch.randint(levels.shape[-1], (self.batch_size,), generator=self.generator).to(levels.device)
+        if levels.ndim == 1:
+            return levels[pick]
+        return levels.gather(1, pick[:, None]).squeeze(1)
 
     def reduce_rows(self, per_row: torch.Tensor) -> torch.Tensor:
         """The batch mean of a regression term's per-row losses ``[B]``, weighted by ``row_weights``;

@@ -568,6 +568,13 @@ def _write_collection(
 ) -> DistillOutcome:
     """The unified LoRA file, its training state beside it, and the new collection row."""
     student = cfg.student
+    # the header fields of the effects sampled with levels of their own (student.on_policy_shift)
+    own_levels: dict[str, Any] = {
+        "few_step_sigmas": few_step_sigmas(
+            student.few_steps, student.on_policy_shift or student.shift
+        ).tolist(),
+        "shift": student.on_policy_shift,
+    }
     header = UnifiedHeader(
         base_id=plan.base_id,
         base_fingerprint=backbone.fingerprint,
@@ -577,6 +584,7 @@ def _write_collection(
                 "caption": e.caption,
                 "teacher_prompt": e.teacher_prompt,
                 "prompt": e.trained_prompt(student.asymmetric_prompts),
+                **(own_levels if e.name in distiller.effect_sigmas else {}),
             }
             for e in plan.effects
         },

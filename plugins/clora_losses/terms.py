@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from clora.contracts import LossTerm
-from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss, row_mse
-from clora.sampling import add_noise, renoise_rollout
+from clora.distill.losses import LossContext, anchor_on, dmd_on, flow_matching_loss, per_sample, row_mse
+from clora.sampling import add_noise, level_at, renoise_rollout
 
 
 class DMDTerm(LossTerm):
@@ -75,16 +75,16 @@ class SimulatedAnchorTerm(LossTerm):
         if ctx.targets is None:
             return {}
         levels, b = ctx.few_step_sigmas.to(ctx.targets), ctx.batch_size
-        k = int(torch.randint(len(levels), (1,), generator=ctx.generator))
+        k = int(torch.randint(levels.shape[-1], (1,), generator=ctx.generator))
         x = ctx.sampler_noise_like(ctx.targets)
         with torch.no_grad():
             x = renoise_rollout(
                 lambda noisy, s: ctx.student_x0(noisy, s.expand(b)), x, levels, k, ctx.sampler_noise_like
             )
-        s = levels[k].expand(b)
+        s = level_at(levels, k).expand(b)
         v = ctx.student_velocity(x, s)
         # the velocity that lands exactly on the target from this input: (x_t - y_T) / s
-        return {"sim_anchor": ctx.reduce_rows(row_mse(v, (x - ctx.targets) / levels[k]))}
+        return {"sim_anchor": ctx.reduce_rows(row_mse(v, (x - ctx.targets) / per_sample(s, x)))}
 
 
 class CriticFlowMatchingTerm(LossTerm):
