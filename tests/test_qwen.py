@@ -18,6 +18,7 @@ from clora.bases import get_factory
 from clora.paths import clora_home
 from clora.plugins import Components
 from clora.registry import Registry
+from clora.unified import read_header
 
 #: small image areas for the tiny pipelines (the real ones resize sources to 1024x1024 for the VAE)
 OPTIONS = ["--option", "vae_area=4096", "--option", "condition_area=3136"]
@@ -268,6 +269,8 @@ def test_gradient_checkpointing_trains_on_policy_as_without_it(qwen_world, tmp_p
             "--set",
             "on_policy.critic_warmup=0",
             "--set",
+            "student.on_policy_shift=1",  # neon's rows sample at levels of their own
+            "--set",
             f"optimizer.gradient_checkpointing={checkpointing}",
             "--no-progress",
             "--json",
@@ -276,6 +279,7 @@ def test_gradient_checkpointing_trains_on_policy_as_without_it(qwen_world, tmp_p
         col = json.loads(r.stdout)
         assert col["config"]["optimizer"]["gradient_checkpointing"] is (checkpointing == "true")
         assert col["metrics"]["train"]["on_policy_effects"] == ["neon"]
+        assert read_header(col["file"]).effects["neon"]["shift"] == 1.0
         files.append(load_file(col["file"]))
     assert files[0].keys() == files[1].keys()
     a, b = (torch.cat([f[k].flatten() for k in sorted(f)]) for f in files)
@@ -345,8 +349,6 @@ def test_exports_run_in_the_pipeline_with_the_model_cards_settings_as_clora_gene
     with the scheduler settings of the model card reproduce `clora generate` (same seed, float32, CPU)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from tiny_qwen import load_qwen_edit_pipeline, small_edit_sizes
-
-    from clora.unified import read_header
 
     pm = qwen_world
     r = run(
