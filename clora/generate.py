@@ -136,15 +136,10 @@ class UnifiedModel:
         """The few-step levels of ``steps`` steps (None: the trained ones) for a prompt of ``effects``:
         the collection's, or those of the first effect with levels of its own (effects whose result
         varies with the seed; ``student.on_policy_shift``)."""
-        fields: dict[str, Any] = vars(self.header)
         for name in effects or []:
             if "few_step_sigmas" in self.header.effects.get(name, {}):
-                fields = self.header.effects[name]
-                break
-        trained, shift = fields["few_step_sigmas"], fields["shift"]
-        if steps is None or steps == len(trained):
-            return torch.tensor(trained)
-        return few_step_sigmas(steps, shift)
+                return sampler_levels(self.header.effects[name], steps)
+        return sampler_levels(vars(self.header), steps)
 
     @property
     def resolution(self) -> int | None:
@@ -167,6 +162,15 @@ class UnifiedModel:
         return sample_few_steps(
             self.backbone, images, [text] * len(images), self.sigmas(steps, effects), seed
         )
+
+
+def sampler_levels(fields: dict[str, Any], steps: int | None) -> torch.Tensor:
+    """The few-step levels of ``steps`` steps from a header's ``few_step_sigmas`` (the trained ones,
+    returned when ``steps`` is None or their count) and ``shift`` (any other count)."""
+    trained = fields["few_step_sigmas"]
+    if steps is None or steps == len(trained):
+        return torch.tensor(trained)
+    return few_step_sigmas(steps, fields["shift"])
 
 
 def sample_few_steps(
@@ -295,11 +299,7 @@ def cascade_edit(
     try:
         tr.enable_adapters()
         tr.set_adapters(["cascade_effect", "cascade_accel"], [strength, accel_strength])
-        sigmas = (
-            torch.tensor(header.few_step_sigmas)
-            if steps is None or steps == len(header.few_step_sigmas)
-            else few_step_sigmas(steps, header.shift)
-        )
+        sigmas = sampler_levels(vars(header), steps)
         return sample_few_steps(backbone, images, [teacher_prompt] * len(images), sigmas, seed)
     finally:
         tr.delete_adapters(["cascade_effect", "cascade_accel"])
