@@ -56,7 +56,7 @@ StepsOption = Annotated[
     typer.Option(
         "--steps",
         min=1,
-        help="Training steps (default: max(600, 375 per effect); incremental: 750 per new effect).",
+        help="Training steps (default: max(600, 375 per effect); incremental: 700 per new effect).",
     ),
 ]
 AnchorShareOption = Annotated[

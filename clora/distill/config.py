@@ -306,9 +306,12 @@ class OnPolicyConfig(_Section):
 class IncrementalConfig(_Section):
     """Runs that grow an existing collection (``--incremental``)."""
 
-    steps_per_new_effect: int = Field(750, ge=1, description="steps per new effect when --steps is not given")
+    steps_per_new_effect: int = Field(700, ge=1, description="steps per new effect when --steps is not given")
     new_effect_share: float = Field(
-        0.5, ge=0, le=1, description="share of effect slots given to the new effects"
+        0.6,
+        ge=0,
+        le=1,
+        description="share of effect slots given to the new effects (the rest replay old ones)",
     )
     effects_per_batch: int | None = Field(
         6, ge=1, description="data.effects_per_batch of incremental runs (None: the same as full runs)"
