@@ -78,7 +78,9 @@ OnPolicyOption = Annotated[
         "simulation, a critic) while the rest anchor: auto (default: those whose teacher's result changes "
         "with the seed by 5% of the edit or more, such as film grain or sparkles at random places, "
         "measured on 4 sources before training; "
-        "anchoring alone averages such results into one smooth image), none, or names, comma-separated.",
+        "anchoring alone averages such results into one smooth image), none, or names, comma-separated. "
+        "--set student.on_policy_shift=1 trains and samples them with few-step levels of their own, "
+        "down to 0.25 (off by default).",
     ),
 ]
 RankOption = Annotated[
