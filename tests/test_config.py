@@ -103,7 +103,9 @@ def test_resolution_fills_what_the_base_chooses_and_applies_the_run_kind() -> No
 
 def test_resolution_of_an_incremental_run_keeps_the_parents_shape() -> None:
     parent_cfg = resolve(
-        DistillConfig(student={"rank": 4, "alpha": 8.0, "few_steps": 8}),
+        DistillConfig(
+            student={"rank": 4, "alpha": 8.0, "few_steps": 8, "shift": 2.0, "on_policy_shift": 1.0}
+        ),
         kind="full",
         n_effects=2,
         n_new=2,
@@ -112,7 +114,7 @@ def test_resolution_of_an_incremental_run_keeps_the_parents_shape() -> None:
         dtype="float32",
     ).config
     parent = ParentRun(1, parent_cfg, ["to_q", "to_v"])
-    asked = DistillConfig(student={"rank": 32}, incremental={"grow_rank": 2})
+    asked = DistillConfig(student={"rank": 32, "shift": 3.0}, incremental={"grow_rank": 2})
     r = resolve(
         asked,
         kind="incremental",
@@ -125,12 +127,13 @@ def test_resolution_of_an_incremental_run_keeps_the_parents_shape() -> None:
     )
     s = r.config.student
     assert (s.rank, s.alpha, s.few_steps, s.target_modules) == (6, 6.0, 8, ["to_q", "to_v"])
+    assert (s.shift, s.on_policy_shift) == (2.0, 1.0)  # the levels its parent's components learned
     assert (r.frozen_rank, r.parent_lora_scale) == (4, 2.0)
     assert (
         r.config.steps == asked.incremental.steps_per_new_effect * 1 and r.config.data.effects_per_batch == 6
     )
     assert r.config.incremental.lr_ratio == 0.6 and r.config.on_policy.target_levels == 5
-    assert r.notes and "ignoring rank 32" in r.notes[0]
+    assert r.notes and "ignoring rank 32, shift 3.0" in r.notes[0]
     same = resolve(
         DistillConfig(incremental={"grow_rank": 0}),
         kind="incremental",

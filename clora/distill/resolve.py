@@ -115,6 +115,9 @@ def resolve(
             "rank": p_rank + grow,
             "alpha": float(p_rank + grow) if grow else p.alpha,
             "few_steps": p.few_steps,
+            # the parent's components were trained at its levels: the grown student samples at them too
+            "shift": p.shift,
+            "on_policy_shift": p.on_policy_shift,
             "target_modules": list(parent.target_modules),
         }
         asked = cfg.student.model_fields_set
@@ -126,7 +129,8 @@ def resolve(
         if ignored:
             notes.append(
                 f"incremental run: the student keeps collection v{parent.version}'s shape (rank {p_rank} + "
-                f"{grow} new, few_steps {p.few_steps}, its modules); ignoring {', '.join(ignored)}"
+                f"{grow} new, few_steps {p.few_steps}, its levels' shifts, its modules); ignoring "
+                f"{', '.join(ignored)}"
             )
         c.student = c.student.model_copy(update=shape)
         frozen = p_rank if grow else 0
