@@ -147,7 +147,7 @@ def main() -> None:
         type=Path,
         metavar="JSON",
         help="print the ablation table of earlier runs' --json files (rows run in several processes, "
-        "in the order given) and exit",
+        "in the order given; a variant already in an earlier file is named by its file) and exit",
     )
     add_work_arg(parser)
     add_world_args(parser)
@@ -155,7 +155,10 @@ def main() -> None:
     if args.table:
         merged: dict[str, Any] = {}
         for path in args.table:
-            merged.update(json.loads(path.read_text()))
+            for key, row in json.loads(path.read_text()).items():
+                if key in merged:  # the same variant run with another --config: named by its file
+                    key, row = f"{key} [{path.stem}]", {**row, "label": f"{row['label']} [{path.stem}]"}
+                merged[key] = row
         print_ablation(merged)
         return
 
