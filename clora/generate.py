@@ -137,9 +137,10 @@ class UnifiedModel:
         the collection's, or those of the first effect with levels of its own (effects whose result
         varies with the seed; ``student.on_policy_shift``)."""
         for name in effects or []:
-            if "few_step_sigmas" in self.header.effects.get(name, {}):
-                return sampler_levels(self.header.effects[name], steps)
-        return sampler_levels(vars(self.header), steps)
+            fields = self.header.effects.get(name, {})
+            if "few_step_sigmas" in fields:
+                return sampler_levels(fields["few_step_sigmas"], fields["shift"], steps)
+        return sampler_levels(self.header.few_step_sigmas, self.header.shift, steps)
 
     @property
     def resolution(self) -> int | None:
@@ -164,13 +165,12 @@ class UnifiedModel:
         )
 
 
-def sampler_levels(fields: dict[str, Any], steps: int | None) -> torch.Tensor:
-    """The few-step levels of ``steps`` steps from a header's ``few_step_sigmas`` (the trained ones,
-    returned when ``steps`` is None or their count) and ``shift`` (any other count)."""
-    trained = fields["few_step_sigmas"]
+def sampler_levels(trained: list[float], shift: float, steps: int | None) -> torch.Tensor:
+    """The few-step levels of ``steps`` steps: the ``trained`` ones when ``steps`` is None or their
+    count, else the levels of ``shift`` for that count."""
     if steps is None or steps == len(trained):
         return torch.tensor(trained)
-    return few_step_sigmas(steps, fields["shift"])
+    return few_step_sigmas(steps, shift)
 
 
 def sample_few_steps(
@@ -299,7 +299,7 @@ def cascade_edit(
     try:
         tr.enable_adapters()
         tr.set_adapters(["cascade_effect", "cascade_accel"], [strength, accel_strength])
-        sigmas = sampler_levels(vars(header), steps)
+        sigmas = sampler_levels(header.few_step_sigmas, header.shift, steps)
         return sample_few_steps(backbone, images, [teacher_prompt] * len(images), sigmas, seed)
     finally:
         tr.delete_adapters(["cascade_effect", "cascade_accel"])

@@ -23,7 +23,7 @@ from clora.bases import get_factory
 from clora.devices import pick
 from clora.distill.adapters import STUDENT, AdapterSet
 from clora.distill.config import DistillConfig, read_config
-from clora.distill.loop import Distiller, LoopResult, NonFiniteLossError
+from clora.distill.loop import Distiller, LoopResult, NonFiniteLossError, effect_levels
 from clora.distill.plan import EffectPlan, Plan
 from clora.distill.prepare import general_data_pairs, prepare
 from clora.distill.resolve import BaseDefaults, ParentRun, resolve
@@ -569,11 +569,9 @@ def _write_collection(
     """The unified LoRA file, its training state beside it, and the new collection row."""
     student = cfg.student
     # the header fields of the effects sampled with levels of their own (student.on_policy_shift)
-    own_levels: dict[str, Any] = {
-        "few_step_sigmas": few_step_sigmas(
-            student.few_steps, student.on_policy_shift or student.shift
-        ).tolist(),
-        "shift": student.on_policy_shift,
+    own = {
+        name: {"few_step_sigmas": levels.tolist(), "shift": student.on_policy_shift}
+        for name, levels in effect_levels(cfg, distiller.on_policy_effects).items()
     }
     header = UnifiedHeader(
         base_id=plan.base_id,
@@ -584,7 +582,7 @@ def _write_collection(
                 "caption": e.caption,
                 "teacher_prompt": e.teacher_prompt,
                 "prompt": e.trained_prompt(student.asymmetric_prompts),
-                **(own_levels if e.name in distiller.effect_sigmas else {}),
+                **own.get(e.name, {}),
             }
             for e in plan.effects
         },
