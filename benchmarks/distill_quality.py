@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clora_toy.data import general_batch
+from clora_toy.data import general_batch, general_edits
 from toyworld import EFFECTS, add_work_arg, add_world_args, merge_types, open_work, ordered, trigger_accuracy
 
 from clora.distill.config import load_config
@@ -98,7 +98,7 @@ def ablations(on_policy_share: float) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
-def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
+def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, Any]:
     """PSNR vs truth of the general edits: base alone (full sampler) and with the unified LoRA (few steps)."""
     bb = model.backbone
     assert bb.image_size is not None, "a toy-world benchmark"
@@ -113,7 +113,17 @@ def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, float]:
     model.activate()
     sig = torch.tensor(model.header.few_step_sigmas)
     student = bb.decode_latents(few_step_sample(bb, src, prompts, sig, torch.Generator().manual_seed(0)))
-    return {"base_psnr": float(psnr(base, truth).mean()), "student_psnr": float(psnr(student, truth).mean())}
+    name = {e.prompt: e.name for e in general_edits()}
+    out: dict[str, Any] = {}
+    for who, images in (("base", base), ("student", student)):
+        scores = psnr(images, truth)
+        out[f"{who}_psnr"] = float(scores.mean())
+        # per edit: the LoRA can keep most of the base's edits and spoil one (the flip, a spatial one)
+        out[f"{who}_by_edit"] = {
+            n: round(float(scores[torch.tensor([name[q] == n for q in prompts])].mean()), 2)
+            for n in sorted({name[q] for q in prompts})
+        }
+    return out
 
 
 def main() -> None:
@@ -296,6 +306,13 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
         f"base {ret['base_psnr']:.2f} dB, "
         f"with unified LoRA {ret['student_psnr']:.2f} dB"
     )
+    if "student_by_edit" in ret:
+        print(
+            "  by edit, with unified LoRA (base): "
+            + ", ".join(
+                f"{n} {v:.2f} ({ret['base_by_edit'][n]:.2f})" for n, v in ret["student_by_edit"].items()
+            )
+        )
 
 
 def print_ablation(results: dict[str, Any]) -> None:

@@ -181,9 +181,13 @@ def print_result(result: dict[str, Any]) -> None:
     b = result["bleeding"]
     teachers = f", the teachers' own: {b['teacher_bleed_rate']}" if "teacher_bleed_rate" in b else ""
     ret = result["retention"]
-    kept = (
-        f"{ret['student_vs_base_psnr']:.2f} dB vs the base on {ret['prompts']} general edits" if ret else "-"
-    )
+    kept = "-"
+    if ret:
+        worst = ret["worst_prompt"]
+        kept = (
+            f"{ret['student_vs_base_psnr']:.2f} dB vs the base on {ret['prompts']} general edits "
+            f"(the worst instruction: '{worst}' {ret['by_prompt'][worst]:.2f} dB)"
+        )
     typer.echo(f"bleed rate: {b['bleed_rate']} (nearest {b['reference']}{teachers}); retention: {kept}")
     c = result["cost"]
     typer.echo(

@@ -676,7 +676,16 @@ def _retention(
     base = sample_full(bb, images, prompts, steps, 0.0, seed=opt.seed)
     model.activate()
     student = sample_few_steps(bb, images, prompts, model.sigmas(None), opt.seed)
-    return {"prompts": len(prompts), "student_vs_base_psnr": _mean(psnr(student, base))}
+    scores = psnr(student, base)
+    # per instruction: a LoRA can keep most of the base's edits and spoil one (e.g. a spatial one)
+    rows = {p: [i for i, q in enumerate(prompts) if q == p] for p in prompts}
+    by_prompt = {p: _mean(scores[idx]) for p, idx in rows.items()}
+    return {
+        "prompts": len(prompts),
+        "student_vs_base_psnr": _mean(scores),
+        "by_prompt": by_prompt,
+        "worst_prompt": min(by_prompt, key=by_prompt.__getitem__),
+    }
 
 
 def _cost(

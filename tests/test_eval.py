@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clora_toy.data import general_edits
 from helpers import plugin_manager, run
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -133,7 +134,12 @@ def test_eval_json_shape_and_report(tiny_collection, tmp_path: Path, monkeypatch
     assert b["reference"] == "truth" and b["labels"] == ["invert", "sepia"]
     assert sum(map(sum, b["matrix"])) == 8 and 0 <= b["bleed_rate"] <= 1
     assert sum(map(sum, b["teacher_matrix"])) == 8 and 0 <= b["teacher_bleed_rate"] <= 1
-    assert data["retention"]["prompts"] > 0
+    ret = data["retention"]
+    assert ret["prompts"] > 0
+    # each of the base's own instructions is scored on its own; the worst one is named
+    assert set(ret["by_prompt"]) <= {e.prompt for e in general_edits()} and len(ret["by_prompt"]) > 1
+    assert ret["by_prompt"][ret["worst_prompt"]] == min(ret["by_prompt"].values())
+    assert min(ret["by_prompt"].values()) <= ret["student_vs_base_psnr"] <= max(ret["by_prompt"].values())
     cost = data["cost"]
     assert cost["unified"]["files"] == 1 and cost["per_effect_loras"]["files"] == 2
     assert (
@@ -370,7 +376,8 @@ def test_an_eval_of_some_effects_updates_their_rows_of_the_stored_one(tiny_colle
     fast = ["--n-images", "2", "--merge", "none", "--no-progress"]
     r = run(pm, "eval", *fast)
     assert r.exit_code == 0, r.output
-    assert "retention: " in r.stdout and "{" not in r.stdout.split("retention: ")[1].splitlines()[0]
+    kept = r.stdout.split("retention: ")[1].splitlines()[0]
+    assert "{" not in kept and "the worst instruction: '" in kept
     stored = json.loads(run(pm, "collections", "--json").stdout)[0]["metrics"]["eval"]
     assert set(stored["effects"]) == {"sepia", "invert"}
     r = run(pm, "eval", *fast, "--effects", "invert", "--seed", "3")
