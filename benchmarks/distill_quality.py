@@ -34,6 +34,7 @@ from clora.distill.run import run_distill
 from clora.evaluate import EvalOptions, evaluate
 from clora.generate import UnifiedModel, unfuse
 from clora.metrics import psnr
+from clora.plugins import Components, get_plugin_manager
 from clora.sampling import euler_sample, few_step_sample
 
 #: the toy effects whose truth is a distribution, for the component ablation
@@ -159,9 +160,26 @@ def main() -> None:
         help="print the ablation table of earlier runs' --json files (rows run in several processes, "
         "in the order given; a variant already in an earlier file is named by its file) and exit",
     )
+    parser.add_argument(
+        "--retention",
+        nargs="+",
+        type=Path,
+        metavar="LORA",
+        help="print the general edits, per edit, of these unified LoRA files (a row's collection, kept in "
+        "its --work folder under collections/) against the truth and the base's, and exit",
+    )
     add_work_arg(parser)
     add_world_args(parser)
     args = parser.parse_args()
+    if args.retention:
+        torch.set_num_threads(args.threads or 2)
+        comps = Components.collect(get_plugin_manager())
+        for path in args.retention:
+            model = UnifiedModel.load(comps, path, backbone=None)
+            ret = retention(model, 32, model.backbone.default_teacher_steps)
+            print(f"{path}: general edits {ret['student_psnr']:.2f} dB (base {ret['base_psnr']:.2f})")
+            print_by_edit(ret)
+        return
     if args.table:
         merged: dict[str, Any] = {}
         for path in args.table:
@@ -306,7 +324,11 @@ def print_variant(label: str, r: dict[str, Any]) -> None:
         f"base {ret['base_psnr']:.2f} dB, "
         f"with unified LoRA {ret['student_psnr']:.2f} dB"
     )
-    if "student_by_edit" in ret:
+    print_by_edit(ret)
+
+
+def print_by_edit(ret: dict[str, Any]) -> None:
+    if "student_by_edit" in ret:  # rows run before the per-edit scores have none
         print(
             "  by edit, with unified LoRA (base): "
             + ", ".join(
