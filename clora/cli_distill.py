@@ -102,7 +102,8 @@ PSwitchOption = Annotated[
     float | None,
     typer.Option(
         "--p-switch",
-        help="Probability a block trains an effect instead of general edits (default 0.9).",
+        help="Share of the blocks that train effects; the rest, evenly spaced, train general edits "
+        "(default 0.9).",
     ),
 ]
 BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", help="Images per step (default 16).")]

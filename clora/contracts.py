@@ -94,10 +94,10 @@ class Captioner(Protocol):
 class Router(Protocol):
     """Chooses which effects each effect block of distillation steps trains (``register_routers``).
 
-    The loop decides by a seeded coin flip (the config's ``p_switch``) whether a block is an effect
-    block or a general-edit block; for an effect block it calls :meth:`choose` once per effect the
-    batch holds (``effects_per_batch``), each time leaving out the effects already chosen. The distill
-    config's ``router`` field picks a router by id.
+    The loop decides by the config's ``p_switch`` whether a block is an effect block or a general-edit
+    block (a ``1 - p_switch`` share of the blocks, evenly spaced, are general); for an effect block it
+    calls :meth:`choose` once per effect the batch holds (``effects_per_batch``), each time leaving out
+    the effects already chosen. The distill config's ``router`` field picks a router by id.
     """
 
     #: unique id (``balanced``, ``file-order``, ``gap``, ...), the value of the distill config's ``router``

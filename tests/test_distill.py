@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from clora import hookimpl
 from clora.distill.config import DistillConfig, LossSpec
-from clora.distill.loop import Group, balance_weights
+from clora.distill.loop import Group, balance_weights, general_block
 from clora.distill.losses import LossContext, dmd_gradient, dmd_loss, flow_matching_loss
 from clora.generate import UnifiedModel, sample_few_steps
 from clora.paths import clora_home
@@ -136,6 +136,22 @@ def test_general_stream_learns_the_base_without_cfg(tiny_world, tmp_path: Path) 
 
     assert torch.allclose(targets, sample(0.0), atol=1e-5)
     assert not torch.allclose(targets, sample(2.0), atol=1e-3)
+
+
+def test_the_general_stream_takes_its_share_of_the_blocks_evenly(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`p_switch` is the effect blocks' share, the rest general blocks spaced evenly: every run, and
+    every stretch of one, gets the general stream's share (a coin per block gave 600-step toy runs 40 to
+    160 general steps, and their retention moved with the count)."""
+    for p_switch, n in ((0.9, 12), (0.75, 30), (1.0, 0), (0.0, 120)):
+        assert sum(general_block(b, p_switch) for b in range(120)) == n
+    assert all(sum(general_block(b, 0.9) for b in range(s, s + 10)) == 1 for s in range(111))
+    pm = tiny_world
+    cfg = _config_file(tmp_path, steps=6, batch_size=4, p_switch=0.5, block_len=1)
+    r = run(pm, "distill", "--config", cfg, "--no-progress", "--json")
+    assert r.exit_code == 0, r.output
+    run_id = json.loads(r.stdout)["run_id"]
+    log = [json.loads(line) for line in (clora_home() / "runs" / run_id / "log.jsonl").open()]
+    assert [row["stream"] for row in log] == ["effect", "general"] * 3
 
 
 def test_mixed_batches_train_several_effects_per_step(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -174,7 +174,11 @@ class DataConfig(_Section):
         True, description="also anchor the general stream, onto the base's own outputs (retention)"
     )
     p_switch: float = Field(
-        0.9, ge=0, le=1, description="probability that a block of steps is an effect-stream block"
+        0.9,
+        ge=0,
+        le=1,
+        description="share of the blocks of steps that are effect-stream blocks; the rest, evenly spaced "
+        "(at 0.9: every tenth block), train the general stream",
     )
     block_len: int = Field(5, ge=1, description="steps per routing block (reference: 20)")
     effects_per_batch: int = Field(

@@ -3,8 +3,8 @@
 A router (:class:`clora.contracts.Router`) has a ``router_id`` and ``choose(effects, new_effects, counts,
 config, rng) -> str``: an effect of the next effect block, given every effect's pick count so far. With
 ``effects_per_batch`` k > 1 the loop asks k times, leaving out the effects already picked. Whether a block is
-an effect or a general block is the loop's coin flip (``p_switch``), not the router's. A router with
-``uses_probe`` is also told each effect's PSNR against its teacher at the loop's latest probes.
+an effect or a general block is the loop's choice (``p_switch``, evenly spaced), not the router's. A router
+with ``uses_probe`` is also told each effect's PSNR against its teacher at the loop's latest probes.
 """
 
 from __future__ import annotations
