@@ -140,8 +140,8 @@ def test_general_stream_learns_the_base_without_cfg(tiny_world, tmp_path: Path) 
 
 def test_the_general_stream_takes_its_share_of_the_blocks_evenly(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """`p_switch` is the effect blocks' share, the rest general blocks spaced evenly: every run, and
-    every stretch of one, gets the general stream's share (a coin per block gave 600-step toy runs 40 to
-    160 general steps, and their retention moved with the count)."""
+    every stretch of one, gets the general stream's share (a coin per block gave 600-step toy runs at 0.9
+    from 40 to 80 general steps, and their retention moved with the count)."""
     for p_switch, n in ((0.9, 12), (0.75, 30), (1.0, 0), (0.0, 120)):
         assert sum(general_block(b, p_switch) for b in range(120)) == n
     assert all(sum(general_block(b, 0.9) for b in range(s, s + 10)) == 1 for s in range(111))

@@ -74,8 +74,8 @@ def balance_weights(groups: list[Group], running: dict[str, float], power: float
 def general_block(block: int, p_switch: float) -> bool:
     """Whether block ``block`` (0, 1, ...) is a general block: the general stream takes ``1 - p_switch``
     of the blocks evenly spaced (at 0.9, blocks 9, 19, 29, ...), so that every run and every stretch of
-    one gets its share. (A coin per block, as before, gave a 600-step toy run anywhere from 40 to 160
-    general steps, and its general edits moved 3 dB with that count; benchmarks/README.md.)"""
+    one gets its share. (A coin per block, as before, gave 600-step toy runs at 0.9 from 40 to 80
+    general steps, and their general edits moved 3 dB with it; benchmarks/README.md.)"""
     share = 1.0 - p_switch
     return math.floor((block + 1) * share + 1e-9) > math.floor(block * share + 1e-9)
 
