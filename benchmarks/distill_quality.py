@@ -33,7 +33,7 @@ from clora.distill.config import load_config
 from clora.distill.run import run_distill
 from clora.evaluate import EvalOptions, evaluate
 from clora.generate import UnifiedModel, unfuse
-from clora.metrics import psnr
+from clora.metrics import means_by, psnr
 from clora.plugins import Components, get_plugin_manager
 from clora.sampling import euler_sample, few_step_sample
 
@@ -115,15 +115,13 @@ def retention(model: UnifiedModel, n: int, steps: int) -> dict[str, Any]:
     sig = torch.tensor(model.header.few_step_sigmas)
     student = bb.decode_latents(few_step_sample(bb, src, prompts, sig, torch.Generator().manual_seed(0)))
     name = {e.prompt: e.name for e in general_edits()}
+    edits = [name[q] for q in prompts]
     out: dict[str, Any] = {}
     for who, images in (("base", base), ("student", student)):
         scores = psnr(images, truth)
         out[f"{who}_psnr"] = float(scores.mean())
         # per edit: the LoRA can keep most of the base's edits and spoil one (the flip, a spatial one)
-        out[f"{who}_by_edit"] = {
-            n: round(float(scores[torch.tensor([name[q] == n for q in prompts])].mean()), 2)
-            for n in sorted({name[q] for q in prompts})
-        }
+        out[f"{who}_by_edit"] = {n: round(v, 2) for n, v in sorted(means_by(scores, edits).items())}
     return out
 
 
@@ -166,7 +164,8 @@ def main() -> None:
         type=Path,
         metavar="LORA",
         help="print the general edits, per edit, of these unified LoRA files (a row's collection, kept in "
-        "its --work folder under collections/) against the truth and the base's, and exit",
+        "its --work folder under collections/) against the truth, beside the base's at its default teacher "
+        "steps, and exit",
     )
     add_work_arg(parser)
     add_world_args(parser)

@@ -666,7 +666,7 @@ def _retention(
     except CloraError:
         images = sources[: opt.general_prompts]
         prompts = [NEUTRAL_INSTRUCTIONS[i % len(NEUTRAL_INSTRUCTIONS)] for i in range(len(images))]
-    from clora.metrics import psnr
+    from clora.metrics import means_by, psnr
 
     steps = cfg.teachers.steps
     assert steps is not None
@@ -678,8 +678,7 @@ def _retention(
     student = sample_few_steps(bb, images, prompts, model.sigmas(None), opt.seed)
     scores = psnr(student, base)
     # per instruction: a LoRA can keep most of the base's edits and spoil one (e.g. a spatial one)
-    rows = {p: [i for i, q in enumerate(prompts) if q == p] for p in prompts}
-    by_prompt = {p: _mean(scores[idx]) for p, idx in rows.items()}
+    by_prompt = {p: round(v, 4) for p, v in means_by(scores, prompts).items()}
     return {
         "prompts": len(prompts),
         "student_vs_base_psnr": _mean(scores),

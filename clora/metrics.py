@@ -12,6 +12,13 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse)
 
 
+def means_by(values: torch.Tensor, keys: list[str]) -> dict[str, float]:
+    """The mean of per-image ``values`` ``[B]`` over the images of each key (e.g. each instruction), in
+    the order the keys first occur."""
+    rows = {k: [i for i, q in enumerate(keys) if q == k] for k in keys}
+    return {k: float(values[idx].float().mean()) for k, idx in rows.items()}
+
+
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from clora.distill.config import DistillConfig
 from clora.evaluate import _bleeding
 from clora.merge import SWEEPS, MergeVariant, sweep
-from clora.metrics import nearest, psnr, ssim
+from clora.metrics import means_by, nearest, psnr, ssim
 from clora.paths import clora_home
 from clora.plugins import Components
 
@@ -30,6 +30,9 @@ def test_psnr_and_ssim_on_known_inputs() -> None:
     mse = (a - b).pow(2).flatten(1).mean(1)
     assert torch.allclose(psnr(a, b), -10 * torch.log10(mse))
     assert float(ssim(a, torch.rand_like(a)).mean()) < 0.2
+    # per-instruction means, in the order the instructions first occur
+    by = means_by(torch.tensor([1.0, 2.0, 4.0, 8.0]), ["flip", "tint", "flip", "flip"])
+    assert list(by) == ["flip", "tint"] and by == pytest.approx({"flip": 13 / 3, "tint": 2.0})
 
 
 def test_bleeding_matrix_by_hand() -> None:
