@@ -79,6 +79,7 @@ OnPolicyOption = Annotated[
         "with the seed by 5% of the edit or more, such as film grain or sparkles at random places, "
         "measured on 4 sources before training; "
         "anchoring alone averages such results into one smooth image), none, or names, comma-separated. "
+        "Their targets are drawn with 20 teacher sampler steps or more (teachers.on_policy_steps). "
         "--set student.on_policy_shift=1 trains and samples them with few-step levels of their own, "
         "down to 0.25 (off by default).",
     ),

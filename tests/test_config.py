@@ -29,7 +29,7 @@ FLAT_STORED = {
     "dtype": "float32", "a_field_from_the_future": 1,
 }  # fmt: skip
 TOY = BaseDefaults(
-    guidance=1.0, target_modules=["to_q", "img_in"], teacher_steps=20, resolution=32, real=False
+    guidance=1.0, target_modules=["to_q", "img_in"], teacher_steps=4, resolution=32, real=False
 )
 REAL = BaseDefaults(guidance=4.0, target_modules=["to_q"], teacher_steps=40, resolution=1024, real=True)
 
@@ -79,7 +79,10 @@ def test_resolution_fills_what_the_base_chooses_and_applies_the_run_kind() -> No
     full = resolve(cfg, kind="full", n_effects=4, n_new=4, auto_steps=True, base=TOY, dtype="float32")
     c = full.config
     assert c.steps == max(cfg.steps, cfg.steps_per_effect * 4)
-    assert (c.teachers.guidance, c.teachers.steps, c.data.resolution) == (1.0, 20, 32)
+    # the targets of the effects that train on-policy are drawn at 20 sampler steps or more (the toy's
+    # own sampler takes 4, where its deterministic teachers score best)
+    assert (c.teachers.guidance, c.teachers.steps, c.data.resolution) == (1.0, 4, 32)
+    assert c.teachers.on_policy_steps == 20
     assert c.student.target_modules == ["to_q", "img_in"] and c.optimizer.gradient_checkpointing is False
     # target simulation never starts from the 4-step sampler's first, pure-noise level
     assert (c.student.few_steps, c.on_policy.target_levels) == (4, 3)
@@ -94,6 +97,9 @@ def test_resolution_fills_what_the_base_chooses_and_applies_the_run_kind() -> No
         dtype="bfloat16",
     )
     assert real.config.teachers.steps == 8 and real.config.optimizer.gradient_checkpointing is True
+    assert real.config.teachers.on_policy_steps == 20  # 8 asked for the targets, at least 20 for these
+    qwen = resolve(cfg, kind="full", n_effects=1, n_new=1, auto_steps=True, base=REAL, dtype="float32")
+    assert (qwen.config.teachers.steps, qwen.config.teachers.on_policy_steps) == (40, 40)  # the base's
     assert real.config.dtype == "bfloat16" and real.config.steps == 600
     general = resolve(
         cfg, kind="general-only", n_effects=0, n_new=0, auto_steps=True, base=TOY, dtype="float32"

@@ -272,21 +272,48 @@ def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world
     assert all(v > 0 for v in roles.values()), roles
 
 
-def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(registry_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(  # type: ignore[no-untyped-def]
+    registry_file, tmp_path, monkeypatch
+) -> None:
     """The default run anchors every effect; grain, whose teacher's result changes with the seed, is
     found by its spread and its rows also train on-policy (a critic; DMD after the warm-up), while
-    sepia's rows only anchor. Naming the effects, or none, overrides the measurement."""
+    sepia's rows only anchor. Grain's targets are drawn with 20 sampler steps, sepia's and the general
+    edits' with the toy's 4. Naming the effects, or none, overrides the measurement."""
+    import clora.distill.prepare as prepare
+
     pm = plugin_manager()
     for args in (["build-base", "--tiny"], ["teachers", "sepia", "grain", "--tiny"]):
         r = run(pm, "toy", *args)
         assert r.exit_code == 0, r.output
+    sampled: list[tuple[int, int]] = []  # (rows, steps) of each full-sampler call
+    full_sampler = prepare._full_sampler
+
+    def recording(backbone, rows, cfg, generator, guidance, advance=lambda _: None, steps=None):  # type: ignore[no-untyped-def]
+        sampled.append((len(rows), steps or cfg.teachers.steps))
+        return full_sampler(backbone, rows, cfg, generator, guidance, advance, steps)
+
+    monkeypatch.setattr(prepare, "_full_sampler", recording)
     cfg = _config_file(tmp_path, steps=10, batch_size=4, critic_warmup=2, p_switch=1.0, block_len=1)
-    r = run(pm, "distill", "--config", cfg, "--set", "data.effects_per_batch=1", "--no-progress", "--json")
+    sizes = [
+        "--set",
+        "data.sources_per_effect=6",
+        "--set",
+        "data.general_pool=5",
+        "--set",
+        "teachers.batch_size=8",
+    ]
+    r = run(
+        pm, "distill", "--config", cfg, "--set", "data.effects_per_batch=1", *sizes, "--no-progress", "--json"
+    )
     assert r.exit_code == 0, r.output
     col = json.loads(r.stdout)
     train = col["metrics"]["train"]
     assert train["seed_spread"]["grain"] > 0.05 > train["seed_spread"]["sepia"], train["seed_spread"]
     assert train["on_policy_effects"] == ["grain"]
+    # the spread (4 sources, two seeds, each effect) at 20 steps, then the targets: sepia's 6 at the
+    # toy's 4 steps, grain's 6 at 20 (p_switch 1: no general edits)
+    assert sorted(sampled) == sorted([(4, 20)] * 4 + [(6, 4), (6, 20)]), sampled
+    assert col["config"]["teachers"]["on_policy_steps"] == 20
     assert "on-policy too" in r.stderr and "grain" in r.stderr
     rows = [json.loads(ln) for ln in (clora_home() / "runs" / col["run_id"] / "log.jsonl").open()]
     losses = {(row["step"], row["effect"]): {k for k in row if k.startswith("loss/")} for row in rows}

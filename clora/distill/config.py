@@ -226,11 +226,25 @@ class DataConfig(_Section):
     )
 
 
+#: the fewest Euler steps of the teachers' sampler that measure an effect's seed spread and, by
+#: default, draw the targets of the effects that train on-policy: a few-step sampler draws a
+#: seed-varying effect at a part of its spread (the toy's 4-step teachers keep about half of film
+#: grain's), and a student anchored to such targets learns that part
+MIN_TARGET_STEPS = 20
+
+
 class TeacherConfig(_Section):
     """The teachers' full sampler, which makes the targets and scores the student on-policy."""
 
     steps: int | None = Field(
         None, ge=1, description="Euler steps of the full sampler (default: the base's: 4 toy, 40 Qwen)"
+    )
+    on_policy_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Euler steps that draw the targets of the effects that train on-policy (on_policy."
+        "effects), whose result varies with the seed (default: steps, at least 20: fewer draw such an "
+        "effect at a part of its spread)",
     )
     batch_size: int | None = Field(
         None, ge=1, description="images per batch when sampling targets (default: optimizer.batch_size)"

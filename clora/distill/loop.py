@@ -217,24 +217,6 @@ class RoleTimer:
         return {k: round(v, 2) for k, v in out.items()}
 
 
-def pick_on_policy_effects(cfg: DistillConfig, names: list[str], spread: dict[str, float]) -> set[str]:
-    """The effects ``on_policy.effects`` names: auto, those whose seed spread is at least
-    ``on_policy.spread``; none; or a comma-separated list (of effects of the run)."""
-    choice = cfg.on_policy.effects
-    if choice == "auto":
-        return {n for n in names if spread.get(n, 0.0) >= cfg.on_policy.spread}
-    if choice == "none":
-        return set()
-    asked = set(choice.split(","))
-    unknown = sorted(asked - set(names))
-    if unknown:
-        raise CloraError(
-            f"on_policy.effects names {', '.join(unknown)}, not an effect of this run; use auto, none or "
-            f"some of: {', '.join(names)}"
-        )
-    return asked
-
-
 def effect_levels(cfg: DistillConfig, on_policy: set[str]) -> dict[str, torch.Tensor]:
     """The few-step levels of the effects sampled with their own: the on-policy effects, when
     ``student.on_policy_shift`` is set and differs from ``student.shift``."""
@@ -267,7 +249,7 @@ class Distiller:
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         #: effects whose rows also train on-policy in the anchoring phase (``on_policy.effects``)
-        self.on_policy_effects = pick_on_policy_effects(cfg, [e.name for e in plan.effects], prepared.spread)
+        self.on_policy_effects = prepared.on_policy
         #: the few-step levels of the effects that have their own (``student.on_policy_shift``)
         self.effect_sigmas = {
             name: levels.to(backbone.device, backbone.dtype)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from clora.backbone import Backbone, PromptEmbeds
 from clora.distill.adapters import AdapterSet
-from clora.distill.config import DistillConfig
+from clora.distill.config import MIN_TARGET_STEPS, DistillConfig
 from clora.distill.plan import Plan
 from clora.effects import list_images
 from clora.errors import CloraError
@@ -92,6 +92,8 @@ class Prepared:
     general: dict[Shape, Rows]
     #: each effect's seed spread (:func:`seed_spread`; measured when ``on_policy.effects`` is "auto")
     spread: dict[str, float] = field(default_factory=dict)
+    #: the effects whose rows also train on-policy in the anchoring phase (:func:`pick_on_policy_effects`)
+    on_policy: set[str] = field(default_factory=set)
 
     @property
     def general_rows(self) -> int:
@@ -256,21 +258,22 @@ def prepare(
     }
     backbone.offload_encoders()
 
-    # 2. teacher targets: each effect's teacher, full sampler with guidance; the base on the general pool
+    # 2. which effects train on-policy: with on_policy.effects auto, those whose teacher's result changes
+    # with the seed, measured on a few sources first, so that their targets can be drawn at more steps
     teachers = cfg.teachers
-    assert teachers.guidance is not None  # resolved from the backbone before prepare
+    assert teachers.guidance is not None and teachers.steps is not None  # resolved before prepare
     jobs: list[_Job] = []
     for e in plan.effects:
         for shape, imgs in images[e.name].items():
-            key = _target_key(backbone, cfg, imgs, e.lora_sha256, e.teacher_prompt, teachers.guidance)
-            path = cache / "targets" / f"{key}.safetensors"
             jobs.append(
                 _Job(
                     effects[e.name][shape],
-                    path,
+                    cache / "targets",
                     e.lora_path,
                     teachers.guidance,
                     effect_seed(e.name, cfg.seed + 1),
+                    teachers.steps,
+                    _target_key(backbone, cfg, imgs, e.lora_sha256, e.teacher_prompt, teachers.guidance),
                     e.name,
                     imgs,
                 )
@@ -278,8 +281,30 @@ def prepare(
     if cfg.data.general_targets:
         for shape, imgs in general_images.items():
             key = _target_key(backbone, cfg, imgs, None, general_prompts[shape], teachers.general_guidance)
-            path = cache / "targets" / f"general-{key}.safetensors"
-            jobs.append(_Job(general[shape], path, None, teachers.general_guidance, cfg.seed + 2))
+            jobs.append(
+                _Job(
+                    general[shape],
+                    cache / "targets",
+                    None,
+                    teachers.general_guidance,
+                    cfg.seed + 2,
+                    teachers.steps,
+                    f"general-{key}",
+                )
+            )
+    spread: dict[str, float] = {}
+    if cfg.on_policy.effects == "auto" and cfg.anchor_steps > 0:  # else no step anchors
+        for job in jobs:
+            if job.name is not None and job.name not in spread:
+                spread[job.name] = _spread_of(backbone, adapters, job, cfg)
+        backbone.offload_encoders()  # a real base's VAE leaves the GPU again
+    on_policy = pick_on_policy_effects(cfg, [e.name for e in plan.effects], spread)
+    # 3. teacher targets: each effect's teacher, full sampler with guidance (the on-policy effects' at
+    # teachers.on_policy_steps); the base on the general pool
+    for job in jobs:
+        own = teachers.on_policy_steps
+        if job.name in on_policy and own is not None and own != job.steps:
+            job.own_steps = own
     missing = sum(len(j.rows) for j in jobs if not j.path.exists())
     with progress_bar(show_progress and missing > 0) as bar:
         task = bar.add_task("teacher targets", total=missing, info="")
@@ -290,18 +315,11 @@ def prepare(
             adapters.use_teacher(job.lora)
             g = torch.Generator().manual_seed(job.seed)
             job.rows.targets = _full_sampler(
-                backbone, job.rows, cfg, g, job.guidance, lambda n: bar.advance(task, n)
+                backbone, job.rows, cfg, g, job.guidance, lambda n: bar.advance(task, n), job.sampler_steps
             )
             save_safetensors({"targets": job.rows.targets}, job.path)
-        # 3. how much of each teacher's edit changes with the seed (which effects train on-policy)
-        spread = {}
-        if cfg.on_policy.effects == "auto" and cfg.anchor_steps > 0:  # else no step anchors
-            for job in jobs:
-                if job.name is not None and job.name not in spread:
-                    spread[job.name] = _spread_of(backbone, adapters, job, cfg)
-            backbone.offload_encoders()  # a real base's VAE leaves the GPU again
     adapters.use(None)
-    return Prepared(effects, general, spread)
+    return Prepared(effects, general, spread, on_policy)
 
 
 @dataclass
@@ -309,20 +327,36 @@ class _Job:
     """One bucket's teacher targets: sampled with ``lora`` (None: the base) into ``rows.targets``."""
 
     rows: Rows
-    path: Path
+    folder: Path
     lora: str | None
     guidance: float
     seed: int
+    #: the full sampler's steps (``teachers.steps``) and the cache key of targets drawn with them
+    steps: int
+    key: str
     #: the effect (None: the general pool) and its source images
     name: str | None = None
     images: torch.Tensor | None = None
+    #: steps of the effect's own when it trains on-policy (``teachers.on_policy_steps``), if others
+    own_steps: int | None = None
+
+    @property
+    def sampler_steps(self) -> int:
+        return self.own_steps or self.steps
+
+    @property
+    def path(self) -> Path:
+        """The targets' cache file (its name says the steps when they are the effect's own)."""
+        return self.folder / f"{self.key}{f'-steps{self.own_steps}' if self.own_steps else ''}.safetensors"
+
+    @property
+    def spread_path(self) -> Path:
+        """The spread pair's cache file, beside the targets at the teachers' own steps."""
+        return self.folder / f"{self.key}-spread{max(self.steps, MIN_TARGET_STEPS)}.safetensors"
 
 
 #: sources of each effect that its teacher samples again at another seed to measure its spread
 SPREAD_ROWS = 4
-#: the fewest sampler steps the spread is measured with: a few-step sampler understates how much a
-#: teacher's result varies (the toy's 4-step teachers keep about half their diversity)
-SPREAD_MIN_STEPS = 20
 
 
 def seed_spread(first: torch.Tensor, second: torch.Tensor, sources: torch.Tensor) -> float:
@@ -334,29 +368,45 @@ def seed_spread(first: torch.Tensor, second: torch.Tensor, sources: torch.Tensor
     return float(diff / (2 * edit))
 
 
+def pick_on_policy_effects(cfg: DistillConfig, names: list[str], spread: dict[str, float]) -> set[str]:
+    """The effects ``on_policy.effects`` names: auto, those whose seed spread is at least
+    ``on_policy.spread``; none; or a comma-separated list (of effects of the run)."""
+    choice = cfg.on_policy.effects
+    if choice == "auto":
+        return {n for n in names if spread.get(n, 0.0) >= cfg.on_policy.spread}
+    if choice == "none":
+        return set()
+    asked = set(choice.split(","))
+    unknown = sorted(asked - set(names))
+    if unknown:
+        raise CloraError(
+            f"on_policy.effects names {', '.join(unknown)}, not an effect of this run; use auto, none or "
+            f"some of: {', '.join(names)}"
+        )
+    return asked
+
+
 def _spread_of(backbone: Backbone, adapters: AdapterSet, job: _Job, cfg: DistillConfig) -> float:
     """The seed spread of one effect's teacher on the first :data:`SPREAD_ROWS` sources of ``job``'s
-    bucket, sampled at two seeds with the full sampler at no fewer than :data:`SPREAD_MIN_STEPS` steps
-    (cached beside the targets; a sampler of that many steps already made the first of each pair:
-    the targets)."""
-    assert job.images is not None and job.rows.targets is not None
+    bucket, sampled at two seeds with the full sampler at no fewer than
+    :data:`~clora.distill.config.MIN_TARGET_STEPS` steps (cached beside the targets; measured before
+    them, since it decides the steps the targets of the effects that train on-policy are drawn with)."""
+    assert job.images is not None
     n = min(SPREAD_ROWS, len(job.rows))
-    steps = max(cfg.teachers.steps or 0, SPREAD_MIN_STEPS)
-    path = job.path.with_name(f"{job.path.stem}-spread{steps}.safetensors")
+    path = job.spread_path
     if path.exists():
         pair = [_read(path, "first"), _read(path, "second")]
     else:
         adapters.use_teacher(job.lora)
         rows = job.rows.take(torch.arange(n), torch.device("cpu"), job.rows.sources.dtype)
+        steps = max(job.steps, MIN_TARGET_STEPS)
         pair = [
-            job.rows.targets[:n]
-            if k == 1 and steps == cfg.teachers.steps
-            else _full_sampler(
+            _full_sampler(
                 backbone, rows, cfg, torch.Generator().manual_seed(job.seed + k), job.guidance, steps=steps
             )
             for k in (1, 2)
         ]
-        save_safetensors({"first": pair[0].contiguous(), "second": pair[1]}, path)
+        save_safetensors({"first": pair[0], "second": pair[1]}, path)
     dev, dt = backbone.device, backbone.dtype
     first, second = (backbone.decode_latents(y.to(dev, dt)).float().cpu() for y in pair)
     return round(seed_spread(first, second, job.images[:n].float()), 4)

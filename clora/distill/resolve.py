@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from clora.backbone import RankRule
-from clora.distill.config import DistillConfig
+from clora.distill.config import MIN_TARGET_STEPS, DistillConfig
 
 if TYPE_CHECKING:
     from clora.backbone import Backbone
@@ -154,6 +154,8 @@ def resolve(
         c.student.target_modules = list(base.target_modules)
     if c.teachers.steps is None:
         c.teachers.steps = base.teacher_steps
+    if c.teachers.on_policy_steps is None:
+        c.teachers.on_policy_steps = max(c.teachers.steps, MIN_TARGET_STEPS)
     if c.data.resolution is None:
         c.data.resolution = base.resolution
     if c.optimizer.gradient_checkpointing is None:
