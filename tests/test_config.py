@@ -40,8 +40,10 @@ def test_a_stored_flat_config_reads_into_sections() -> None:
     assert cfg.anchoring.share == 1.0 and cfg.teachers.steps == 20 and cfg.teachers.guidance == 1.0
     assert cfg.data.sources_per_effect == 16 and cfg.incremental.effects_per_batch == 6
     assert cfg.optimizer.betas == (0.9, 0.999) and cfg.teachers.max_resident == 8
-    # retired (frozen_rank) and unknown fields are dropped, fields added since take their defaults
+    # retired (frozen_rank) and unknown fields are dropped, fields added since take their defaults, or
+    # what the run had where the default changed since (one set of few-step levels for every effect)
     assert cfg.optimizer.grad_accumulation == 1 and cfg.data.general_data is None
+    assert cfg.student.on_policy_shift is None and DistillConfig().student.on_policy_shift == 1.0
     # a stored config in sections reads back as itself, also with a field it does not know
     data = cfg.to_json()
     data["student"]["a_retired_field"] = 3

@@ -338,16 +338,16 @@ def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(  # typ
 
 
 def test_effects_trained_on_policy_can_sample_with_levels_of_their_own(registry_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """``student.on_policy_shift``: grain (on-policy, its result varies with the seed) trains and
-    samples with the levels of shift 1, sepia with the collection's (shift 3); batches that mix them
-    carry a level set per row. The file records grain's levels, `clora generate`'s sampler uses them
+    """``student.on_policy_shift`` (1 by default): grain (on-policy, its result varies with the seed)
+    trains and samples with the levels of shift 1, sepia with the collection's (shift 3); batches that
+    mix them carry a level set per row. The file records grain's levels, `clora generate`'s sampler uses them
     for a prompt with grain, and the export card lists them."""
     pm = plugin_manager()
     for args in (["build-base", "--tiny"], ["teachers", "sepia", "grain", "--tiny"]):
         r = run(pm, "toy", *args)
         assert r.exit_code == 0, r.output
     cfg = _config_file(tmp_path, steps=8, batch_size=4, critic_warmup=2, p_switch=1.0, block_len=1)
-    own = ["--set", "student.on_policy_shift=1", "--set", "data.effects_per_batch=2"]
+    own = ["--set", "data.effects_per_batch=2"]  # on_policy_shift left at its default
     r = run(pm, "distill", "--config", cfg, *own, "--no-progress", "--json")
     assert r.exit_code == 0, r.output
     col = json.loads(r.stdout)

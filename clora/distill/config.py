@@ -83,12 +83,13 @@ class StudentConfig(_Section):
         3.0, gt=0, description="timestep shift of the few-step schedule: s = shift*u / (1 + (shift-1)*u)"
     )
     on_policy_shift: float | None = Field(
-        None,
+        1.0,
         gt=0,
         description="timestep shift of the few-step levels of the effects that train on-policy "
         "(on_policy.effects: those whose result varies with the seed); lower ends their sampler at a "
         "lower noise level, where more of the seed's texture is drawn (1: levels to 0.25, shift 3: to "
-        "0.50); the collection records them and clora samples those effects with them; none: shift",
+        "0.50); the collection records them and clora samples those effects with them; null: shift, "
+        "the collection's levels",
     )
     asymmetric_prompts: bool = Field(
         True,
@@ -507,11 +508,19 @@ def _validate(data: dict[str, Any], where: str) -> DistillConfig:
         raise CloraError(f"invalid distill config{where}: {field}: {err['msg']}") from None
 
 
+#: fields whose default changed since clora first stored them: a stored config without one was
+#: trained with the value given here, not today's default
+_STORED_WITHOUT = {("student", "on_policy_shift"): None}
+
+
 def read_config(stored: str | dict[str, Any]) -> DistillConfig:
-    """A config stored by any clora version (flat or in sections; fields since retired or added are
-    dropped or take their defaults)."""
+    """A config stored by any clora version (flat or in sections; fields since retired are dropped,
+    fields added since take the value the run had: their default, or :data:`_STORED_WITHOUT`'s)."""
     data = json.loads(stored) if isinstance(stored, str) else dict(stored)
-    return _validate(_prune(_nest(data, strict=False), DistillConfig), " (stored)")
+    nested = _prune(_nest(data, strict=False), DistillConfig)
+    for (section, name), value in _STORED_WITHOUT.items():
+        nested.setdefault(section, {}).setdefault(name, value)
+    return _validate(nested, " (stored)")
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
