@@ -80,8 +80,8 @@ OnPolicyOption = Annotated[
         "measured on 4 sources before training; "
         "anchoring alone averages such results into one smooth image), none, or names, comma-separated. "
         "Their targets are drawn with 20 teacher sampler steps or more (teachers.on_policy_steps). "
-        "--set student.on_policy_shift=1 trains and samples them with few-step levels of their own, "
-        "down to 0.25 (off by default).",
+        "They train and sample with few-step levels of their own, down to 0.25 (student.on_policy_shift 1; "
+        "--set student.on_policy_shift=null gives them the collection's).",
     ),
 ]
 RankOption = Annotated[
