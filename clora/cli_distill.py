@@ -75,15 +75,16 @@ OnPolicyOption = Annotated[
     typer.Option(
         "--on-policy",
         help="Effects whose rows also train on-policy (DMD on the student's own samples, target "
-        "simulation, a critic) while the rest anchor: auto (default: those whose teacher's result changes "
+        "simulation, a critic) while the rest anchor: auto (default: those whose teacher's texture changes "
         "with the seed by 5% of the edit or more, such as film grain or sparkles at random places, "
-        "measured on 4 sources before training; "
+        "measured on 4 sources before training; a colour drawn for the whole image does not count; "
         "anchoring alone averages such results into one smooth image), none, or names, comma-separated. "
         "Their targets are drawn with 20 teacher sampler steps or more (teachers.on_policy_steps). "
         "They train and sample with few-step levels of their own, down to 0.25 (student.on_policy_shift 1; "
         "--set student.on_policy_shift=null gives them the collection's). On the toy at the default "
-        "budget this brings their textures' MMD to the truth from 0.28 to 0.12 and costs the deterministic "
-        "effects 0.5 dB and the base's own edits 1.9 dB; none keeps those (benchmarks/README.md).",
+        "budget this brings their textures' MMD to the truth from 0.28 to 0.11, the deterministic effects "
+        "0.1 dB under anchoring alone, and costs the base's own edits 1.3 dB; none keeps those "
+        "(benchmarks/README.md).",
     ),
 ]
 RankOption = Annotated[

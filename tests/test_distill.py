@@ -272,6 +272,27 @@ def test_anchoring_phase_trains_off_policy_terms_then_the_full_method(tiny_world
     assert all(v > 0 for v in roles.values()), roles
 
 
+def test_the_seed_spread_counts_texture_not_a_colour_drawn_for_the_whole_image() -> None:
+    """On the toy's true draws: film grain, confetti and a random-direction streak change with the seed
+    in their texture and are picked; a tint drawn from a palette changes only each image's colour (the
+    student learns no more of it on-policy, and its rows cost the colour edits), and sepia not at all."""
+    from clora_toy.data import make_sources
+    from clora_toy.effects import get_effect
+
+    from clora.distill.prepare import seed_spread
+
+    sources = make_sources(4, 32, 7)
+    spread = {}
+    for name in ("grain", "confetti", "streak", "palette-tint", "sepia"):
+        a, b = get_effect(name).draws(sources, 2, seed=3)
+        spread[name] = seed_spread(a, b, sources)
+    assert min(spread["grain"], spread["confetti"], spread["streak"]) > 0.05, spread
+    assert max(spread["palette-tint"], spread["sepia"]) < 0.01, spread
+    # the whole difference, mean included, would have picked the tint
+    a, b = get_effect("palette-tint").draws(sources, 2, seed=3)
+    assert (a - b).pow(2).mean() / (2 * (a - sources).pow(2).mean()) > 0.05
+
+
 def test_effects_whose_teacher_varies_with_the_seed_also_train_on_policy(  # type: ignore[no-untyped-def]
     registry_file, tmp_path, monkeypatch
 ) -> None:

@@ -287,7 +287,7 @@ class OnPolicyConfig(_Section):
     effects: str = Field(
         "auto",
         description="effects whose rows also train on-policy (DMD, target simulation, the critic) in "
-        "the anchoring phase, where the rest only anchor: auto (those whose teacher's result changes "
+        "the anchoring phase, where the rest only anchor: auto (those whose teacher's texture changes "
         "with the seed: film grain, scattered sparkles, a streak in a random direction; see spread), none, "
         "or effect names separated by commas",
     )
@@ -295,9 +295,10 @@ class OnPolicyConfig(_Section):
         0.05,
         ge=0,
         description="auto: an effect trains on-policy when at least this share of its teacher's edit "
-        "(mean squared change) differs between two seeds, measured on 4 sources with the teacher's "
-        "sampler at 20 steps or more and cached with the targets (toy: grain 0.97, confetti 1.26, "
-        "random-direction streak 0.08; the deterministic edits 0.01 at most)",
+        "(mean squared change) differs between two seeds, less each image's mean colour difference, "
+        "measured on 4 sources with the teacher's sampler at 20 steps or more and cached with the "
+        "targets (toy: grain 0.97, confetti 1.22, random-direction streak 0.08; a tint from a palette "
+        "0.001; the deterministic edits 0.01 at most)",
     )
     anchor_weight: float = Field(
         1.0,

@@ -648,11 +648,11 @@ def on_policy_line(spread: dict[str, float], chosen: set[str], cfg: DistillConfi
     if not chosen:
         top = max(spread, key=spread.__getitem__)
         return (
-            f"every effect anchors: no teacher's result changes with the seed by {cfg.on_policy.spread:g} "
+            f"every effect anchors: no teacher's texture changes with the seed by {cfg.on_policy.spread:g} "
             f"of its edit or more (the most: {top} {spread[top]:.2f})"
         )
     how = (
-        f"their teacher's result changes with the seed (spread >= {cfg.on_policy.spread:g})"
+        f"their teacher's texture changes with the seed (spread >= {cfg.on_policy.spread:g})"
         if cfg.on_policy.effects == "auto"
         else "on_policy.effects"
     )
