@@ -282,14 +282,13 @@ def test_the_seed_spread_counts_texture_not_a_colour_drawn_for_the_whole_image()
     from clora.distill.prepare import seed_spread
 
     sources = make_sources(4, 32, 7)
-    spread = {}
-    for name in ("grain", "confetti", "streak", "palette-tint", "sepia"):
-        a, b = get_effect(name).draws(sources, 2, seed=3)
-        spread[name] = seed_spread(a, b, sources)
+    names = ("grain", "confetti", "streak", "palette-tint", "sepia")
+    pairs = {n: get_effect(n).draws(sources, 2, seed=3) for n in names}
+    spread = {n: seed_spread(a, b, sources) for n, (a, b) in pairs.items()}
     assert min(spread["grain"], spread["confetti"], spread["streak"]) > 0.05, spread
     assert max(spread["palette-tint"], spread["sepia"]) < 0.01, spread
     # the whole difference, mean included, would have picked the tint
-    a, b = get_effect("palette-tint").draws(sources, 2, seed=3)
+    a, b = pairs["palette-tint"]
     assert (a - b).pow(2).mean() / (2 * (a - sources).pow(2).mean()) > 0.05
 
 
