@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 from clora_routers import GapRouter, ProgressRouter
+from clora_toy.data import make_sources
+from clora_toy.effects import get_effect
 from helpers import plugin_manager, run
 from safetensors import safe_open
 
@@ -24,6 +26,7 @@ from clora import hookimpl
 from clora.distill.config import DistillConfig, LossSpec
 from clora.distill.loop import Group, balance_weights, general_block
 from clora.distill.losses import LossContext, dmd_gradient, dmd_loss, flow_matching_loss
+from clora.distill.prepare import seed_spread
 from clora.generate import UnifiedModel, sample_few_steps
 from clora.paths import clora_home
 from clora.plugins import Components
@@ -276,11 +279,6 @@ def test_the_seed_spread_counts_texture_not_a_colour_drawn_for_the_whole_image()
     """On the toy's true draws: film grain, confetti and a random-direction streak change with the seed
     in their texture and are picked; a tint drawn from a palette changes only each image's colour (the
     student learns no more of it on-policy, and its rows cost the colour edits), and sepia not at all."""
-    from clora_toy.data import make_sources
-    from clora_toy.effects import get_effect
-
-    from clora.distill.prepare import seed_spread
-
     sources = make_sources(4, 32, 7)
     names = ("grain", "confetti", "streak", "palette-tint", "sepia")
     pairs = {n: get_effect(n).draws(sources, 2, seed=3) for n in names}
