@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py                                   # N = 10 20 50, default steps
     python benchmarks/scaling.py --n 10 20 --steps-per-effect 150  # a cheaper table
-    python benchmarks/scaling.py --n 100 180                       # the large columns (hours here)
+    python benchmarks/scaling.py --n 180 --merge cat --work DIR    # the largest: a 10 h distill here
     python benchmarks/scaling.py --n 50 --work DIR                 # stopped? the same again continues
 
 For each N: the first N effects of the toy library (the 8 of distill_quality.py, cool and solarize
