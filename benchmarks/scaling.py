@@ -2,17 +2,19 @@
 
     python benchmarks/scaling.py                                   # N = 10 20 50, default steps
     python benchmarks/scaling.py --n 10 20 --steps-per-effect 150  # a cheaper table
-    python benchmarks/scaling.py --n 180 --merge cat --work DIR    # the largest: a 10 h distill here
+    python benchmarks/scaling.py --n 180 --merge cat --work DIR    # the largest: 17-19 h here
+    python benchmarks/scaling.py --tiny --n 10 50 180 --merge cat \
+        --results benchmarks/results/scaling-tiny.json            # the tiny world's table: ~1.5 h
     python benchmarks/scaling.py --n 50 --work DIR                 # stopped? the same again continues
 
 For each N: the first N effects of the toy library (the 8 of distill_quality.py, cool and solarize
-first, then the library's order), their teachers trained or reused from CLORA_HOME (~80 s each on 2
-cores), one full distill of the N (max(steps, steps_per_effect x N) steps), then `clora eval`'s scores
-on held-out images: student (4 steps, no CFG) and teacher (20 steps + CFG) PSNR vs the exact truth,
-the paper's baselines on the same images, each at the best setting of its sweep (one setting for
-all effects, by mean PSNR vs truth): each teacher LoRA stacked with an acceleration LoRA, 4 steps, at
-acceleration strengths 0.25-1 (the cascade); all N teacher LoRAs merged into one with peft, full
-sampler (merged: `clora eval --merge`'s sweep), how many effects are within 2 dB of their teacher,
+first, then the library's order), their teachers trained or reused from CLORA_HOME (2-3 min each on this
+CPU; 2-3 s on the tiny world), one full distill of the N (max(steps, steps_per_effect x N) steps), then
+`clora eval`'s scores on held-out images: student (4 steps, no CFG) and teacher (20 steps + CFG) PSNR vs
+the exact truth, the paper's baselines on the same images, each at the best setting of its sweep (one
+setting for all effects, by mean PSNR vs truth): each teacher LoRA stacked with an acceleration LoRA, 4
+steps, at acceleration strengths 0.25-1 (the cascade); all N teacher LoRAs merged into one with peft,
+full sampler (merged: `clora eval --merge`'s sweep), how many effects are within 2 dB of their teacher,
 trigger accuracy (nearest truth), and the general edits.
 The acceleration LoRA is `clora distill --general-only` of the same base (built here unless
 `--accel` names one). Every number is from this run on this machine; compare columns, not runs.
