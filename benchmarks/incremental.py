@@ -92,10 +92,21 @@ def main() -> None:
     for n in args.first:
         b, a = before[n]["student"], after[n]["student"]
         print(f"{n:14} {b:9.2f} {a:9.2f} {a - b:8.2f}")
+    grown = growth(before, after, scratch, args.first, args.more)
+    print(
+        f"\nold effects against v1: mean {grown['old_change_mean']:+.2f} dB, worst "
+        f"{grown['old_change_worst']:+.2f} ({grown['old_worst']}), {grown['old_losing_over_0.5db']} of "
+        f"{len(args.first)} lose more than 0.5 dB"
+    )
+    for group in ("old", "new", "all"):
+        m = grown[group]
+        vs = f", from scratch {m['scratch']:.2f}" if "scratch" in m else ""
+        print(f"{group} effects, mean dB: grown {m['grown']:.2f}{vs}, teachers {m['teacher']:.2f}")
     if args.json_out:
         args.json_out.write_text(
             json.dumps(
                 {
+                    "summary": grown,
                     "seconds": {
                         "full_first": t1,
                         "incremental": t2,
@@ -110,6 +121,30 @@ def main() -> None:
                 indent=2,
             )
         )
+
+
+def growth(
+    before: dict[str, Any], after: dict[str, Any], scratch: dict[str, Any], first: list[str], more: list[str]
+) -> dict[str, Any]:
+    """What growing cost the old effects (each one's change from v1 to v2) and the mean student dB of the
+    old, new and all effects grown, from scratch (when run) and of their teachers."""
+    change = {n: after[n]["student"] - before[n]["student"] for n in first}
+    worst = min(change, key=change.__getitem__)
+
+    def means(names: list[str]) -> dict[str, float]:
+        cols = {"grown": after, "teacher": after, **({"scratch": scratch} if scratch else {})}
+        key = {"grown": "student", "scratch": "student", "teacher": "teacher"}
+        return {c: round(sum(r[n][key[c]] for n in names) / len(names), 2) for c, r in cols.items()}
+
+    return {
+        "old_change_mean": round(sum(change.values()) / len(change), 2),
+        "old_change_worst": round(change[worst], 2),
+        "old_worst": worst,
+        "old_losing_over_0.5db": sum(c < -0.5 for c in change.values()),
+        "old": means(first),
+        "new": means(more),
+        "all": means(first + more),
+    }
 
 
 def _earlier(reg: Registry, first: list[str]) -> tuple[Collection, float, int]:

@@ -226,6 +226,7 @@ def main() -> None:
         ("merged dB (full sampler, best)", "merged"),
         ("gap dB", "gap"),
         ("within 2 dB of teacher", "within_2db"),
+        ("above the cascade", "above_cascade"),
         ("trigger accuracy", "trigger_accuracy"),
         ("teachers, scored alike", "teacher_trigger_accuracy"),
         ("general edits vs base dB", "general_vs_base"),

@@ -214,12 +214,16 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     teacher = sum(r["teacher"] for r in rows) / len(rows)
     general = result["_overall"]["student_vs_base_general_psnr"]
     baselines = {k: round(sum(r[k] for r in rows) / len(rows), 2) for k in _baselines(rows)}
+    above = (
+        {"above_cascade": sum(r["student"] > r["cascade"] for r in rows)} if "cascade" in baselines else {}
+    )
     return {
         "student": round(student, 2),
         "teacher": round(teacher, 2),
         **baselines,
         "gap": round(teacher - student, 2),
         "within_2db": sum(r["teacher"] - r["student"] <= 2 for r in rows),
+        **above,
         "trigger_accuracy": result["_overall"]["trigger_accuracy"],
         # older result files lack it
         "teacher_trigger_accuracy": result["_overall"].get("teacher_trigger_accuracy"),
@@ -253,6 +257,8 @@ def table(label: str, result: dict[str, Any]) -> None:
         f"{'mean':20} {m['student']:8.2f} {m['teacher']:8.2f} {m['gap']:6.2f}"
         + "".join(f" {m[k]:14.2f}" for k in extra)
     )
+    above = f", above the cascade on {m['above_cascade']}" if "above_cascade" in m else ""
+    print(f"{m['within_2db']} of {len(rows)} within 2 dB of their teacher{above}")
     print(
         f"trigger accuracy {m['trigger_accuracy']:.1%} (teachers' outputs: "
         f"{_percent(m['teacher_trigger_accuracy'])}); general edits, student (few steps) vs base "
